@@ -1,0 +1,31 @@
+# The two commands the README starts with, plus the slow tier CI also runs.
+#   make demo   fine-tune a tiny model on a small video dataset this repo makes itself (offline, CPU, minutes)
+#   make test   install into .venv and run the default test suite
+# TORCH picks the PyTorch build: the default is the CPU wheel; for CUDA use e.g. TORCH="torch==2.13.0" with the
+# index of your CUDA version, or install torch yourself first and pass TORCH=torch.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)" -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -m slow -q
+
+demo: $(VENV)/.installed
+	$(PY) demo.py
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+
+.PHONY: install test test-slow demo lint

@@ -1,0 +1,194 @@
+"""Phi-3.5-vision image preprocessing: the HD transform, as a handful of pure functions.
+
+An image of any size becomes a *global* 336x336 thumbnail plus a grid of 336x336 *crops*:
+
+    640x480 photo, num_crops=4
+      -> resize (PIL bilinear) so the long side is s*336 with s*ceil(s/ratio) <= num_crops: 672x504
+      -> pad the short side with white to a multiple of 336, centered:                       672x672
+      -> normalize (CLIP mean/std), cut row-major into h_c x w_c = 2x2 crops
+      -> global view = bicubic resize of the normalized canvas to 336x336
+      -> pixel_values (num_crops + 1, 3, 336, 336): [global, crop_1..crop_4, zero padding...]
+
+The model turns that into (h_c*w_c + 1)*144 + 1 + (h_c + 1)*12 image tokens (757 here). Every number above is
+what the official processor computes; `num_image_tokens` reproduces it from the image size alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+CROP = 336
+TOKENS_PER_CROP = 144  # 24x24 CLIP patches merged 2x2
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def hd_sizes(width: int, height: int, num_crops: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Sizes of the HD transform: the resize target and the white-padded canvas, both as (width, height).
+
+    >>> hd_sizes(640, 480, 4)
+    ((672, 504), (672, 672))
+    >>> hd_sizes(500, 2000, 4)
+    ((336, 1344), (336, 1344))
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if num_crops < 1:
+        raise ValueError(f"num_crops must be >= 1, got {num_crops}")
+    transposed = width < height  # the official code transposes portrait images and works on landscape ones
+    if transposed:
+        width, height = height, width
+    ratio = width / height
+    scale = 1
+    while scale * math.ceil(scale / ratio) <= num_crops:
+        scale += 1
+    scale -= 1
+    new_w = scale * CROP
+    new_h = int(new_w / ratio)
+    padded_h = math.ceil(new_h / CROP) * CROP
+    if transposed:
+        return (new_h, new_w), (padded_h, new_w)
+    return (new_w, new_h), (new_w, padded_h)
+
+
+def crop_grid(width: int, height: int, num_crops: int) -> tuple[int, int]:
+    """(rows, cols) of 336-crops for an image of this size. >>> crop_grid(2000, 500, 4)  # (1, 4)"""
+    _, (padded_w, padded_h) = hd_sizes(width, height, num_crops)
+    return padded_h // CROP, padded_w // CROP
+
+
+def tokens_for_grid(rows: int, cols: int) -> int:
+    """Image tokens for a crop grid: crops + global at 144 each, one glb_GN, a newline per merged row."""
+    return (rows * cols + 1) * TOKENS_PER_CROP + 1 + (rows + 1) * 12
+
+
+def num_image_tokens(width: int, height: int, num_crops: int) -> int:
+    """Number of placeholder tokens for an image of this size, without touching pixels.
+
+    >>> num_image_tokens(640, 480, 4), num_image_tokens(640, 480, 16)
+    (757, 1921)
+    """
+    return tokens_for_grid(*crop_grid(width, height, num_crops))
+
+
+def hd_transform(image: Image.Image, num_crops: int) -> Image.Image:
+    """Resize with PIL bilinear and pad with white to a multiple of 336, exactly as the official processor.
+
+    The official code transposes portrait images, resizes and pads, then transposes back; PIL resamples one axis
+    after the other with uint8 rounding in between, so we do the same to get the same pixels.
+    """
+    (new_w, new_h), (padded_w, padded_h) = hd_sizes(*image.size, num_crops)
+    transposed = image.width < image.height
+    if transposed:
+        image = image.transpose(Image.Transpose.TRANSPOSE)
+        (new_w, new_h), (padded_w, padded_h) = (new_h, new_w), (padded_h, padded_w)
+    image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    canvas = Image.new("RGB", (padded_w, padded_h), (255, 255, 255))
+    canvas.paste(image, (0, (padded_h - new_h) // 2))
+    if transposed:
+        canvas = canvas.transpose(Image.Transpose.TRANSPOSE)
+    return canvas
+
+
+def normalize(image: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """uint8 RGB image -> float32 (3, H, W), (x/255 - mean) / std, in the same op order as torchvision."""
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
+    mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return pixels.sub(mean).div(std)
+
+
+def split_crops(canvas: torch.Tensor) -> torch.Tensor:
+    """(3, rows*336, cols*336) -> (rows*cols, 3, 336, 336), row-major (left to right, then top to bottom)."""
+    channels, height, width = canvas.shape
+    rows, cols = height // CROP, width // CROP
+    return canvas.reshape(channels, rows, CROP, cols, CROP).permute(1, 3, 0, 2, 4).reshape(-1, channels, CROP, CROP)
+
+
+def global_view(canvas: torch.Tensor) -> torch.Tensor:
+    """Bicubic (no antialias) resize of the *normalized* canvas to (3, 336, 336)."""
+    return F.interpolate(canvas[None], size=(CROP, CROP), mode="bicubic", align_corners=False)[0]
+
+
+def image_to_crops(image: Image.Image, num_crops: int, mean=CLIP_MEAN, std=CLIP_STD) -> tuple[torch.Tensor, int, int]:
+    """One PIL image -> ((num_crops + 1, 3, 336, 336) float32, padded height, padded width).
+
+    Entry 0 is the global view, then the crops, then all-zero padding crops.
+    """
+    canvas = normalize(hd_transform(image.convert("RGB"), num_crops), mean, std)
+    crops = torch.cat([global_view(canvas)[None], split_crops(canvas)])
+    padding = crops.new_zeros(num_crops + 1 - crops.shape[0], *crops.shape[1:])
+    return torch.cat([crops, padding]), canvas.shape[1], canvas.shape[2]
+
+
+class Phi3VImageProcessor:
+    """Reads/writes `preprocessor_config.json` and turns PIL images into `pixel_values` and `image_sizes`.
+
+    Args:
+        num_crops: maximum number of 336-crops per image (4 in the official config; 16 for single documents).
+        image_mean, image_std: per-channel normalization (OpenAI CLIP values).
+    """
+
+    config_name = "preprocessor_config.json"
+
+    def __init__(self, num_crops: int = 4, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb: bool = True,
+                 num_img_tokens: int = TOKENS_PER_CROP, **extra):
+        if num_crops < 1:
+            raise ValueError(f"num_crops must be >= 1, got {num_crops}")
+        self.num_crops = int(num_crops)
+        self.image_mean = tuple(image_mean)
+        self.image_std = tuple(image_std)
+        self.do_convert_rgb = do_convert_rgb
+        self.num_img_tokens = num_img_tokens
+        self.extra = {k: v for k, v in extra.items() if k not in ("image_processor_type", "processor_class")}
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides) -> Phi3VImageProcessor:
+        from phi3v.hub import resolve_file
+
+        with open(resolve_file(path, cls.config_name)) as f:
+            config = json.load(f)
+        config.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**config)
+
+    def to_dict(self) -> dict:
+        return {**self.extra, "do_convert_rgb": self.do_convert_rgb, "image_mean": list(self.image_mean),
+                "image_processor_type": "Phi3VImageProcessor", "image_std": list(self.image_std),
+                "num_crops": self.num_crops, "num_img_tokens": self.num_img_tokens,
+                "processor_class": "Phi3VProcessor"}
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        with open(Path(directory) / self.config_name, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    def num_image_tokens(self, width: int, height: int) -> int:
+        """Placeholder tokens for an image of this size at this processor's num_crops (no pixels decoded)."""
+        return num_image_tokens(width, height, self.num_crops)
+
+    calc_num_image_tokens_from_image_size = num_image_tokens  # the official name
+
+    def __call__(self, images: list[Image.Image]) -> dict[str, torch.Tensor | list[int]]:
+        """Returns pixel_values (N, num_crops+1, 3, 336, 336), image_sizes (N, 2) = padded (H, W), num_img_tokens."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        pixel_values, sizes = [], []
+        for image in images:
+            if not isinstance(image, Image.Image):
+                raise TypeError(f"images must be PIL images, got {type(image).__name__}")
+            crops, height, width = image_to_crops(image, self.num_crops, self.image_mean, self.image_std)
+            pixel_values.append(crops)
+            sizes.append((height, width))
+        return {
+            "pixel_values": torch.stack(pixel_values),
+            "image_sizes": torch.tensor(sizes, dtype=torch.long),
+            "num_img_tokens": [tokens_for_grid(h // CROP, w // CROP) for h, w in sizes],
+        }

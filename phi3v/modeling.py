@@ -1,0 +1,339 @@
+"""Phi-3.5-vision on transformers 5.x: CLIP ViT-L/14-336 + Phi-3-mini, loading the official checkpoint as is.
+
+    pixel_values (N, num_crops+1, 3, 336, 336), image_sizes (N, 2)       input_ids with -k at image k's tokens
+            |  real crops only: 1 global + h_c*w_c per image                    |
+            v                                                                  |
+    CLIP, output of layer -2, CLS dropped            (crops, 576, 1024)        |
+            |  2x2 patch merge                        (crops, 12, 12, 4096)    |
+            v                                                                  |
+    per image:  [ sub grid 12h_c x 12w_c, sub_GN after every row ]             |
+                [ glb_GN ]                                                     |
+                [ global 12 x 12, sub_GN after every row ]                     |
+            |  img_projection: Linear(4096, 3072) - GELU - Linear(3072, 3072)  |
+            v                                                                  v
+    (sum of image tokens, 3072)  ---- masked_scatter into placeholders ---> embed_tokens(ids.clamp(min=0))
+                                                                               |
+                                                                        Phi-3 decoder -> lm_head
+
+Module names are the official checkpoint's (`model.vision_embed_tokens.img_processor.vision_model.*`, ...), so
+the safetensors files load and save with no renaming. The CLIP tower is transformers' own `CLIPVisionModel` and the
+decoder is transformers' own `Phi3Model`; this file adds only the image embedding and the glue.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.phi3.configuration_phi3 import Phi3Config
+from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, Phi3PreTrainedModel
+from transformers.utils import is_flash_attn_2_available
+
+from phi3v.hub import offline_message
+
+# The official code hard-codes this CLIP; config.json only names it in img_processor.model_name.
+CLIP_VIT_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                      image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768)
+DEFAULT_IMG_PROCESSOR = {"image_dim_out": 1024, "model_name": "openai/clip-vit-large-patch14-336",
+                         "name": "clip_vision_model", "num_img_tokens": 144}
+DEFAULT_EMBD_LAYER = {"embedding_cls": "image", "hd_transform_order": "sub_glb", "projection_cls": "mlp",
+                      "use_hd_transform": True, "with_learnable_separator": True}
+OFFICIAL_CONFIG = Path(__file__).parent / "configs" / "phi-3.5-vision-instruct.json"
+PLACEHOLDER_MIN = -1_000_000_000  # official: ids in (-1e9, 0) are image placeholders
+
+
+# ------------------------------------------------------------------------------------------------- config
+
+
+@strict
+class Phi3VConfig(Phi3Config):
+    """The official `config.json` (model_type "phi3_v"): Phi-3 fields + `embd_layer` + `img_processor`.
+
+    `vision_config` is our extension for CLIP towers other than ViT-L/14-336 (tiny test models); it is written to
+    config.json only when it differs from the official tower, so official configs round-trip unchanged.
+    """
+
+    model_type = "phi3_v"
+    sub_configs_defaults = {"vision_config": CLIPVisionConfig}
+
+    embd_layer: dict | None = None
+    img_processor: dict | None = None
+    vision_config: dict | CLIPVisionConfig | None = None
+
+    def __post_init__(self, **kwargs):
+        # The hub config.json says flash_attention_2, which fails wherever flash-attn is missing: the caller picks.
+        kwargs.pop("_attn_implementation", None)
+        kwargs.pop("auto_map", None)  # remote-code pointers; we are the code
+        self.embd_layer = {**DEFAULT_EMBD_LAYER, **(self.embd_layer or {})}
+        self.img_processor = {**DEFAULT_IMG_PROCESSOR, **(self.img_processor or {})}
+        if self.vision_config is None:
+            self.vision_config = dict(CLIP_VIT_L_336)
+        super().__post_init__(**kwargs)
+
+    def convert_rope_params_to_dict(self, **kwargs):
+        # Official: rope_scaling = {"type": "su", short_factor, long_factor}. Phi3Config raises a KeyError on it in
+        # transformers 5.x (see the spec, 6.3), so hand it over in the "longrope" form with its switch point.
+        rope_scaling = kwargs.pop("rope_scaling", None)
+        if rope_scaling and rope_scaling.get("type", rope_scaling.get("rope_type")) in ("su", "longrope"):
+            kwargs["rope_scaling"] = {
+                "rope_type": "longrope", "short_factor": list(rope_scaling["short_factor"]),
+                "long_factor": list(rope_scaling["long_factor"]),
+                "original_max_position_embeddings": self.original_max_position_embeddings,
+                "factor": self.max_position_embeddings / self.original_max_position_embeddings,
+            }
+        elif rope_scaling:
+            kwargs["rope_scaling"] = rope_scaling
+        return super().convert_rope_params_to_dict(**kwargs)
+
+    def to_dict(self) -> dict:
+        """The official layout: rope_scaling/rope_theta instead of rope_parameters, torch_dtype, no default CLIP."""
+        out = super().to_dict()
+        rope = out.pop("rope_parameters", None) or {}
+        out["rope_theta"] = rope.get("rope_theta", 10000.0)
+        out["rope_scaling"] = (
+            {"long_factor": rope["long_factor"], "short_factor": rope["short_factor"], "type": "su"}
+            if rope.get("rope_type") == "longrope" else None
+        )
+        vision = out.pop("vision_config")
+        default_vision = CLIPVisionConfig(**CLIP_VIT_L_336).to_dict()
+        extension = {k: v for k, v in vision.items() if k in CLIP_VIT_L_336 and v != default_vision[k]}
+        if extension:
+            out["vision_config"] = {k: vision[k] for k in CLIP_VIT_L_336}
+        if "dtype" in out:
+            out["torch_dtype"] = out.pop("dtype")
+        return out
+
+    @classmethod
+    def official(cls, **overrides) -> Phi3VConfig:
+        """The Phi-3.5-vision-instruct config.json (full size), optionally with fields overridden."""
+        return cls(**{**json.loads(OFFICIAL_CONFIG.read_text()), **overrides})
+
+
+# ------------------------------------------------------------------------------------------------- image embedding
+
+
+def merge_2x2(features: torch.Tensor) -> torch.Tensor:
+    """(crops, side*side, C) patch features -> (crops, side/2, side/2, 4C), channels [(0,0),(0,1),(1,0),(1,1)]."""
+    crops, patches, channels = features.shape
+    side = int(patches**0.5)
+    half = side // 2
+    return (
+        features.reshape(crops, half, 2, half, 2, channels)  # (crops, row, dy, col, dx, C)
+        .permute(0, 1, 3, 2, 4, 5)  # (crops, row, col, dy, dx, C)
+        .reshape(crops, half, half, 4 * channels)
+    )
+
+
+def with_newlines(grid: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
+    """(rows, cols, D) -> (rows * (cols + 1), D): a `newline` vector after every row, flattened row-major."""
+    rows = grid.shape[0]
+    return torch.cat([grid, newline.reshape(1, 1, -1).expand(rows, 1, -1).to(grid.dtype)], dim=1).flatten(0, 1)
+
+
+class CLIPHolder(nn.Module):
+    """Holds the CLIP tower under the official name `img_processor.vision_model`."""
+
+    def __init__(self, vision_config: CLIPVisionConfig):
+        super().__init__()
+        self.vision_model = CLIPVisionModel(vision_config)
+
+
+class Phi3VImageEmbedding(nn.Module):
+    """CLIP features of the real crops -> separators -> projector: one row per image placeholder token."""
+
+    def __init__(self, config: Phi3VConfig):
+        super().__init__()
+        vision = config.vision_config
+        self.img_processor = CLIPHolder(vision)
+        dim = 4 * config.img_processor.get("image_dim_out", vision.hidden_size)
+        self.glb_GN = nn.Parameter(torch.zeros(1, 1, dim))  # once per image, between sub grid and global view
+        self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, dim))  # after every row of both grids
+        self.img_projection = nn.Sequential(
+            nn.Linear(dim, config.hidden_size), nn.GELU(), nn.Linear(config.hidden_size, config.hidden_size)
+        )
+        layer_idx = config.img_processor.get("layer_idx", -2)  # index into CLIP's hidden_states (0 = embeddings)
+        self.num_layers_used = vision.num_hidden_layers + 1 + layer_idx if layer_idx < 0 else layer_idx
+        self.crop_size = vision.image_size
+
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """CLIP layers after the feature layer and post_layernorm: in the checkpoint, never in the computation."""
+        clip = self.img_processor.vision_model
+        layers = clip.encoder.layers[self.num_layers_used:]
+        return [*clip.post_layernorm.parameters(), *(p for layer in layers for p in layer.parameters())]
+
+    def clip_features(self, crops: torch.Tensor) -> torch.Tensor:
+        """(crops, 3, 336, 336) -> (crops, 576, C): hidden state after `num_layers_used` layers, CLS dropped."""
+        clip = self.img_processor.vision_model
+        hidden = clip.pre_layrnorm(clip.embeddings(crops))
+        for layer in clip.encoder.layers[: self.num_layers_used]:
+            hidden = layer(hidden, attention_mask=None)
+        return hidden[:, 1:]
+
+    def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+        """(N, num_crops+1, 3, 336, 336), (N, 2) padded (H, W) -> (total image tokens, hidden)."""
+        grids = [(int(h) // self.crop_size, int(w) // self.crop_size) for h, w in image_sizes.tolist()]
+        # CLIP runs on the global view and the real crops of each image, never on the zero padding crops.
+        per_image = pixel_values.shape[1]
+        index = [i * per_image + j for i, (rows, cols) in enumerate(grids) for j in range(1 + rows * cols)]
+        crops = pixel_values.flatten(0, 1)[torch.tensor(index, device=pixel_values.device)]
+        merged = merge_2x2(self.clip_features(crops))  # (crops, 12, 12, 4C)
+        side = merged.shape[1]
+        pieces, start = [], 0
+        for rows, cols in grids:
+            glb, sub = merged[start], merged[start + 1 : start + 1 + rows * cols]
+            start += 1 + rows * cols
+            # crop k sits at (k // cols, k % cols): interleave into one (12 rows, 12 cols) picture
+            sub = sub.reshape(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, -1)
+            pieces += [with_newlines(sub, self.sub_GN), self.glb_GN.reshape(1, -1).to(sub.dtype),
+                       with_newlines(glb, self.sub_GN)]
+        features = torch.cat(pieces)
+        return self.img_projection(features.to(self.glb_GN.dtype))
+
+
+# ------------------------------------------------------------------------------------------------- models
+
+
+class Phi3VPreTrainedModel(Phi3PreTrainedModel):
+    config: Phi3VConfig
+    config_class = Phi3VConfig
+    _no_split_modules = ["Phi3DecoderLayer", "CLIPEncoderLayer", "CLIPVisionEmbeddings"]
+    # Some exports store the alias of embed_tokens that the official module tree holds; it is the same tensor.
+    _keys_to_ignore_on_load_unexpected = [r"model\.vision_embed_tokens\.wte\.weight"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, Phi3VImageEmbedding):
+            std = self.config.initializer_range
+            nn.init.normal_(module.glb_GN, std=std)
+            nn.init.normal_(module.sub_GN, std=std)
+
+
+class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
+    """Phi-3 decoder whose input embeddings get the image features scattered into the placeholder positions."""
+
+    def __init__(self, config: Phi3VConfig):
+        Phi3Model.__init__(self, config)
+        self.vision_embed_tokens = Phi3VImageEmbedding(config)
+        self.post_init()
+
+    def get_placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return (input_ids < 0) & (input_ids > PLACEHOLDER_MIN)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values=None, image_sizes=None) -> torch.Tensor:
+        """Text embeddings with image features in the placeholder positions: (B, L) -> (B, L, hidden)."""
+        inputs_embeds = self.embed_tokens(input_ids.clamp(min=0))
+        mask = self.get_placeholder_mask(input_ids)
+        if pixel_values is None:
+            if input_ids.shape[1] > 1 and mask.any():
+                raise ValueError(f"input_ids hold {int(mask.sum())} image placeholders but no pixel_values were given")
+            return inputs_embeds
+        features = self.vision_embed_tokens(pixel_values, image_sizes)
+        num_placeholders = int(mask.sum())
+        if num_placeholders != features.shape[0]:
+            raise ValueError(
+                f"input_ids hold {num_placeholders} image placeholders but the {len(image_sizes)} image(s) give "
+                f"{features.shape[0]} feature tokens; build inputs with Phi3VProcessor and the same num_crops"
+            )
+        inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], features.to(inputs_embeds.dtype))
+        return F.dropout(inputs_embeds, p=self.config.embd_pdrop, training=self.training)
+
+    def forward(self, input_ids=None, pixel_values=None, image_sizes=None, inputs_embeds=None, **kwargs):
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, pixel_values, image_sizes)
+        return Phi3Model.forward(self, inputs_embeds=inputs_embeds, **kwargs)
+
+
+def supervised_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module,
+                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+    """Next-token cross-entropy, with the LM head applied only where the label is supervised.
+
+    Equal to transformers' causal-LM loss on full logits (mean over supervised tokens, or sum / num_items_in_batch
+    under gradient accumulation), without the (B, L, vocab) logits: on DocVQA ~99% of positions are -100.
+    """
+    targets = F.pad(labels, (0, 1), value=-100)[:, 1:]  # targets[t] = labels[t + 1]
+    keep = targets != -100
+    logits = lm_head(hidden[keep]).float()  # (supervised tokens, vocab)
+    loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+    if num_items_in_batch is None:
+        return loss / keep.sum()
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
+
+
+class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
+    """Phi3VModel + LM head. `forward(..., labels=...)` returns the loss only (logits=None), computed by
+    `supervised_lm_loss`; without labels it returns logits (for generation, only the last position's)."""
+
+    def __init__(self, config: Phi3VConfig):
+        Phi3VPreTrainedModel.__init__(self, config)
+        self.model = Phi3VModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load an official-layout checkpoint (local directory or hub id). Defaults to sdpa attention."""
+        if "torch_dtype" in kwargs:  # the name the official recipe and model card use
+            kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
+        kwargs.setdefault("attn_implementation", "sdpa")
+        if kwargs["attn_implementation"] == "flash_attention_2" and not is_flash_attn_2_available():
+            raise ImportError(
+                "attn_implementation='flash_attention_2' needs the flash-attn package and a CUDA GPU (Ampere or "
+                "newer): `pip install flash-attn --no-build-isolation`. Without it use 'sdpa' (the default) or "
+                "'eager'."
+            )
+        try:
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except OSError as error:
+            if Path(pretrained_model_name_or_path).exists():
+                raise
+            raise OSError(offline_message(str(pretrained_model_name_or_path), error)) from error
+        model.generation_config.eos_token_id = stop_token_ids(model.generation_config.eos_token_id)
+        model.generation_config.pad_token_id = model.config.pad_token_id
+        return model
+
+    def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
+                cache=None, inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        outputs = self.model(input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes,
+                             attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                             inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        hidden = outputs.last_hidden_state
+        if labels is not None:
+            loss, logits = supervised_lm_loss(hidden, labels, self.lm_head, num_items_in_batch), None
+        else:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            loss, logits = None, self.lm_head(hidden[:, keep, :])
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_sizes=None, **kwargs):
+        # Phi3's version keeps the LongRoPE rule: the first time the sequence passes 4096 tokens the cache is
+        # dropped and the whole sequence (prompt placeholders included) is fed again. Whenever the fed ids hold
+        # placeholders (prefill, or that re-feed), the images must go with them.
+        inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        fed = inputs.get("input_ids")
+        if fed is not None and fed.shape[1] > 1 and pixel_values is not None and (fed < 0).any():
+            inputs.update(pixel_values=pixel_values, image_sizes=image_sizes)
+        return inputs
+
+
+def stop_token_ids(configured) -> list[int]:
+    """The checkpoint's eos id(s) plus <|endoftext|> (32000) and <|end|> (32007), which end a chat turn."""
+    ids = [configured] if isinstance(configured, int) else list(configured or [])
+    return ids + [i for i in (32000, 32007) if i not in ids]
+
+
+# `AutoConfig` / `AutoModelForCausalLM` then read official checkpoints natively, with no trust_remote_code.
+AutoConfig.register("phi3_v", Phi3VConfig)
+AutoModelForCausalLM.register(Phi3VConfig, Phi3VForCausalLM)
+
+__all__ = ["Phi3VConfig", "Phi3VForCausalLM", "Phi3VModel", "Phi3VImageEmbedding", "supervised_lm_loss"]

@@ -1,0 +1,140 @@
+"""Phi3VProcessor: a prompt with `<|image_k|>` tags + PIL images -> model inputs, as the official processor does.
+
+    "<|user|>\\n<|image_1|>\\nWhat is this?<|end|>\\n<|assistant|>\\n", [img]
+      split at the tags:   ["<|user|>\\n", "\\nWhat is this?<|end|>\\n<|assistant|>\\n"]
+      tokenize each chunk with its own BOS, and put [-1] * 757 where <|image_1|> was:
+      input_ids = [1, <|user|>, \\n, -1 x 757, 1, \\n, What, is, this, ?, <|end|>, \\n, <|assistant|>, \\n]
+
+So every image block is followed by a BOS (id 1), and image k's placeholders hold the value -k. The model
+replaces placeholders, in order of appearance, with the features of the images in list order; this is why the
+tags must be exactly <|image_1|> ... <|image_n|>, each once, in increasing order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, BatchFeature
+
+from phi3v.hub import offline_message
+from phi3v.image_processing import Phi3VImageProcessor
+
+IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
+END_TOKENS = ("<|end|>", "<|endoftext|>")  # a chat turn ends with <|end|>; <|endoftext|> ends the document
+
+
+def check_image_tags(text: str, num_images: int) -> list[int]:
+    """Image numbers of the tags in `text`; raises ValueError unless they are 1..num_images, once each, in order."""
+    tags = [int(k) for k in IMAGE_TAG.findall(text)]
+    if tags != list(range(1, num_images + 1)):
+        shown = ", ".join(f"<|image_{k}|>" for k in tags) or "no image tags"
+        raise ValueError(
+            f"the prompt has {shown} but {num_images} image(s) were given: it must reference "
+            f"<|image_1|> ... <|image_{num_images}|> exactly once each, in increasing order"
+            if num_images
+            else f"the prompt has {shown} but no images were given"
+        )
+    return tags
+
+
+class Phi3VProcessor:
+    """Image processor + tokenizer, loaded from (and saved to) an official-layout checkpoint directory."""
+
+    def __init__(self, image_processor: Phi3VImageProcessor, tokenizer):
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, num_crops: int | None = None, **kwargs) -> Phi3VProcessor:
+        """Load `preprocessor_config.json` and the tokenizer files; `num_crops` overrides the saved value."""
+        image_processor = Phi3VImageProcessor.from_pretrained(path, num_crops=num_crops)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        except OSError as error:
+            if Path(path).is_dir():
+                raise
+            raise OSError(offline_message(str(path), error)) from error
+        return cls(image_processor, tokenizer)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write the official file set: preprocessor_config.json, processor_config.json, tokenizer files.
+
+        tokenizer_config.json gets the official `tokenizer_class` and `chat_template` keys, which transformers 4.x
+        and other tools read (transformers 5 also writes chat_template.jinja and reads either).
+        """
+        directory = Path(directory)
+        self.image_processor.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        config_file = directory / "tokenizer_config.json"
+        config = json.loads(config_file.read_text())
+        if config.get("tokenizer_class") in (None, "TokenizersBackend", "PreTrainedTokenizerFast"):
+            config["tokenizer_class"] = "LlamaTokenizer"
+        if self.tokenizer.chat_template:
+            config["chat_template"] = self.tokenizer.chat_template
+        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        (directory / "processor_config.json").write_text('{\n  "processor_class": "Phi3VProcessor"\n}\n')
+
+    @property
+    def num_crops(self) -> int:
+        return self.image_processor.num_crops
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """Render messages ({"role", "content"} with string content) to the prompt string; BOS comes later."""
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def encode(self, text: str, image_tokens: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and character spans of `text`, with image tag k expanded to image_tokens[k-1] placeholders.
+
+        Placeholders carry the span of their tag; each chunk's BOS has an empty span at the chunk start.
+        """
+        check_image_tags(text, len(image_tokens))
+        ids, spans, start = [], [], 0
+        bounds = [(m.start(), m.end(), int(m.group(1))) for m in IMAGE_TAG.finditer(text)] + [(len(text), None, 0)]
+        for tag_start, tag_end, k in bounds:
+            encoding = self.tokenizer(text[start:tag_start], return_offsets_mapping=True)
+            ids += encoding["input_ids"]
+            spans += [(start + a, start + b) for a, b in encoding["offset_mapping"]]
+            if tag_end is not None:
+                ids += [-k] * image_tokens[k - 1]
+                spans += [(tag_start, tag_end)] * image_tokens[k - 1]
+                start = tag_end
+        return ids, spans
+
+    def num_tokens(self, text: str, image_sizes: list[tuple[int, int]]) -> int:
+        """Sequence length of `text` with images of these (width, height) sizes, without decoding any pixels."""
+        return len(self.encode(text, [self.image_processor.num_image_tokens(w, h) for w, h in image_sizes])[0])
+
+    def __call__(self, text: str, images: list[Image.Image] | None = None, return_tensors: str | None = "pt",
+                 return_offsets_mapping: bool = False) -> BatchFeature:
+        """Process one prompt. Returns input_ids (1, L), attention_mask (1, L) and, with images,
+        pixel_values (N, num_crops+1, 3, 336, 336) float32 and image_sizes (N, 2)."""
+        if not isinstance(text, str):
+            raise TypeError("Phi3VProcessor takes one prompt string; batch prompts with phi3v.collator")
+        images = [images] if isinstance(images, Image.Image) else list(images or [])
+        data = self.image_processor(images) if images else {"num_img_tokens": []}
+        ids, spans = self.encode(text, data["num_img_tokens"])
+        out = {"input_ids": [ids], "attention_mask": [[1] * len(ids)]}
+        if images:
+            out.update(pixel_values=data["pixel_values"], image_sizes=data["image_sizes"])
+        if return_offsets_mapping:
+            out["offset_mapping"] = [spans]
+        if return_tensors == "pt":
+            out = {k: v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+        return BatchFeature(out)
+
+    def decode(self, ids, **kwargs) -> str:
+        return self.tokenizer.decode(ids, **kwargs)
+
+    def batch_decode(self, ids, **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(ids, **kwargs)
+
+    def end_token_ids(self) -> list[int]:
+        """Ids that end a generated answer: <|end|> and <|endoftext|>."""
+        return [self.tokenizer.convert_tokens_to_ids(t) for t in END_TOKENS]

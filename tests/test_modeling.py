@@ -1,0 +1,331 @@
+"""The native model: checkpoint layout, image-feature placement, parity with transformers' Phi3/CLIP, generation."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import Phi3Config, Phi3ForCausalLM
+
+from phi3v import Phi3VConfig, Phi3VForCausalLM
+from phi3v.modeling import Phi3VImageEmbedding, supervised_lm_loss
+from phi3v.tiny import tiny_config
+from tests.conftest import make_image
+
+KEYS_TSV = Path(__file__).resolve().parents[2] / "shared" / "docs" / "phi3v_checkpoint_keys.tsv"
+
+
+def official_keys() -> dict[str, list[int]]:
+    if not KEYS_TSV.exists():
+        pytest.skip(f"{KEYS_TSV} not present (it lives beside the repository, not in it)")
+    rows = [line.split("\t") for line in KEYS_TSV.read_text().splitlines() if line and not line.startswith("#")]
+    return {name: json.loads(shape) for name, shape in rows}
+
+
+def test_full_size_state_dict_is_the_official_key_list():
+    with torch.device("meta"):
+        model = Phi3VForCausalLM(Phi3VConfig.official())
+    ours = {name: list(t.shape) for name, t in model.state_dict().items()}
+    assert ours == official_keys()
+    assert sum(t.numel() for t in model.state_dict().values()) == 4_146_621_440
+
+
+def test_official_config_fields():
+    config = Phi3VConfig.official()
+    assert config._attn_implementation is None  # the hub's "flash_attention_2" is not inherited
+    assert config.rope_parameters["rope_type"] == "longrope"
+    assert len(config.rope_parameters["short_factor"]) == 48
+    assert config.vision_config.hidden_size == 1024 and config.vision_config.num_hidden_layers == 24
+    saved = config.to_dict()
+    official = json.loads(Path("phi3v/configs/phi-3.5-vision-instruct.json").read_text())
+    assert saved["rope_scaling"] == official["rope_scaling"]
+    assert "vision_config" not in saved and "rope_parameters" not in saved
+    for key in ["embd_layer", "img_processor", "vocab_size", "hidden_size", "sliding_window", "rope_theta",
+                "original_max_position_embeddings", "max_position_embeddings", "pad_token_id", "eos_token_id"]:
+        assert saved[key] == official[key], key
+    assert Phi3VConfig(**saved).to_dict() == saved
+
+
+def test_phi3_vision_128k_style_config_loads():
+    # the predecessor's config.json lacks pad_token_id / embd_pdrop / resid_pdrop and has a 131072 window
+    fields = json.loads(Path("phi3v/configs/phi-3.5-vision-instruct.json").read_text())
+    for key in ["pad_token_id", "embd_pdrop", "resid_pdrop"]:
+        del fields[key]
+    config = Phi3VConfig(**{**fields, "sliding_window": 131072})
+    assert (config.pad_token_id, config.embd_pdrop, config.sliding_window) == (32000, 0.0, 131072)
+
+
+def test_language_model_weights_load_into_transformers_phi3(tiny_model, processor):
+    config = tiny_model.config
+    text_config = Phi3Config(
+        **{k: getattr(config, k) for k in ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                           "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                                           "original_max_position_embeddings", "rms_norm_eps", "sliding_window",
+                                           "pad_token_id", "bos_token_id", "eos_token_id"]},
+        rope_parameters=copy.deepcopy(config.rope_parameters), attn_implementation="sdpa",
+    )
+    phi3 = Phi3ForCausalLM(text_config).eval()
+    lm_state = {k: v for k, v in tiny_model.state_dict().items() if ".vision_embed_tokens." not in k}
+    phi3.load_state_dict(lm_state, strict=True)
+    ids = processor("<|user|>\nHello there<|end|>\n<|assistant|>\n")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(phi3(ids).logits, tiny_model(ids).logits)
+
+
+def hand_built_embedding():
+    """An image embedding whose CLIP is replaced by features that encode (crop id, patch row, patch col)."""
+    embedding = Phi3VImageEmbedding(tiny_config())
+    embedding.img_projection = nn.Identity()
+    with torch.no_grad():
+        embedding.glb_GN.fill_(-7.0)
+        embedding.sub_GN.fill_(-9.0)
+    seen = []
+
+    def fake_clip(crops):  # crop tensors are filled with their id
+        ids = crops[:, 0, 0, 0]
+        seen.extend(ids.tolist())
+        patch = torch.arange(576)
+        features = torch.zeros(len(crops), 576, 32)
+        features[:, :, 0] = ids[:, None]
+        features[:, :, 1] = (patch // 24).float()
+        features[:, :, 2] = (patch % 24).float()
+        return features
+
+    embedding.clip_features = fake_clip
+    return embedding, seen
+
+
+def expected_token(crop_id, row, col):
+    """The 4C merged vector of merged position (row, col): patches (2r,2c) (2r,2c+1) (2r+1,2c) (2r+1,2c+1)."""
+    vector = torch.zeros(128)
+    for slot, (dy, dx) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+        vector[32 * slot: 32 * slot + 3] = torch.tensor([crop_id, 2 * row + dy, 2 * col + dx], dtype=torch.float)
+    return vector
+
+
+def test_merge_interleave_and_separators_with_hand_built_features():
+    embedding, seen = hand_built_embedding()
+    grids = [(2, 3), (1, 1)]  # image 0: 2 rows x 3 cols of crops; image 1: one crop
+    num_crops = 6
+    pixel_values = torch.zeros(2, num_crops + 1, 3, 336, 336)
+    for i in range(2):
+        for j in range(num_crops + 1):
+            pixel_values[i, j] = 100 * i + j  # padding crops too: they must never reach CLIP
+    image_sizes = torch.tensor([[rows * 336, cols * 336] for rows, cols in grids])
+    out = embedding(pixel_values, image_sizes)
+
+    expected = []
+    for i, (rows, cols) in enumerate(grids):
+        for r in range(12 * rows):
+            for c in range(12 * cols):
+                crop = 1 + (r // 12) * cols + (c // 12)  # row-major crop order
+                expected.append(expected_token(100 * i + crop, r % 12, c % 12))
+            expected.append(torch.full((128,), -9.0))  # sub_GN ends every row of the sub grid
+        expected.append(torch.full((128,), -7.0))  # glb_GN once, between the sub grid and the global view
+        for r in range(12):
+            for c in range(12):
+                expected.append(expected_token(100 * i, r, c))
+            expected.append(torch.full((128,), -9.0))  # the global grid's newline is sub_GN too
+    assert torch.equal(out, torch.stack(expected))
+    assert out.shape[0] == (6 + 1) * 144 + 1 + 3 * 12 + 313  # the token-count formula, per image
+    assert seen == [0, 1, 2, 3, 4, 5, 6, 100, 101]  # real crops only
+
+
+def test_clip_feature_layer_is_hidden_states_minus_two(tiny_model):
+    embedding = tiny_model.model.vision_embed_tokens
+    crops = torch.randn(3, 3, 336, 336)
+    with torch.no_grad():
+        reference = embedding.img_processor.vision_model(crops, output_hidden_states=True).hidden_states[-2][:, 1:]
+        assert torch.allclose(embedding.clip_features(crops), reference, atol=1e-6)
+
+
+def test_embedding_matches_a_literal_reading_of_the_spec(tiny_model):
+    """All crops through CLIP, then per-patch loops: the official algorithm written without reshapes."""
+    embedding = tiny_model.model.vision_embed_tokens
+    pixel_values = torch.randn(2, 5, 3, 336, 336)
+    image_sizes = torch.tensor([[336, 1344], [672, 672]])  # grids 1x4 and 2x2
+    with torch.no_grad():
+        out = embedding(pixel_values, image_sizes)
+        clip = embedding.img_processor.vision_model
+        hidden = clip(pixel_values.flatten(0, 1), output_hidden_states=True).hidden_states[-2][:, 1:]
+        hidden = hidden.reshape(2, 5, 576, 32)
+        tokens = []
+
+        def merged(image, crop, r, c):
+            return torch.cat([hidden[image, crop, (2 * r + dy) * 24 + 2 * c + dx] for dy in (0, 1) for dx in (0, 1)])
+
+        for i, (h, w) in enumerate(image_sizes.tolist()):
+            rows, cols = h // 336, w // 336
+            for r in range(12 * rows):
+                tokens += [merged(i, 1 + (r // 12) * cols + c // 12, r % 12, c % 12) for c in range(12 * cols)]
+                tokens.append(embedding.sub_GN.flatten())
+            tokens.append(embedding.glb_GN.flatten())
+            for r in range(12):
+                tokens += [merged(i, 0, r, c) for c in range(12)] + [embedding.sub_GN.flatten()]
+        reference = embedding.img_projection(torch.stack(tokens))
+    assert torch.allclose(out, reference, atol=1e-6)
+
+
+def two_image_inputs(processor):
+    prompt = "<|user|>\n<|image_1|>\n<|image_2|>\nWhat differs?<|end|>\n<|assistant|>\n"
+    return processor(prompt, [make_image(2000, 500), make_image(640, 480, seed=1)])
+
+
+def test_placeholder_feature_mismatch_raises(tiny_model, processor):
+    inputs = two_image_inputs(processor)
+    inputs["input_ids"] = inputs["input_ids"][:, 5:]  # lose a few placeholders
+    with pytest.raises(ValueError, match="image placeholders but the 2 image"):
+        tiny_model(**inputs)
+    with pytest.raises(ValueError, match="no pixel_values"):
+        tiny_model(input_ids=inputs["input_ids"])
+
+
+@pytest.mark.parametrize("max_shard_size", [None, "2MB"])
+def test_save_load_round_trip(tiny_model, processor, tmp_path, max_shard_size):
+    inputs = two_image_inputs(processor)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    tiny_model.save_pretrained(tmp_path, **kwargs)
+    if max_shard_size:
+        index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) > 1
+        assert set(index["weight_map"]) == set(tiny_model.state_dict())
+    loaded = Phi3VForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, tiny_model(**inputs).logits)
+
+
+def test_sdpa_and_eager_agree(tiny_dir, processor):
+    inputs = two_image_inputs(processor)
+    logits = {}
+    for attn in ["sdpa", "eager"]:
+        model = Phi3VForCausalLM.from_pretrained(tiny_dir, attn_implementation=attn).eval()
+        assert model.config._attn_implementation == attn
+        assert model.config.vision_config._attn_implementation == attn  # CLIP follows
+        with torch.no_grad():
+            logits[attn] = model(**inputs).logits
+    assert torch.allclose(logits["sdpa"], logits["eager"], atol=1e-5)
+
+
+def test_flash_attention_without_the_package_is_a_clear_error(tiny_dir):
+    try:
+        import flash_attn  # noqa: F401
+
+        pytest.skip("flash-attn is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match="needs the flash-attn package .* use 'sdpa'"):
+        Phi3VForCausalLM.from_pretrained(tiny_dir, attn_implementation="flash_attention_2")
+
+
+def test_greedy_generate_with_cache_equals_without(tiny_model, processor):
+    inputs = two_image_inputs(processor)
+    end = processor.end_token_ids()
+    runs = [tiny_model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=use_cache, eos_token_id=end,
+                                min_new_tokens=6) for use_cache in (True, False)]
+    assert torch.equal(runs[0], runs[1])
+    # and equal to decoding by hand with full forwards
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        for _ in range(6):
+            logits = tiny_model(input_ids=ids, pixel_values=inputs["pixel_values"],
+                                image_sizes=inputs["image_sizes"]).logits
+            logits[:, -1, end] = -float("inf")
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(runs[0], ids)
+
+
+def test_supervised_loss_equals_full_logits_loss(tiny_model, processor):
+    inputs = two_image_inputs(processor)
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[0, -6:] = torch.tensor([5, 6, 7, 8, 32007, 32000])
+    model = copy.deepcopy(tiny_model).train()
+    full = model(**inputs).logits  # (B, L, vocab) without labels
+    reference = torch.nn.functional.cross_entropy(full[0, :-1].float(), labels[0, 1:], ignore_index=-100)
+    (ref_grad,) = torch.autograd.grad(reference, model.lm_head.weight)
+    out = model(**inputs, labels=labels)
+    assert out.logits is None
+    assert torch.allclose(out.loss, reference, atol=1e-6)
+    (grad,) = torch.autograd.grad(out.loss, model.lm_head.weight)
+    assert torch.allclose(grad, ref_grad, atol=1e-7)
+    hidden = torch.randn(1, 10, 64)
+    assert torch.allclose(supervised_lm_loss(hidden, labels[:, -10:], model.lm_head, num_items_in_batch=12),
+                          supervised_lm_loss(hidden, labels[:, -10:], model.lm_head) * 6 / 12)
+
+
+def test_one_training_step_reaches_every_tower(tiny_model, processor):
+    model = copy.deepcopy(tiny_model).train()
+    inputs = two_image_inputs(processor)
+    labels = inputs["input_ids"].clone()
+    labels[labels < 0] = -100
+    loss = model(**inputs, labels=labels).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    embedding = model.model.vision_embed_tokens
+    clip = embedding.img_processor.vision_model
+    for name, param in [("clip patch embedding", clip.embeddings.patch_embedding.weight),
+                        ("clip layer 0", clip.encoder.layers[0].mlp.fc1.weight),
+                        ("projector", embedding.img_projection[0].weight), ("sub_GN", embedding.sub_GN),
+                        ("glb_GN", embedding.glb_GN), ("LM layer", model.model.layers[1].mlp.down_proj.weight),
+                        ("embed_tokens", model.model.embed_tokens.weight), ("lm_head", model.lm_head.weight)]:
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    # the last CLIP layer and post_layernorm are in the checkpoint but never in the computation
+    unused = {id(p) for p in embedding.unused_parameters()}
+    assert unused and all(p.grad is None for p in model.parameters() if id(p) in unused)
+    assert all(p.grad is not None for p in model.parameters() if id(p) not in unused)
+
+
+def test_gradient_checkpointing_on_both_towers(tiny_model, processor):
+    inputs = two_image_inputs(processor)
+    labels = inputs["input_ids"].clone()
+    labels[labels < 0] = -100
+    grads = []
+    for checkpointing in (False, True):
+        model = copy.deepcopy(tiny_model).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            clip = model.model.vision_embed_tokens.img_processor.vision_model
+            assert all(layer.gradient_checkpointing for layer in clip.encoder.layers)
+            assert all(layer.gradient_checkpointing for layer in model.model.layers)
+        model(**inputs, labels=labels).loss.backward()
+        grads.append(model.model.vision_embed_tokens.img_projection[0].weight.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_text_only_and_mixed_batch(tiny_model, processor):
+    text = processor("<|user|>\nHi<|end|>\n<|assistant|>\n")
+    with torch.no_grad():
+        assert tiny_model(**text).logits.shape[:2] == text["input_ids"].shape
+
+
+def test_hub_id_offline_says_pass_a_local_directory():
+    with pytest.raises(OSError, match="pass the local directory"):
+        Phi3VForCausalLM.from_pretrained("microsoft/Phi-3.5-vision-instruct")
+
+
+@pytest.mark.slow
+def test_generation_across_the_4096_token_rope_switch(tiny_model, processor):
+    """Crossing 4096 tokens: the cache is dropped once and the prompt (images included) recomputed."""
+    image = make_image(336, 336)
+    template = "<|user|>\n<|image_1|>\n{}<|end|>\n<|assistant|>\n"
+    base, per_word = (processor.num_tokens(template.format(" is" * n), [image.size]) for n in (0, 1))
+    inputs = processor(template.format(" is" * ((4090 - base) // (per_word - base))), [image])
+    length = inputs["input_ids"].shape[1]
+    assert 4080 < length < 4096, length
+    steps = 4098 - length + 2  # the sequence passes 4096 during generation
+    vision_calls = []
+    hook = tiny_model.model.vision_embed_tokens.register_forward_hook(lambda *args: vision_calls.append(1))
+    cached = tiny_model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+    hook.remove()
+    assert len(vision_calls) == 2  # the prefill, and the recomputation with long factors at 4097 tokens
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = tiny_model(input_ids=ids, pixel_values=inputs["pixel_values"],
+                                image_sizes=inputs["image_sizes"]).logits[:, -1]
+            logits[:, tiny_model.generation_config.eos_token_id] = -float("inf")
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cached, ids)
