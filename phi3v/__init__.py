@@ -1,7 +1,22 @@
-"""Fine-tune Phi-3.5-vision natively on transformers 5.x. The public API: the model, its config and processors."""
+"""Fine-tune Phi-3.5-vision natively on transformers 5.x.
 
-from phi3v.image_processing import Phi3VImageProcessor, num_image_tokens
-from phi3v.modeling import Phi3VConfig, Phi3VForCausalLM
-from phi3v.processing import Phi3VProcessor
+Public API: `from phi3v import Phi3VConfig, Phi3VForCausalLM, Phi3VImageProcessor, Phi3VProcessor`. The names are
+imported on first use, so light modules (phi3v.synthetic, phi3v.metrics) do not pull in torch and transformers.
+"""
 
-__all__ = ["Phi3VConfig", "Phi3VForCausalLM", "Phi3VImageProcessor", "Phi3VProcessor", "num_image_tokens"]
+import importlib
+
+_EXPORTS = {
+    "Phi3VConfig": "phi3v.modeling",
+    "Phi3VForCausalLM": "phi3v.modeling",
+    "Phi3VImageProcessor": "phi3v.image_processing",
+    "num_image_tokens": "phi3v.image_processing",
+    "Phi3VProcessor": "phi3v.processing",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'phi3v' has no attribute {name!r}")

@@ -92,7 +92,7 @@ class Phi3VConfig(Phi3Config):
         return super().convert_rope_params_to_dict(**kwargs)
 
     def to_dict(self) -> dict:
-        """The official layout: rope_scaling/rope_theta instead of rope_parameters, torch_dtype, no default CLIP."""
+        """The official layout: rope_scaling/rope_theta instead of rope_parameters, and no default CLIP."""
         out = super().to_dict()
         rope = out.pop("rope_parameters", None) or {}
         out["rope_theta"] = rope.get("rope_theta", 10000.0)
@@ -105,7 +105,11 @@ class Phi3VConfig(Phi3Config):
         extension = {k: v for k, v in vision.items() if k in CLIP_VIT_L_336 and v != default_vision[k]}
         if extension:
             out["vision_config"] = {k: vision[k] for k in CLIP_VIT_L_336}
-        if "dtype" in out:
+        return out
+
+    def to_diff_dict(self) -> dict:
+        out = super().to_diff_dict()
+        if "dtype" in out:  # config.json files name it torch_dtype (transformers 5 reads both)
             out["torch_dtype"] = out.pop("dtype")
         return out
 
@@ -232,6 +236,13 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         if pixel_values is None:
             if input_ids.shape[1] > 1 and mask.any():
                 raise ValueError(f"input_ids hold {int(mask.sum())} image placeholders but no pixel_values were given")
+            if self.training and any(p.requires_grad for p in self.vision_embed_tokens.parameters()):
+                # A batch without images still runs a blank image through the trainable vision tower, at zero
+                # weight: every rank then touches the same parameters (DDP, ZeRO-3 would otherwise fail or hang).
+                size = self.vision_embed_tokens.crop_size
+                blank = inputs_embeds.new_zeros(1, 2, 3, size, size)
+                features = self.vision_embed_tokens(blank, torch.tensor([[size, size]], device=blank.device))
+                inputs_embeds = inputs_embeds + 0.0 * features.sum().to(inputs_embeds.dtype)
             return inputs_embeds
         features = self.vision_embed_tokens(pixel_values, image_sizes)
         num_placeholders = int(mask.sum())

@@ -42,7 +42,8 @@ A photo of a red car parked on a street next to a green tree, under a blue sky w
 The quick brown fox jumps over the lazy dog. She sells sea shells by the sea shore. 0 1 2 3 4 5 6 7 8 9 10 100 2024
 In the beginning of the document there is a title, a table with numbers, and a signature at the bottom of the page.
 Describe the picture in detail. How many people are there? Where was this taken? Which object is larger?
-""" * 4
+""" * 4 + "Answers: (ApplyEyeMakeup) (ApplyLipstick) (Archery) (BabyCrawling) (BalanceBeam) (BandMarching) " \
+    "(BaseballPitch) (Basketball) (BasketballDunk) (BenchPress) (yes) (no) (True) (False)\n" * 40
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

@@ -52,3 +52,25 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "cuda" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ucf_data(tmp_path_factory):
+    """A small converted video dataset: 3 classes, 4/1/1 videos per class, 2 frames each (convert_ucf101 output)."""
+    import convert_ucf101
+    from phi3v.synthetic import UCF101_SUBSET_CLASSES, make_video_dataset
+
+    root = tmp_path_factory.mktemp("ucf")
+    make_video_dataset(root / "videos", classes=UCF101_SUBSET_CLASSES[:3],
+                       videos_per_split={"train": 4, "val": 1, "test": 1}, num_frames=8, size=(64, 48))
+    convert_ucf101.main(["--src", str(root / "videos"), "--out_dir", str(root / "data"), "--num_frames", "2",
+                         "--num_workers", "2", "--no-tqdm"])
+    return root / "data"
+
+
+def ucf_args(tiny_dir, data_dir, output_dir, *extra: str) -> list[str]:
+    """Fast CPU settings for finetune_hf_trainer_ucf101.main in tests."""
+    return ["--model_name_or_path", str(tiny_dir), "--data_dir", str(data_dir), "--output_dir", str(output_dir),
+            "--num_crops", "1", "--batch_size", "4", "--batch_size_per_gpu", "2", "--dataloader_num_workers", "0",
+            "--learning_rate", "1e-3", "--warmup_steps", "0", "--logging_steps", "1", "--no-tqdm",
+            "--report_to", "none", "--max_new_tokens", "8", *extra]

@@ -329,3 +329,15 @@ def test_generation_across_the_4096_token_rope_switch(tiny_model, processor):
             logits[:, tiny_model.generation_config.eos_token_id] = -float("inf")
             ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(cached, ids)
+
+
+def test_text_only_batch_still_reaches_trainable_vision_parameters(tiny_model, processor):
+    model = copy.deepcopy(tiny_model).train()
+    text = processor("<|user|>\nHi<|end|>\n<|assistant|>\nHello<|end|>")
+    labels = text["input_ids"].clone()
+    loss = model(**text, labels=labels).loss
+    loss.backward()
+    projector = model.model.vision_embed_tokens.img_projection[0].weight
+    assert projector.grad is not None and projector.grad.abs().sum() == 0  # in the graph, with zero gradient
+    with torch.no_grad():
+        assert torch.equal(model(**text, labels=labels).loss, loss.detach())  # and the loss is unchanged

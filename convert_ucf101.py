@@ -1,0 +1,210 @@
+"""Convert a folder of videos (by default the UCF-101 subset from the hub) into the jsonl + frames training format.
+
+    python convert_ucf101.py --out_dir /path/to/converted_ucf101                 # downloads sayakpaul/ucf101-subset
+    python convert_ucf101.py --src UCF101_subset.tar.gz --out_dir DIR            # a local copy of the archive
+    python convert_ucf101.py --src /data/my_videos --out_dir DIR --num_frames 8  # SRC/{train,val,test}/<class>/*.avi
+
+Writes, as the original script: DIR/images/<split>/<class>/<video>.<k>.jpg (frames k = 0..num_frames-1, evenly
+spaced, JPEG, original size) and DIR/ucf101_<split>.jsonl with one line per video:
+
+    {"id": "val-0000000300", "source": "ucf101", "conversations": [{"images": ["val/BabyCrawling/v_...0.jpg", ...],
+     "user": "Classify the video into one of the following classes: ApplyEyeMakeup, ....",
+     "assistant": "BabyCrawling"}]}
+
+Ids number all videos (train, then val, then test) in sorted order. Videos are decoded with PyAV in parallel
+workers. Frame indices come from the decoded frame count when the container's count is missing or wrong. A video
+that cannot be read is reported by name and skipped. Re-running after an interruption keeps every finished video
+(frames are written under temporary names and renamed) and converts only the rest. Archives are extracted with
+path checks: no member may land outside the extraction folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+SPLITS = ("train", "val", "test")
+VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".mov", ".webm")
+HUB_REPO, HUB_FILE = "sayakpaul/ucf101-subset", "UCF101_subset.tar.gz"
+
+
+def frame_indices(total: int, count: int) -> list[int]:
+    """`count` evenly spaced indices in [0, total), starting at 0: floor(k * total / count) (repeats if total < count).
+
+    >>> frame_indices(300, 8)
+    [0, 37, 75, 112, 150, 187, 225, 262]
+    """
+    if total <= 0:
+        raise ValueError("the video has no frames")
+    return [k * total // count for k in range(count)]
+
+
+def read_frames(path: str | Path, count: int):
+    """`count` evenly spaced RGB frames (PIL images) of a video, decoding it with PyAV."""
+    import av
+
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        reported = container.streams.video[0].frames  # 0 when the container does not say
+    if reported > 0:
+        frames = decode(path, frame_indices(reported, count))
+        if len(frames) == count:
+            return frames
+    total = len(decode(path, None))  # count for real: the metadata was missing or wrong
+    if total == 0:
+        raise ValueError("no decodable frames")
+    if total < reported / 2:
+        raise ValueError(f"truncated: the container announces {reported} frames but only {total} decode")
+    return decode(path, frame_indices(total, count))
+
+
+def decode(path: str | Path, indices: list[int] | None):
+    """Frames at `indices` (in order, repeats allowed); with None, every frame as None (to count them)."""
+    import av
+
+    wanted = sorted(set(indices)) if indices is not None else None
+    found = {}
+    with av.open(str(path)) as container:
+        for number, frame in enumerate(container.decode(video=0)):
+            if wanted is None:
+                found[number] = None
+            elif number in wanted:
+                found[number] = frame.to_image().convert("RGB")
+                if number == wanted[-1]:
+                    break
+    if wanted is None:
+        return list(found.values())
+    return [found[i] for i in indices if i in found]
+
+
+def convert_video(job: tuple[str, Path, list[Path]]) -> str | None:
+    """Write the frames of one video (atomically, skipping a video already done); the error message, or None."""
+    source, _, targets = job
+    if all(t.is_file() for t in targets):
+        return None
+    try:
+        frames = read_frames(source, len(targets))
+        if len(frames) != len(targets):
+            raise ValueError(f"decoded {len(frames)} of {len(targets)} frames")
+        for frame, target in zip(frames, targets):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temporary = target.with_name(f".{target.name}.tmp")
+            frame.save(temporary, format="JPEG")
+            os.replace(temporary, target)
+    except Exception as error:  # any unreadable video is reported and skipped, never fatal
+        return describe_error(error)
+    return None
+
+
+def describe_error(error: Exception) -> str:
+    import av
+
+    if isinstance(error, av.error.InvalidDataError):
+        return "invalid data: not a video file, or a corrupt one"
+    if isinstance(error, ValueError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+def safe_extract(archive: str | Path, target: Path) -> Path:
+    """Extract a tar archive into `target`, refusing members that would land outside it (.., absolute, links)."""
+    target = target.resolve()
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            destination = (target / member.name).resolve()
+            if not destination.is_relative_to(target) or member.issym() or member.islnk() or member.isdev():
+                raise ValueError(f"{archive}: refusing to extract {member.name!r}: it would write outside {target} "
+                                 "or is a link/device")
+        tar.extractall(target, filter="data")
+    return target
+
+
+def find_source(src: str | None, work_dir: Path) -> Path:
+    """The folder holding {train,val,test}/<class>/<videos>: --src (folder or .tar.gz) or the hub archive."""
+    if src is None:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            src = hf_hub_download(repo_id=HUB_REPO, filename=HUB_FILE, repo_type="dataset")
+        except Exception as error:
+            sys.exit(f"could not download {HUB_FILE} from the hub dataset {HUB_REPO} ({type(error).__name__}). "
+                     f"Offline? Pass --src with a local copy of the archive or an extracted folder "
+                     f"(SRC/{{train,val,test}}/<class>/*.avi).")
+    src = Path(src)
+    if src.is_file():
+        src = safe_extract(src, work_dir)
+    if not src.is_dir():
+        sys.exit(f"--src {src}: no such file or folder")
+    for candidate in [src, *sorted(p for p in src.iterdir() if p.is_dir())]:
+        if any((candidate / split).is_dir() for split in SPLITS):
+            return candidate
+    sys.exit(f"--src {src}: expected {{train,val,test}}/<class>/<videos> folders inside it")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out_dir", default="./ucf101", help="where images/ and the jsonl files go")
+    parser.add_argument("--src", help="videos: a .tar.gz or a folder with {train,val,test}/<class>/*.avi "
+                                      "(default: download the UCF-101 subset from the hub)")
+    parser.add_argument("--tmp_dir", help="where to extract an archive (default: a temporary folder, removed)")
+    parser.add_argument("--num_frames", type=int, default=8, help="frames per video, evenly spaced")
+    parser.add_argument("--num_workers", type=int, default=os.cpu_count(), help="parallel decoding processes")
+    parser.add_argument("--no-tqdm", dest="tqdm", action="store_false", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    out_dir = Path(args.out_dir)
+    work_dir = Path(args.tmp_dir or tempfile.mkdtemp(prefix="ucf101-"))
+    try:
+        root = find_source(args.src, work_dir)
+        videos = [(split, p) for split in SPLITS for p in sorted((root / split).glob("*/*"))
+                  if p.suffix.lower() in VIDEO_EXTENSIONS]
+        classes = sorted({p.parent.name for _, p in videos})
+        prompt = "Classify the video into one of the following classes: " + ", ".join(classes) + "."
+        jobs = []
+        for split, path in videos:
+            folder = out_dir / "images" / split / path.parent.name
+            jobs.append((str(path), folder, [folder / f"{path.stem}.{k}.jpg" for k in range(args.num_frames)]))
+        done_before = sum(all(t.is_file() for t in targets) for _, _, targets in jobs)
+        from tqdm.auto import tqdm
+
+        with ProcessPoolExecutor(max(1, args.num_workers)) as pool:
+            errors = list(tqdm(pool.map(convert_video, jobs, chunksize=4), total=len(jobs), desc="converting videos",
+                               disable=not args.tqdm))
+        failed = {}
+        lines = {split: [] for split in SPLITS}
+        for index, ((split, path), (_, _, targets), error) in enumerate(zip(videos, jobs, errors)):
+            if error:
+                failed[str(path.relative_to(root))] = error
+                continue
+            images = [t.relative_to(out_dir / "images").as_posix() for t in targets]
+            lines[split].append({"id": f"{split}-{index:010d}", "source": "ucf101", "conversations": [
+                {"images": images, "user": prompt, "assistant": path.parent.name}]})
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for split, records in lines.items():
+            temporary = out_dir / f".ucf101_{split}.jsonl.tmp"
+            temporary.write_text("".join(json.dumps(r) + "\n" for r in records))
+            os.replace(temporary, out_dir / f"ucf101_{split}.jsonl")
+    finally:
+        if args.tmp_dir is None:
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+    summary = {"videos": len(videos), "converted": len(videos) - len(failed), "already_done": done_before,
+               "unreadable": failed, "classes": classes, **{split: len(lines[split]) for split in SPLITS}}
+    (out_dir / "convert_report.json").write_text(json.dumps(summary, indent=1))
+    print(f"{summary['converted']} of {len(videos)} videos converted ({done_before} were already done) into "
+          f"{out_dir}: " + ", ".join(f"{split} {len(lines[split])}" for split in SPLITS) + f"; {len(classes)} classes")
+    for name, error in failed.items():
+        print(f"  unreadable, skipped: {name}: {error}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Fine-tune Phi-3.5-vision on your own data in the jsonl format: here, video classification on UCF-101 frames.
+
+Data: DATA_DIR/ucf101_{train,val,test}.jsonl and DATA_DIR/images/..., as written by convert_ucf101.py (any data
+converted to this format works; see the README). Trains on train, evaluates on val before and after training and
+on test at the end, by generation, with accuracy.
+
+    python convert_ucf101.py --out_dir /path/to/converted_ucf101
+    torchrun --nproc_per_node=4 finetune_hf_trainer_ucf101.py --data_dir /path/to/converted_ucf101
+    torchrun --nproc_per_node=8 finetune_hf_trainer_ucf101.py --data_dir DIR --bf16 --use_flash_attention  # A100/H100
+    python finetune_hf_trainer_ucf101.py --data_dir DIR --use_lora --batch_size_per_gpu 2  # one GPU
+
+Modes: full fine-tuning (default; DeepSpeed ZeRO-2 on GPUs, --deepspeed ds_configs/zero3.json for ZeRO-3),
+--freeze_vision_model, --use_lora (LM and vision tower), --use_lora --freeze_vision_model (LM only),
+--use_lora --use_qlora (4-bit base). Checkpoints every --save_steps; --resume_from_checkpoint last continues.
+num_crops defaults to 4 for video frames (8 frames x 757 tokens at 320x240).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import set_seed
+
+from phi3v.args import BaseDataArguments, parse_args
+from phi3v.collator import Phi3VCollator
+from phi3v.data import jsonl_dataset
+from phi3v.export import export_merged
+from phi3v.metrics import accuracy
+from phi3v.model_loading import load_model, load_processor
+from phi3v.plotting import save_training_curves
+from phi3v.reporting import end_summary, log_config, setup_logging, start_summary
+from phi3v.training import Phi3VTrainer, clean_incomplete_checkpoints, prepare_resume
+from phi3v.validation import prepare_dataset, summarize
+
+# ------------------------------------------------------------------------------------------------- task data
+
+
+@dataclass
+class DataArguments(BaseDataArguments):
+    data_dir: str | None = field(default=None, metadata={
+        "help": "Folder with ucf101_{train,val,test}.jsonl and images/ (the output of convert_ucf101.py)."})
+
+
+def load_splits(data_args: DataArguments, processor):
+    """(train, val, test): train yields training sequences, val and test yield prompts with reference answers."""
+    if data_args.data_dir is None:
+        raise ValueError("--data_dir is required: the folder convert_ucf101.py wrote (see --help)")
+    root = Path(data_args.data_dir)
+    for split in ("train", "val", "test"):
+        if not (root / f"ucf101_{split}.jsonl").is_file():
+            raise FileNotFoundError(f"{root / f'ucf101_{split}.jsonl'} not found: run convert_ucf101.py first")
+
+    def split(name, limit, for_generation):
+        return jsonl_dataset(root / f"ucf101_{name}.jsonl", root / "images", processor, for_generation,
+                             data_args.max_image_pixels, limit)
+
+    return (split("train", data_args.train_samples, False), split("val", data_args.eval_samples, True),
+            split("test", data_args.eval_samples, True))
+
+
+def compute_task_metric(predictions: list[dict]) -> dict:
+    return {"accuracy": accuracy([p["prediction"] for p in predictions], [p["reference"] for p in predictions])}
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, training_args = parse_args(DataArguments, argv, num_crops=4)
+    setup_logging(training_args)
+    log_config(model_args, data_args, training_args)
+    processor = load_processor(model_args)
+
+    # data: validated in full before anything is trained
+    train_set, eval_set, test_set = load_splits(data_args, processor)
+    workers, quiet = training_args.dataloader_num_workers or 4, training_args.disable_tqdm
+    train_set = prepare_dataset(train_set, "train", data_args.max_length, data_args.skip_bad_samples,
+                                training_args.output_dir, workers, quiet)
+    eval_set, test_set = (prepare_dataset(d, s, None, data_args.skip_bad_samples, training_args.output_dir, workers,
+                                          quiet) for d, s in ((eval_set, "val"), (test_set, "test")))
+    if data_args.validate_only:
+        for split, dataset in (("train", train_set), ("val", eval_set), ("test", test_set)):
+            print(summarize(split, dataset))
+        return {}
+
+    # model and trainer
+    set_seed(training_args.seed)
+    model = load_model(model_args, training_args)
+    trainer = Phi3VTrainer(
+        model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
+        data_collator=Phi3VCollator(processor.tokenizer.pad_token_id), processing_class=processor,
+        task_metric=compute_task_metric, max_new_tokens=data_args.max_new_tokens,
+        eval_batch_size=data_args.eval_batch_size,
+    )
+    resume = prepare_resume(trainer, training_args.resume_from_checkpoint)
+    if training_args.should_save:
+        clean_incomplete_checkpoints(training_args.output_dir)
+    started = start_summary(model, model_args, training_args, {"train": train_set, "val": eval_set, "test": test_set})
+
+    # evaluate -> train -> save -> evaluate
+    metrics = {}
+    if data_args.eval_before_training and resume is None:
+        metrics.update(trainer.evaluate(metric_key_prefix="eval_before"))
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    if model_args.save_merged_model and model_args.use_lora and training_args.should_save:
+        export_merged(training_args.output_dir, Path(training_args.output_dir) / "merged")
+    if data_args.eval_after_training:
+        metrics.update(trainer.evaluate(metric_key_prefix="eval_after"))
+        metrics.update(trainer.evaluate(test_set, metric_key_prefix="test"))
+    if metrics:
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    if training_args.should_save:
+        save_training_curves(trainer.state.log_history, training_args.output_dir)
+        end_summary(metrics, training_args, started)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Command-line arguments shared by the four recipes: ModelArguments, BaseDataArguments, RecipeTrainingArguments.
+
+Every flag of the original scripts keeps its meaning and default (--use_flash_attention, --bf16, --use_lora,
+--use_qlora, --freeze_vision_model, --batch_size as the *global* batch, --batch_size_per_gpu, --num_crops,
+--learning_rate, --num_train_epochs, --wd, --lora_rank, --lora_alpha_ratio, --lora_dropout, --output_dir,
+--no-tqdm), next to every standard `transformers.TrainingArguments` flag (--save_steps, --resume_from_checkpoint,
+--report_to, --deepspeed, ...). The original's hard-coded training settings are our defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser, TrainingArguments
+
+TUNING_MODES = ("full", "frozen_vision", "lora", "qlora")
+DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(default="microsoft/Phi-3.5-vision-instruct",
+                                    metadata={"help": "Hub id or local checkpoint directory (official layout)."})
+    use_flash_attention: bool = field(default=False, metadata={
+        "help": "flash_attention_2 with bf16 weights (Ampere+ GPU and the flash-attn package)."})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "sdpa (default), eager or flash_attention_2; --use_flash_attention means flash_attention_2."})
+    use_lora: bool = field(default=False, metadata={"help": "LoRA on the LM (and the vision tower unless frozen)."})
+    use_qlora: bool = field(default=False, metadata={"help": "QLoRA: LoRA on a 4-bit NF4 base (implies --use_lora)."})
+    freeze_vision_model: bool = field(default=False, metadata={
+        "help": "Freeze CLIP and the image projector (the text embeddings still train)."})
+    tuning_mode: str | None = field(default=None, metadata={
+        "help": "full | frozen_vision | lora | qlora; the same as the flags above (which it overrides).",
+        "choices": TUNING_MODES})
+    lora_rank: int = field(default=64, metadata={"help": "LoRA rank r."})
+    lora_alpha_ratio: float = field(default=2.0, metadata={
+        "help": "LoRA alpha / rank (alpha = round(rank * ratio)); rank 32 with alpha 16 is --lora_alpha_ratio 0.5."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    num_crops: int | None = field(default=None, metadata={
+        "help": "Maximum 336px crops per image (<= 16); each script sets its default (16 images, 4 video)."})
+    torch_dtype: str = field(default="auto", metadata={
+        "help": "Weight dtype: auto (bf16 with flash attention, else fp32 master weights, as the original), "
+                "float32, bfloat16 or float16.", "choices": ("auto", "float32", "bfloat16", "float16")})
+    save_merged_model: bool = field(default=False, metadata={
+        "help": "LoRA/QLoRA: also write the adapter merged into the base model to OUTPUT_DIR/merged."})
+
+    def __post_init__(self):
+        if self.tuning_mode is None:
+            self.tuning_mode = ("qlora" if self.use_qlora else "lora" if self.use_lora
+                                else "frozen_vision" if self.freeze_vision_model else "full")
+        elif self.tuning_mode == "frozen_vision":
+            self.freeze_vision_model = True
+        self.use_qlora = self.tuning_mode == "qlora"
+        self.use_lora = self.tuning_mode in ("lora", "qlora")
+        if self.use_flash_attention:
+            if self.attn_implementation not in (None, "flash_attention_2"):
+                raise ValueError(
+                    f"--use_flash_attention conflicts with --attn_implementation {self.attn_implementation}"
+                )
+            self.attn_implementation = "flash_attention_2"
+        self.attn_implementation = self.attn_implementation or "sdpa"
+        if self.num_crops is not None and not 1 <= self.num_crops <= 16:
+            raise ValueError(f"--num_crops must be between 1 and 16, got {self.num_crops}")
+        if self.lora_rank < 1:
+            raise ValueError(f"--lora_rank must be >= 1, got {self.lora_rank}")
+
+    @property
+    def lora_alpha(self) -> int:
+        return round(self.lora_rank * self.lora_alpha_ratio)
+
+    @property
+    def vision_frozen(self) -> bool:
+        return self.freeze_vision_model or self.tuning_mode == "frozen_vision"
+
+
+@dataclass
+class BaseDataArguments:
+    """Data flags every recipe has; each script's DataArguments adds its own on top."""
+
+    train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training examples."})
+    eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation examples."})
+    max_length: int | None = field(default=None, metadata={
+        "help": "Longest allowed sequence in tokens (image tokens included). Longer samples are an error, or are "
+                "skipped and recorded with --skip_bad_samples; a sample is never cut inside an image."})
+    skip_bad_samples: bool = field(default=False, metadata={
+        "help": "Skip samples that fail validation (logged, counted and saved to OUTPUT_DIR/skipped_samples.jsonl) "
+                "instead of stopping before the first step."})
+    validate_only: bool = field(default=False, metadata={"help": "Validate the datasets, print a summary, exit."})
+    max_image_pixels: int = field(default=89_478_485, metadata={
+        "help": "Images with more pixels are rejected (decompression-bomb guard; PIL's default limit)."})
+    eval_before_training: bool = field(default=True, metadata={"help": "Evaluate the base model before training."})
+    eval_after_training: bool = field(default=True, metadata={"help": "Evaluate the fine-tuned model."})
+    eval_batch_size: int | None = field(default=None, metadata={
+        "help": "Prompts per generate() call and GPU in evaluation (default: --batch_size_per_gpu x 4)."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Generation limit in evaluation (original: 64)."})
+
+
+@dataclass
+class RecipeTrainingArguments(TrainingArguments):
+    """TrainingArguments with the original recipe's hard-coded values as defaults, and its batch-size flags."""
+
+    output_dir: str = field(default="./output/", metadata={"help": "Where checkpoints and results go."})
+    batch_size: int = field(default=16, metadata={
+        "help": "Global effective batch: gradient accumulation = batch_size / (batch_size_per_gpu x world size)."})
+    batch_size_per_gpu: int = field(default=1, metadata={"help": "Micro-batch per GPU (fit it to GPU memory)."})
+    wd: float | None = field(default=None, metadata={"help": "Weight decay (original name of --weight_decay)."})
+    no_tqdm: bool = field(default=False, metadata={"help": "Disable progress bars (original flag)."})
+    fp32: bool = field(default=False, metadata={
+        "help": "No mixed precision. Without --bf16 the original trains in fp16 on GPUs; on CPU fp32 is used."})
+    skip_nonfinite_steps: bool = field(default=False, metadata={
+        "help": "Skip optimizer steps whose loss or gradient is NaN/inf (counted and logged) instead of stopping."})
+    learning_rate: float = field(default=4.0e-5, metadata={"help": "Peak learning rate (linear decay to 0)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    num_train_epochs: float = field(default=1, metadata={"help": "Training epochs."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (original: 0.95)."})
+    adam_epsilon: float = field(default=1e-7, metadata={"help": "AdamW epsilon (original: 1e-7)."})
+    warmup_steps: float = field(default=50, metadata={"help": "Linear warmup steps (original: 50)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (original: adamw_torch)."})
+    activation_checkpointing: bool = field(default=True, metadata={
+        "help": "Gradient checkpointing in both towers (original: on); --no_activation_checkpointing to turn off."})
+    dataloader_num_workers: int = field(default=4, metadata={"help": "Data-loading worker processes."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False (collator needs rows)."})
+    ddp_find_unused_parameters: bool = field(default=False, metadata={
+        "help": "Every trainable parameter gets a gradient in every step, so DDP needs no search."})
+    train_sampling_strategy: str = field(default="group_by_length", metadata={
+        "help": "group_by_length (default: batches of similar token counts, computed without decoding images), "
+                "random or sequential."})
+
+    def __post_init__(self):
+        if self.wd is not None:
+            self.weight_decay = self.wd
+        if self.no_tqdm:
+            self.disable_tqdm = True
+        if self.fp32 and (self.bf16 or self.fp16):
+            raise ValueError("--fp32 cannot be combined with --bf16 or --fp16")
+        if self.bf16 and self.fp16:
+            raise ValueError("--fp16 cannot be combined with --bf16 (flash attention runs only in bf16, so "
+                             "--use_flash_attention implies --bf16)")
+        if not (self.bf16 or self.fp16 or self.fp32) and torch.cuda.is_available():
+            self.fp16 = True  # the original: without --bf16, fp16 mixed precision
+        if self.activation_checkpointing:  # non-reentrant: works with frozen embeddings (LoRA) and in DDP
+            self.activation_checkpointing_kwargs = {"use_reentrant": False,
+                                                    **(self.activation_checkpointing_kwargs or {})}
+        if not torch.cuda.is_available():
+            self.use_cpu = True
+        if self.batch_size < 1 or self.batch_size_per_gpu < 1:
+            raise ValueError("--batch_size and --batch_size_per_gpu must be >= 1")
+        self.per_device_train_batch_size = self.batch_size_per_gpu
+        if isinstance(self.deepspeed, str) and self.deepspeed.lower() in ("none", ""):
+            self.deepspeed = None
+        super().__post_init__()
+        world = max(self.world_size, 1)
+        if self.batch_size % (self.batch_size_per_gpu * world):
+            raise ValueError(
+                f"--batch_size {self.batch_size} is the global batch: it must be a multiple of --batch_size_per_gpu "
+                f"({self.batch_size_per_gpu}) x the number of processes ({world}) = {self.batch_size_per_gpu * world}"
+            )
+        self.gradient_accumulation_steps = self.batch_size // (self.batch_size_per_gpu * world)
+
+
+def parse_args(data_class: type, argv: list[str] | None = None, **defaults):
+    """Parse (ModelArguments, DataArguments, RecipeTrainingArguments); `defaults` are the script's own.
+
+    Two defaults follow the original recipe and depend on the model flags, so those are read first:
+    flash attention implies --bf16 (as the original nlvr2/ucf101 scripts), and full fine-tuning on GPUs runs under
+    DeepSpeed ZeRO-2 (ds_configs/zero2.json) unless --deepspeed is given (--deepspeed none: plain DDP).
+    """
+    parser = HfArgumentParser((ModelArguments, data_class, RecipeTrainingArguments))
+    parser.set_defaults(**defaults)
+    if not {"-h", "--help"} & set(argv or []):
+        model_args, _ = HfArgumentParser(ModelArguments).parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True
+        )
+        if model_args.attn_implementation == "flash_attention_2":
+            parser.set_defaults(bf16=True)
+        if model_args.tuning_mode in ("full", "frozen_vision") and torch.cuda.is_available() and has_deepspeed():
+            parser.set_defaults(deepspeed=str(DS_CONFIGS / "zero2.json"))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def has_deepspeed() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return False
+    return True

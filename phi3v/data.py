@@ -1,0 +1,269 @@
+"""Conversations -> training sequences: one chat template, one processor call, every assistant turn supervised.
+
+A conversation (from a jsonl line or a hub row) is a list of turns, each with a user text, its images and an
+answer. Image tags are numbered across the whole conversation, so turn 2's first image is <|image_3|> when turn 1
+had two:
+
+    <|user|>\\n<|image_1|><|image_2|>\\nSame animal?<|end|>\\n<|assistant|>\\nyes<|end|>\\n<|user|>\\n<|image_3|>\\n
+    And here?<|end|>\\n<|assistant|>\\nno<|end|>\\n<|endoftext|>
+                                               ^^^^^^^^^^^^^^                            ^^^^^^^^^^^^^^^^^^^^^^^^^^
+
+Labels are the token ids under the marked spans (each answer with its <|end|>, and <|endoftext|> at the end) and
+-100 everywhere else: prompts, image placeholders, BOS tokens and padding. Spans are found on the rendered text
+and mapped to tokens through the tokenizer's offsets, so this holds for any tokenizer and chat template.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+
+from phi3v.processing import IMAGE_TAG, Phi3VProcessor
+
+IGNORE_INDEX = -100
+ImageRef = str | os.PathLike | bytes | Image.Image  # a file, encoded bytes (hub datasets), or a decoded image
+
+
+@dataclass
+class Problem:
+    """A reason a sample cannot be used, with where it is: "ucf101_train.jsonl:12" or "train row 41"."""
+
+    where: str
+    sample_id: str | None
+    message: str
+
+    def __str__(self) -> str:
+        sample = f" (id {self.sample_id})" if self.sample_id is not None else ""
+        return f"{self.where}{sample}: {self.message}"
+
+
+@dataclass
+class Turn:
+    user: str
+    assistant: str | None
+    images: list[ImageRef] = field(default_factory=list)
+
+
+@dataclass
+class Conversation:
+    id: str
+    turns: list[Turn]
+
+
+# ------------------------------------------------------------------------------------------------- images
+
+
+def open_image(ref: ImageRef, max_pixels: int | None = None, decode: bool = True) -> Image.Image:
+    """Open an image reference with EXIF orientation applied; `decode=False` reads only the header (for sizes)."""
+    if isinstance(ref, Image.Image):
+        return ref
+    image = Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref)
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        raise ValueError(f"image of {image.width}x{image.height} pixels exceeds the limit of {max_pixels:,} pixels "
+                         "(raise --max_image_pixels if it is genuine)")
+    if not decode:
+        return image
+    image.load()  # decode now: a truncated or corrupt file fails here, not deep inside a worker
+    return ImageOps.exif_transpose(image)
+
+
+def image_size(ref: ImageRef) -> tuple[int, int]:
+    """(width, height) as the model will see it (after EXIF rotation), from the header only."""
+    image = open_image(ref, decode=False)
+    width, height = image.size
+    orientation = image.getexif().get(0x0112, 1) if hasattr(image, "getexif") else 1
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def resolve_image_path(root: str | os.PathLike, relative: str) -> Path:
+    """`root / relative`, refusing absolute paths and anything (`..`, symlinks) that resolves outside `root`."""
+    if not isinstance(relative, str) or not relative:
+        raise ValueError(f"image path must be a non-empty string, got {relative!r}")
+    if os.path.isabs(relative):
+        raise ValueError(f"image path {relative!r} is absolute; paths must be relative to the image root")
+    root = Path(root).resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"image path {relative!r} resolves to {path}, outside the image root {root}")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- rendering
+
+
+def user_content(turn: Turn, first_image: int) -> str:
+    """The user message with image tags numbered from `first_image`: the turn's own tags <|image_1|>..<|image_m|>
+    renumbered, or, when the text has none, all of them in front as the original scripts do ("<|image_1|>\\n...")."""
+    local = [int(k) for k in IMAGE_TAG.findall(turn.user)]
+    if not local:
+        return "".join(f"<|image_{first_image + k}|>" for k in range(len(turn.images))) + "\n" + turn.user \
+            if turn.images else turn.user
+    if local != list(range(1, len(turn.images) + 1)):
+        raise ValueError(f"the user text has image tags {local} but the turn has {len(turn.images)} image(s): "
+                         f"tags must be <|image_1|> ... <|image_{len(turn.images)}|>, once each, in order")
+    return IMAGE_TAG.sub(lambda m: f"<|image_{first_image + int(m.group(1)) - 1}|>", turn.user)
+
+
+def render(processor: Phi3VProcessor, conversation: Conversation, for_generation: bool = False):
+    """(text, images, supervised character spans). For generation, the last answer is left for the model."""
+    messages, images, spans = [], [], []
+    turns = conversation.turns
+    if not turns:
+        raise ValueError("the conversation has no turns")
+    for i, turn in enumerate(turns):
+        messages.append({"role": "user", "content": user_content(turn, len(images) + 1)})
+        images += turn.images
+        if for_generation and i == len(turns) - 1:
+            return processor.apply_chat_template(messages, add_generation_prompt=True), images, []
+        if not isinstance(turn.assistant, str):
+            raise ValueError(f"turn {i + 1} has no assistant answer")
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        messages.append({"role": "assistant", "content": turn.assistant})
+        text = processor.apply_chat_template(messages)
+        if not text.startswith(prompt):
+            raise ValueError("the chat template does not render the answer after the generation prompt")
+        spans.append((len(prompt), len(text)))
+    text += processor.tokenizer.eos_token  # <|endoftext|> ends the document, as in the original targets
+    spans[-1] = (spans[-1][0], len(text))
+    return text, images, spans
+
+
+def labels_from_spans(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """Token id where the token lies inside a supervised span, else -100 (placeholders and BOS never count)."""
+    labels = []
+    for token, (start, end) in zip(ids, offsets):
+        inside = token >= 0 and end > start and any(a <= start and end <= b for a, b in spans)
+        labels.append(token if inside else IGNORE_INDEX)
+    return labels
+
+
+# ------------------------------------------------------------------------------------------------- dataset
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Items (jsonl records, hub rows, ...) turned into model inputs on access, so decoding and processing run in
+    DataLoader workers.
+
+    Args:
+        items: any sequence; `to_conversation(item)` makes a Conversation of it (and raises ValueError on bad data).
+            Both must pickle (module-level functions, functools.partial) where DataLoader workers are spawned.
+        where: names of the items for messages, e.g. "ucf101_train.jsonl:12" (default "item 0", "item 1", ...).
+        for_generation: examples are prompts (last answer removed) with a `reference` answer, for evaluation.
+        load_problems: problems found while reading the source (e.g. malformed jsonl lines), reported by validation.
+    """
+
+    def __init__(self, items: Sequence, to_conversation: Callable[[object], Conversation], processor: Phi3VProcessor,
+                 where: list[str] | None = None, for_generation: bool = False, max_image_pixels: int | None = None,
+                 load_problems: list[Problem] | None = None):
+        self.items = items
+        self.to_conversation = to_conversation
+        self.processor = processor
+        self.names = where if where is not None else [f"item {i}" for i in range(len(items))]
+        self.for_generation = for_generation
+        self.max_image_pixels = max_image_pixels
+        self.load_problems = load_problems or []
+        self.lengths: list[int] | None = None  # token counts, set by validation
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def where(self, index: int) -> str:
+        return self.names[index]
+
+    def conversation(self, index: int) -> Conversation:
+        return self.to_conversation(self.items[index])
+
+    def subset(self, indices: Sequence[int]) -> ConversationDataset:
+        return ConversationDataset([self.items[i] for i in indices], self.to_conversation, self.processor,
+                                   [self.names[i] for i in indices], self.for_generation, self.max_image_pixels)
+
+    def num_tokens(self, index: int) -> int:
+        """Sequence length of item `index` from image headers and text alone (no pixels decoded)."""
+        text, images, _ = render(self.processor, self.conversation(index), self.for_generation)
+        return self.processor.num_tokens(text, [image_size(ref) for ref in images])
+
+    def __getitem__(self, index: int) -> dict:
+        conversation = self.conversation(index)
+        text, refs, spans = render(self.processor, conversation, self.for_generation)
+        images = [open_image(ref, self.max_image_pixels) for ref in refs]
+        encoded = self.processor(text, images or None, return_offsets_mapping=True)
+        example = {"input_ids": encoded["input_ids"][0], "sample_id": conversation.id,
+                   "pixel_values": encoded.get("pixel_values"), "image_sizes": encoded.get("image_sizes")}
+        if self.for_generation:
+            example["reference"] = conversation.turns[-1].assistant
+        else:
+            labels = labels_from_spans(encoded["input_ids"][0].tolist(), encoded["offset_mapping"][0].tolist(), spans)
+            example["labels"] = torch.tensor(labels, dtype=torch.long)
+        return example
+
+
+# ------------------------------------------------------------------------------------------------- jsonl format
+
+
+def read_jsonl(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
+    """(line number, record) for every parseable line, and (line number, error) for the others."""
+    records, errors = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                errors.append((number, f"malformed JSON: {error.msg} at column {error.colno}"))
+                continue
+            if not isinstance(record, dict):
+                errors.append((number, f"a line must be a JSON object, got {type(record).__name__}"))
+                continue
+            records.append((number, record))
+    return records, errors
+
+
+def conversation_from_record(record: dict, image_root: str | os.PathLike) -> Conversation:
+    """Our jsonl schema: {"id", "source", "conversations": [{"images": [paths], "user": str, "assistant": str}]}."""
+    if "id" not in record:
+        raise ValueError('missing key "id"')
+    if not isinstance(record.get("conversations"), list):
+        raise ValueError('"conversations" must be a list of {"images", "user", "assistant"} objects')
+    if not record["conversations"]:
+        raise ValueError('"conversations" is empty')
+    turns = []
+    for number, turn in enumerate(record["conversations"], start=1):
+        if not isinstance(turn, dict):
+            raise ValueError(f"turn {number} must be an object")
+        for key in ("user", "assistant"):
+            if not isinstance(turn.get(key), str):
+                raise ValueError(f'turn {number}: "{key}" must be a string'
+                                 + (" (missing)" if key not in turn else f", got {type(turn[key]).__name__}"))
+        images = turn.get("images", [])
+        if not isinstance(images, list):
+            raise ValueError(f'turn {number}: "images" must be a list of relative paths')
+        turns.append(Turn(turn["user"], turn["assistant"], [resolve_image_path(image_root, p) for p in images]))
+    return Conversation(str(record["id"]), turns)
+
+
+def jsonl_item_conversation(item: tuple[int, dict], image_root: str | os.PathLike) -> Conversation:
+    return conversation_from_record(item[1], image_root)
+
+
+def jsonl_dataset(path: str | os.PathLike, image_root: str | os.PathLike, processor: Phi3VProcessor,
+                  for_generation: bool = False, max_image_pixels: int | None = None,
+                  limit: int | None = None) -> ConversationDataset:
+    """A dataset over a jsonl file in our schema, with images relative to `image_root`."""
+    records, errors = read_jsonl(path)
+    records = records[:limit] if limit is not None else records
+    name = Path(path).name
+    return ConversationDataset(
+        records, functools.partial(jsonl_item_conversation, image_root=image_root), processor,
+        where=[f"{name}:{line}" for line, _ in records], for_generation=for_generation,
+        max_image_pixels=max_image_pixels,
+        load_problems=[Problem(f"{name}:{line}", None, message) for line, message in errors],
+    )

@@ -1,0 +1,83 @@
+"""Task metrics as pure functions: accuracy, ANLS (standard and the original script's variant), ROC AUC."""
+
+from __future__ import annotations
+
+
+def normalize_answer(text: str) -> str:
+    """The original recipe's normalisation for accuracy: strip whitespace, then periods, then lowercase."""
+    return text.strip().strip(".").lower()
+
+
+def accuracy(predictions: list[str], references: list[str]) -> float:
+    """Exact match after `normalize_answer` on both sides (as the original hateful memes / NLVR2 / UCF101 scripts)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        return 0.0
+    return sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references)) / len(predictions)
+
+
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions of single characters)."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, start=1):
+        current = [i]
+        for j, char_b in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
+def anls_score(prediction: str, references: list[str], threshold: float = 0.5, case_sensitive: bool = False) -> float:
+    """Max over references of 1 - NL(reference, prediction), zeroed when NL >= threshold. The standard DocVQA form
+    lowercases and collapses whitespace on both sides; `case_sensitive=True` reproduces the original script, which
+    only strips the prediction (whitespace, then periods) and scores an empty prediction 0."""
+    if case_sensitive:
+        prediction = prediction.strip().strip(".")
+        if not prediction:
+            return 0.0
+    else:
+        prediction = " ".join(prediction.lower().split())
+        references = [" ".join(r.lower().split()) for r in references]
+    best = 0.0
+    for reference in references:
+        longest = max(len(reference), len(prediction))
+        distance = levenshtein(reference, prediction) / longest if longest else 0.0
+        best = max(best, 1 - distance if distance < threshold else 0.0)
+    return best
+
+
+def anls(predictions: list[str], references: list[list[str]], threshold: float = 0.5,
+         case_sensitive: bool = False) -> float:
+    """Average normalized Levenshtein similarity over questions (0..1)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} reference lists")
+    if not predictions:
+        return 0.0
+    return sum(anls_score(p, r, threshold, case_sensitive) for p, r in zip(predictions, references)) / len(predictions)
+
+
+def roc_auc(scores: list[float], labels: list[int]) -> float:
+    """Area under the ROC curve: the probability that a random positive scores above a random negative (ties
+    count one half). Raises if only one class is present, where the AUC is undefined."""
+    if len(scores) != len(labels):
+        raise ValueError(f"{len(scores)} scores for {len(labels)} labels")
+    positives = sum(1 for label in labels if label)
+    negatives = len(labels) - positives
+    if positives == 0 or negatives == 0:
+        raise ValueError("ROC AUC needs both positive and negative examples")
+    # rank-sum (Mann-Whitney U) with average ranks for ties
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    rank_sum = sum(rank for rank, label in zip(ranks, labels) if label)
+    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)

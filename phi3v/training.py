@@ -1,0 +1,283 @@
+"""The Trainer the four recipes share: length-grouped batches, generation-based evaluation, checkpoints that are
+either complete or ignored, resume that says what it does, and a stop (or skip) on NaN/inf with the culprits named.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import Trainer
+from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from phi3v.generation import generate_predictions
+from phi3v.plotting import save_training_curves
+
+logger = logging.getLogger(__name__)
+COMPLETE_MARKER = "checkpoint_complete.json"
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------- sampling
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """Random order, except that within each group of `batch_size * group_batches` indices, items are arranged by
+    length (longest first) so that consecutive batches need little padding.
+
+    Lengths within `tolerance` of each other count as equal and stay in random order: where the length follows
+    the label (a class name's token count), an exact sort would give batches of a single class.
+    The order depends only on (seed, epoch), so resuming replays it exactly.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_batches: int = 50,
+                 tolerance: float = 0.04):
+        self.lengths = lengths
+        self.group = batch_size * group_batches
+        self.seed = seed
+        self.tolerance = tolerance
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        for start in range(0, len(order), self.group):
+            yield from self.arrange(order[start:start + self.group], generator)
+
+    def arrange(self, indices: list[int], generator: torch.Generator) -> list[int]:
+        """Longest first, in runs whose lengths are within `tolerance`; each run shuffled."""
+        runs, run = [], []
+        for i in sorted(indices, key=lambda i: -self.lengths[i]):
+            if run and self.lengths[run[0]] > self.lengths[i] * (1 + self.tolerance):
+                runs.append(run)
+                run = []
+            run.append(i)
+        runs.append(run)
+        return [r[j] for r in runs for j in torch.randperm(len(r), generator=generator).tolist()]
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+
+
+def is_complete(checkpoint: str | Path) -> bool:
+    """True if the checkpoint's marker exists and every file it lists has the recorded size."""
+    marker = Path(checkpoint) / COMPLETE_MARKER
+    if not marker.is_file():
+        return False
+    files = json.loads(marker.read_text())["files"]
+    return all((Path(checkpoint) / name).is_file() and (Path(checkpoint) / name).stat().st_size == size
+               for name, size in files.items())
+
+
+def mark_complete(checkpoint: str | Path, step: int) -> None:
+    """Flush every file of the checkpoint to disk, then write the marker atomically (temp file + rename)."""
+    checkpoint = Path(checkpoint)
+    files = {}
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER):
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        files[str(path.relative_to(checkpoint))] = path.stat().st_size
+    temporary = checkpoint / (COMPLETE_MARKER + ".tmp")
+    with open(temporary, "w") as f:
+        json.dump({"global_step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, checkpoint / COMPLETE_MARKER)
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """checkpoint-N folders of `output_dir`, oldest step first."""
+    found = [p for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def resolve_checkpoint(requested: str | None, output_dir: str | Path) -> str | None:
+    """The checkpoint to resume from: None, an explicit path (which must be complete), or `last`."""
+    if not requested:
+        return None
+    if requested.lower() in ("last", "latest", "true"):
+        found = checkpoints(output_dir)
+        complete = [p for p in found if is_complete(p)]
+        for broken in (p for p in found if not is_complete(p)):
+            logger.warning(f"ignoring {broken}: it was not completely written (interrupted while saving)")
+        if not complete:
+            raise FileNotFoundError(f"--resume_from_checkpoint last: no complete checkpoint in {output_dir}"
+                                    + (f" (incomplete: {', '.join(p.name for p in found)})" if found else ""))
+        return str(complete[-1])
+    if not Path(requested).is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {requested}: no such directory")
+    if not is_complete(requested):
+        raise ValueError(f"{requested} is not a complete checkpoint (no {COMPLETE_MARKER}, or files differ from it): "
+                         f"it was interrupted while saving. Resume from an earlier one, or pass 'last'.")
+    return requested
+
+
+# ------------------------------------------------------------------------------------------------- trainer
+
+
+class Phi3VTrainer(Trainer):
+    """Trainer + generation-based `evaluate`, deterministic length grouping, atomic-by-marker checkpoints and
+    non-finite loss/gradient handling.
+
+    Args:
+        task_metric: predictions ([{"id", "prediction", "reference"[, "scores"]}]) -> {name: value}.
+        score_token_ids: token ids whose first-step probabilities evaluation records (e.g. for ROC AUC).
+        max_new_tokens / eval_batch_size: generation settings for evaluation.
+    """
+
+    def __init__(self, *args, task_metric: Callable[[list[dict]], dict] | None = None,
+                 score_token_ids: list[int] | None = None, max_new_tokens: int = 64,
+                 eval_batch_size: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.task_metric = task_metric
+        self.score_token_ids = score_token_ids
+        self.max_new_tokens = max_new_tokens
+        self.generation_batch_size = eval_batch_size or 4 * self.args.per_device_train_batch_size
+        self.skipped_steps = 0
+        self._sample_ids = None
+
+    # --- data
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and getattr(dataset, "lengths", None):
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return LengthGroupedSampler(dataset.lengths, self.args.per_device_train_batch_size, seed)
+        return super()._get_train_sampler(train_dataset)
+
+    # --- loss with health checks
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._sample_ids = inputs.pop("sample_ids", None)
+        inputs.pop("references", None)
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        if not torch.isfinite(loss).all():
+            loss = self._non_finite(f"loss {loss.item()}", model)
+            result = (loss, *result[1:]) if return_outputs else loss
+        return result
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        scaler_handles_it = self.args.fp16 and not self.is_deepspeed_enabled  # GradScaler skips inf steps itself
+        if grad_norm is not None and not math.isfinite(float(grad_norm)) and not scaler_handles_it:
+            if self.is_deepspeed_enabled:
+                self.args.skip_nonfinite_steps = False  # gradients live inside the DeepSpeed engine: stop instead
+            self._non_finite(f"gradient norm {float(grad_norm)}", model)
+            model.zero_grad(set_to_none=True)  # skipped: AdamW leaves parameters without gradients untouched
+        return grad_norm
+
+    def _non_finite(self, what: str, model) -> torch.Tensor:
+        step = self.state.global_step + 1
+        last = [str(p) for p in checkpoints(self.args.output_dir) if is_complete(p)]
+        where = f"at step {step} (samples {self._sample_ids})"
+        if not getattr(self.args, "skip_nonfinite_steps", False):
+            raise NonFiniteError(
+                f"non-finite {what} {where}. Last good checkpoint: {last[-1] if last else 'none yet'}. "
+                "Check those samples, lower --learning_rate, prefer --bf16 to fp16, or pass --skip_nonfinite_steps "
+                "to skip such steps and go on."
+            )
+        self.skipped_steps += 1
+        logger.warning(f"skipping non-finite {what} {where} ({self.skipped_steps} skipped so far)")
+        # a zero that still reaches every trainable parameter, so DDP sees the usual gradients
+        return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+
+    # --- evaluation by generation
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        start = time.time()
+        model = self.model
+        if not self.is_deepspeed_enabled and next(model.parameters()).device != self.args.device:
+            model.to(self.args.device)
+        predictions = generate_predictions(
+            model, dataset, batch_size=self.generation_batch_size, max_new_tokens=self.max_new_tokens,
+            num_workers=self.args.dataloader_num_workers, score_token_ids=self.score_token_ids,
+            desc=metric_key_prefix, disable_tqdm=self.args.disable_tqdm, synced_gpus=is_deepspeed_zero3_enabled(),
+        )
+        metrics = {}
+        if predictions is not None:  # rank 0
+            metrics = {f"{metric_key_prefix}_{k}": v for k, v in self.task_metric(predictions).items()}
+            metrics[f"{metric_key_prefix}_samples"] = len(predictions)
+            metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 2)
+            Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
+            with open(Path(self.args.output_dir) / f"{metric_key_prefix}.json", "w") as f:
+                json.dump({"metrics": metrics, "predictions": predictions}, f, indent=1, ensure_ascii=False)
+        if dist.is_available() and dist.is_initialized():
+            shared = [metrics]
+            dist.broadcast_object_list(shared, src=0)
+            metrics = shared[0]
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    # --- checkpoints
+    def _save_checkpoint(self, model, trial):
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # rotate only once this checkpoint is known complete
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self.accelerator.wait_for_everyone()  # every rank has written its part (optimizer shards, RNG state)
+        if self.args.should_save:
+            mark_complete(folder, self.state.global_step)
+            save_training_curves(self.state.log_history, folder)
+            rotate_checkpoints(output_dir=self._get_output_dir(trial), save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+
+    def planned_steps(self) -> int:
+        """Optimizer steps this run will make in total (as Trainer computes them)."""
+        if self.args.max_steps > 0:
+            return self.args.max_steps
+        batches = len(self.get_train_dataloader())
+        per_epoch = max(batches // self.args.gradient_accumulation_steps
+                        + int(batches % self.args.gradient_accumulation_steps > 0), 1)
+        return math.ceil(self.args.num_train_epochs * per_epoch)
+
+
+def prepare_resume(trainer: Phi3VTrainer, requested: str | None) -> str | None:
+    """Resolve --resume_from_checkpoint, say what will happen, and refuse to 'resume' a finished run."""
+    output_dir = trainer.args.output_dir
+    checkpoint = resolve_checkpoint(requested, output_dir)
+    if checkpoint is None:
+        existing = [p.name for p in checkpoints(output_dir)]
+        if existing:
+            logger.warning(f"{output_dir} already holds {', '.join(existing)}; this run starts from scratch and will "
+                           "overwrite them. To continue the earlier run instead, pass --resume_from_checkpoint last.")
+        return None
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    planned = trainer.planned_steps()
+    if state["global_step"] >= planned:
+        raise ValueError(
+            f"{checkpoint} is step {state['global_step']} of a run of {planned} steps: that run is finished and "
+            "there is nothing to resume. Start a new run (another --output_dir, or no --resume_from_checkpoint), "
+            "or raise --num_train_epochs / --max_steps to train further."
+        )
+    logger.warning(f"resuming from {checkpoint}: step {state['global_step']} of {planned} "
+                   f"(epoch {state.get('epoch', 0):.2f}); optimizer, scheduler, RNG and data order are restored")
+    return checkpoint
+
+
+def clean_incomplete_checkpoints(output_dir: str | Path) -> None:
+    """Remove checkpoint folders an interrupted save left behind (they would be overwritten anyway)."""
+    for checkpoint in checkpoints(output_dir):
+        if not is_complete(checkpoint):
+            logger.warning(f"removing {checkpoint}: it was left incomplete by an interrupted save")
+            shutil.rmtree(checkpoint, ignore_errors=True)

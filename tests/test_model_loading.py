@@ -1,0 +1,104 @@
+"""Each tuning mode trains exactly the parameters it should: they change, and the rest stays bit-identical."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from phi3v.args import ModelArguments, RecipeTrainingArguments
+from phi3v.collator import Phi3VCollator
+from phi3v.data import Conversation, ConversationDataset, Turn
+from phi3v.model_loading import lora_target_modules, model_dtype
+from tests.conftest import make_image
+
+MODES = {  # mode -> ModelArguments flags, as the original scripts take them
+    "full": [],
+    "frozen_vision": ["--freeze_vision_model"],
+    "lora": ["--use_lora", "--freeze_vision_model"],  # LoRA on the language model only
+    "lora_vision": ["--use_lora"],  # the original --use_lora: LM, CLIP and projector
+    "qlora": ["--use_lora", "--use_qlora"],
+}
+
+
+def parse(tiny_dir, tmp_path, flags):
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser((ModelArguments, RecipeTrainingArguments)).parse_args_into_dataclasses(
+        args=["--model_name_or_path", str(tiny_dir), "--output_dir", str(tmp_path), "--lora_rank", "4", *flags]
+    )
+
+
+def batch(processor):
+    conversations = [Conversation("a", [Turn("Colour?", "red", [make_image(400, 300)])]),
+                     Conversation("b", [Turn("Two?", "yes", [make_image(336, 336, seed=1), make_image(200, 500)])]),
+                     Conversation("c", [Turn("Text only", "ok")])]
+    dataset = ConversationDataset(conversations, lambda c: c, processor)
+    out = Phi3VCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(3)])
+    out.pop("sample_ids")
+    return out
+
+
+def group(name: str) -> str:
+    if ".lora_" in name:
+        return "lora-vision" if ".vision_embed_tokens." in name else "lora-language"
+    if ".img_processor." in name:
+        layer = name.split("encoder.layers.")[1].split(".")[0] if "encoder.layers." in name else None
+        return "clip-unused" if "post_layernorm" in name or layer == "1" else "clip"  # tiny CLIP: layer 1 unused
+    if ".vision_embed_tokens." in name:
+        return "projector"
+    return "embed_tokens" if "embed_tokens" in name else "language"
+
+
+# group -> trainable in this mode?
+EXPECTED = {
+    "full": {"clip": True, "clip-unused": False, "projector": True, "embed_tokens": True, "language": True},
+    "frozen_vision": {"clip": False, "clip-unused": False, "projector": False, "embed_tokens": True, "language": True},
+    "lora": {"clip": False, "clip-unused": False, "projector": False, "embed_tokens": False, "language": False,
+             "lora-language": True},
+    "lora_vision": {"clip": False, "clip-unused": False, "projector": False, "embed_tokens": False,
+                    "language": False, "lora-language": True, "lora-vision": True},
+    "qlora": {"clip": False, "clip-unused": False, "projector": False, "embed_tokens": False, "language": False,
+              "lora-language": True, "lora-vision": True},
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_mode_trains_what_it_should(mode, tiny_dir, processor, tmp_path):
+    from phi3v.model_loading import load_model
+
+    if mode == "qlora":
+        pytest.importorskip("bitsandbytes")
+    model_args, training_args = parse(tiny_dir, tmp_path, MODES[mode])
+    assert model_args.tuning_mode == ("lora" if mode == "lora_vision" else mode)
+    torch.manual_seed(0)
+    model = load_model(model_args, training_args).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    inputs = batch(processor)
+    for _ in range(2):
+        model(**inputs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed == trainable  # every trainable parameter got a gradient and moved; nothing else did
+    for name in before:
+        assert (name in trainable) == EXPECTED[mode][group(name)], name
+    assert set(EXPECTED[mode]) == {group(n) for n in before}
+
+
+def test_lora_targets_are_full_paths(tiny_model):
+    targets = lora_target_modules(tiny_model, include_vision=True)
+    assert "lm_head" in targets and "model.layers.0.self_attn.qkv_proj" in targets
+    assert "model.vision_embed_tokens.img_projection.0" in targets
+    clip = [t for t in targets if ".img_processor." in t]
+    assert clip and all(".encoder.layers.0." in t for t in clip)  # only the layers that feed the features
+    assert all(".img_processor." not in t for t in lora_target_modules(tiny_model, include_vision=False))
+
+
+def test_weight_dtype_follows_the_original_rule(tiny_dir, tmp_path):
+    flash, _ = parse(tiny_dir, tmp_path, ["--attn_implementation", "flash_attention_2"])
+    plain, _ = parse(tiny_dir, tmp_path, [])
+    explicit, _ = parse(tiny_dir, tmp_path, ["--torch_dtype", "bfloat16"])
+    assert (model_dtype(flash), model_dtype(plain), model_dtype(explicit)) == (
+        torch.bfloat16, torch.float32, torch.bfloat16)
