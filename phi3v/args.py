@@ -9,6 +9,7 @@ Every flag of the original scripts keeps its meaning and default (--use_flash_at
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,21 +145,23 @@ class RecipeTrainingArguments(TrainingArguments):
         if self.activation_checkpointing:  # non-reentrant: works with frozen embeddings (LoRA) and in DDP
             self.activation_checkpointing_kwargs = {"use_reentrant": False,
                                                     **(self.activation_checkpointing_kwargs or {})}
+        if isinstance(self.deepspeed, str) and self.deepspeed.lower() in ("none", ""):
+            self.deepspeed = None
         if not torch.cuda.is_available():
             self.use_cpu = True
         if self.batch_size < 1 or self.batch_size_per_gpu < 1:
             raise ValueError("--batch_size and --batch_size_per_gpu must be >= 1")
-        self.per_device_train_batch_size = self.batch_size_per_gpu
-        if isinstance(self.deepspeed, str) and self.deepspeed.lower() in ("none", ""):
-            self.deepspeed = None
-        super().__post_init__()
-        world = max(self.world_size, 1)
+        # Set before TrainingArguments fills the DeepSpeed config's "auto" values from them. The launchers
+        # (torchrun, accelerate, deepspeed) all export WORLD_SIZE.
+        world = int(os.environ.get("WORLD_SIZE", 1))
         if self.batch_size % (self.batch_size_per_gpu * world):
             raise ValueError(
                 f"--batch_size {self.batch_size} is the global batch: it must be a multiple of --batch_size_per_gpu "
                 f"({self.batch_size_per_gpu}) x the number of processes ({world}) = {self.batch_size_per_gpu * world}"
             )
+        self.per_device_train_batch_size = self.batch_size_per_gpu
         self.gradient_accumulation_steps = self.batch_size // (self.batch_size_per_gpu * world)
+        super().__post_init__()
 
 
 def parse_args(data_class: type, argv: list[str] | None = None, **defaults):

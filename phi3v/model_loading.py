@@ -73,6 +73,10 @@ class AdapterModel(PeftModel):
 
 def load_model(model_args: ModelArguments, training_args: RecipeTrainingArguments):
     """The model for `model_args.tuning_mode`, with exactly the parameters that should train left trainable."""
+    if training_args.deepspeed and not torch.cuda.is_available():
+        import deepspeed  # on CPU (tests), the Trainer sets up torch.distributed but not DeepSpeed's communicator,
+
+        deepspeed.init_distributed()  # which ZeRO-3 needs already while loading (zero.Init partitions the weights)
     quantization_config = get_quantization_config(model_args, training_args)
     device_map = None
     if quantization_config is not None:  # bitsandbytes places the weights while quantizing them
@@ -100,11 +104,13 @@ def load_model(model_args: ModelArguments, training_args: RecipeTrainingArgument
 
 
 def count_parameters(model: torch.nn.Module, predicate=lambda name: True) -> tuple[int, int]:
-    """(trainable, total) parameters whose name satisfies `predicate`; 4-bit weights count unpacked."""
+    """(trainable, total) parameters whose name satisfies `predicate`; 4-bit weights count unpacked, ZeRO-3
+    partitioned ones at their full size."""
     trainable = total = 0
     for name, param in model.named_parameters():
         if predicate(name):
-            n = param.numel() * (2 if getattr(param, "quant_state", None) is not None else 1)
+            n = getattr(param, "ds_numel", param.numel())
+            n *= 2 if getattr(param, "quant_state", None) is not None else 1
             total += n
             trainable += n if param.requires_grad else 0
     return trainable, total

@@ -4,6 +4,7 @@ either complete or ignored, resume that says what it does, and a stop (or skip) 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -205,11 +206,20 @@ class Phi3VTrainer(Trainer):
         model = self.model
         if not self.is_deepspeed_enabled and next(model.parameters()).device != self.args.device:
             model.to(self.args.device)
-        predictions = generate_predictions(
-            model, dataset, batch_size=self.generation_batch_size, max_new_tokens=self.max_new_tokens,
-            num_workers=self.args.dataloader_num_workers, score_token_ids=self.score_token_ids,
-            desc=metric_key_prefix, disable_tqdm=self.args.disable_tqdm, synced_gpus=is_deepspeed_zero3_enabled(),
-        )
+        gathered = contextlib.nullcontext()
+        if is_deepspeed_zero3_enabled() and self.deepspeed is None:
+            # ZeRO-3 before training: the weights are partitioned and DeepSpeed's gathering hooks come with the
+            # engine, which train() builds; gather the whole model for this evaluation instead.
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(list(model.parameters()))
+        with gathered:
+            predictions = generate_predictions(
+                model, dataset, batch_size=self.generation_batch_size, max_new_tokens=self.max_new_tokens,
+                num_workers=self.args.dataloader_num_workers, score_token_ids=self.score_token_ids,
+                desc=metric_key_prefix, disable_tqdm=self.args.disable_tqdm,
+                synced_gpus=is_deepspeed_zero3_enabled() and self.deepspeed is not None,
+            )
         metrics = {}
         if predictions is not None:  # rank 0
             metrics = {f"{metric_key_prefix}_{k}": v for k, v in self.task_metric(predictions).items()}
@@ -256,6 +266,8 @@ def prepare_resume(trainer: Phi3VTrainer, requested: str | None) -> str | None:
     """Resolve --resume_from_checkpoint, say what will happen, and refuse to 'resume' a finished run."""
     output_dir = trainer.args.output_dir
     checkpoint = resolve_checkpoint(requested, output_dir)
+    if trainer.args.should_save:
+        clean_incomplete_checkpoints(output_dir)
     if checkpoint is None:
         existing = [p.name for p in checkpoints(output_dir)]
         if existing:
