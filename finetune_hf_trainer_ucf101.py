@@ -17,6 +17,7 @@ num_crops defaults to 4 for video frames (8 frames x 757 tokens at 320x240).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,10 +29,9 @@ from phi3v.data import jsonl_dataset
 from phi3v.export import export_merged
 from phi3v.metrics import accuracy
 from phi3v.model_loading import load_model, load_processor
-from phi3v.plotting import save_training_curves
-from phi3v.reporting import end_summary, log_config, setup_logging, start_summary
-from phi3v.training import Phi3VTrainer, clean_incomplete_checkpoints, prepare_resume
-from phi3v.validation import prepare_dataset, summarize
+from phi3v.reporting import finish, log_config, setup_logging, start_summary
+from phi3v.training import Phi3VTrainer, prepare_resume
+from phi3v.validation import prepare_splits
 
 # ------------------------------------------------------------------------------------------------- task data
 
@@ -42,8 +42,8 @@ class DataArguments(BaseDataArguments):
         "help": "Folder with ucf101_{train,val,test}.jsonl and images/ (the output of convert_ucf101.py)."})
 
 
-def load_splits(data_args: DataArguments, processor):
-    """(train, val, test): train yields training sequences, val and test yield prompts with reference answers."""
+def load_splits(data_args: DataArguments, processor) -> dict:
+    """{"train", "val", "test"}: train yields training sequences, val and test prompts with reference answers."""
     if data_args.data_dir is None:
         raise ValueError("--data_dir is required: the folder convert_ucf101.py wrote (see --help)")
     root = Path(data_args.data_dir)
@@ -55,12 +55,16 @@ def load_splits(data_args: DataArguments, processor):
         return jsonl_dataset(root / f"ucf101_{name}.jsonl", root / "images", processor, for_generation,
                              data_args.max_image_pixels, limit)
 
-    return (split("train", data_args.train_samples, False), split("val", data_args.eval_samples, True),
-            split("test", data_args.eval_samples, True))
+    return {"train": split("train", data_args.train_samples, False), "val": split("val", data_args.eval_samples, True),
+            "test": split("test", data_args.eval_samples, True)}
 
 
-def compute_task_metric(predictions: list[dict]) -> dict:
+def compute_task_metric(predictions: list[dict], data_args: DataArguments) -> dict:
     return {"accuracy": accuracy([p["prediction"] for p in predictions], [p["reference"] for p in predictions])}
+
+
+def score_token_ids(data_args: DataArguments, processor) -> None:
+    return None  # accuracy needs no token probabilities
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -72,31 +76,23 @@ def main(argv: list[str] | None = None) -> dict:
     log_config(model_args, data_args, training_args)
     processor = load_processor(model_args)
 
-    # data: validated in full before anything is trained
-    train_set, eval_set, test_set = load_splits(data_args, processor)
-    workers, quiet = training_args.dataloader_num_workers or 4, training_args.disable_tqdm
-    train_set = prepare_dataset(train_set, "train", data_args.max_length, data_args.skip_bad_samples,
-                                training_args.output_dir, workers, quiet)
-    eval_set, test_set = (prepare_dataset(d, s, None, data_args.skip_bad_samples, training_args.output_dir, workers,
-                                          quiet) for d, s in ((eval_set, "val"), (test_set, "test")))
+    # data: every split validated in full before anything is trained
+    splits = prepare_splits(load_splits(data_args, processor), data_args, training_args)
     if data_args.validate_only:
-        for split, dataset in (("train", train_set), ("val", eval_set), ("test", test_set)):
-            print(summarize(split, dataset))
         return {}
 
     # model and trainer
     set_seed(training_args.seed)
     model = load_model(model_args, training_args)
     trainer = Phi3VTrainer(
-        model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
+        model=model, args=training_args, train_dataset=splits["train"], eval_dataset=splits["val"],
         data_collator=Phi3VCollator(processor.tokenizer.pad_token_id), processing_class=processor,
-        task_metric=compute_task_metric, max_new_tokens=data_args.max_new_tokens,
-        eval_batch_size=data_args.eval_batch_size,
+        task_metric=functools.partial(compute_task_metric, data_args=data_args),
+        max_new_tokens=data_args.max_new_tokens,
+        eval_batch_size=data_args.eval_batch_size, score_token_ids=score_token_ids(data_args, processor),
     )
     resume = prepare_resume(trainer, training_args.resume_from_checkpoint)
-    if training_args.should_save:
-        clean_incomplete_checkpoints(training_args.output_dir)
-    started = start_summary(model, model_args, training_args, {"train": train_set, "val": eval_set, "test": test_set})
+    started = start_summary(model, model_args, training_args, splits)
 
     # evaluate -> train -> save -> evaluate
     metrics = {}
@@ -110,13 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
         export_merged(training_args.output_dir, Path(training_args.output_dir) / "merged")
     if data_args.eval_after_training:
         metrics.update(trainer.evaluate(metric_key_prefix="eval_after"))
-        metrics.update(trainer.evaluate(test_set, metric_key_prefix="test"))
-    if metrics:
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-    if training_args.should_save:
-        save_training_curves(trainer.state.log_history, training_args.output_dir)
-        end_summary(metrics, training_args, started)
+        if "test" in splits:
+            metrics.update(trainer.evaluate(splits["test"], metric_key_prefix="test"))
+    finish(trainer, metrics, started)
     return metrics
 
 

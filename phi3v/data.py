@@ -267,3 +267,56 @@ def jsonl_dataset(path: str | os.PathLike, image_root: str | os.PathLike, proces
         max_image_pixels=max_image_pixels,
         load_problems=[Problem(f"{name}:{line}", None, message) for line, message in errors],
     )
+
+
+# ------------------------------------------------------------------------------------------------- hub datasets
+
+
+def load_hf_split(hub_id: str, config: str | None, split: str, local_path: str | None = None):
+    """One split of a hub dataset, or of a local copy of it: a `save_to_disk` folder or a folder of parquet files in
+    the hub layout (e.g. `data/train-00000-of-00001.parquet` or `docvqa/train-*.parquet`). Images stay encoded
+    (`decode=False`) so that sizes can be read from headers and decoding happens in DataLoader workers.
+
+    `split` may carry a row range the way the hub does, e.g. "train[500:]" or "train[:500]".
+    """
+    import datasets
+
+    base, rows = split.split("[")[0], split[len(split.split("[")[0]):]
+    if local_path is None:
+        try:
+            dataset = datasets.load_dataset(hub_id, config, split=base)
+        except Exception as error:  # offline, or no such dataset: the user's way out is a local copy
+            raise OSError(f"could not load the hub dataset {hub_id}" + (f" ({config})" if config else "")
+                          + f": {str(error).splitlines()[0][:200]}. Offline? Save a copy where the hub is reachable "
+                          "(datasets.load_dataset(...).save_to_disk(DIR), or download its parquet files) and pass "
+                          "--dataset_path DIR.") from error
+    elif (Path(local_path) / "dataset_dict.json").exists() or (Path(local_path) / "state.json").exists():
+        dataset = datasets.load_from_disk(local_path)
+        dataset = dataset[base] if isinstance(dataset, datasets.DatasetDict) else dataset
+    else:
+        files = sorted(str(p) for p in Path(local_path).rglob(f"{base}-*.parquet"))
+        files = files or sorted(str(p) for p in Path(local_path).rglob(f"{base}/*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"--dataset_path {local_path}: no save_to_disk dataset and no {base}-*.parquet "
+                                    "files in it")
+        dataset = datasets.load_dataset("parquet", data_files={base: files}, split=base)
+    if rows:
+        start, stop = (int(x) if x else None for x in rows.strip("[]").split(":"))
+        dataset = dataset.select(range(len(dataset))[slice(start, stop)])
+    for column, feature in dataset.features.items():
+        if isinstance(feature, datasets.Image):
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+        elif isinstance(feature, (datasets.Sequence, datasets.List)) and isinstance(feature.feature, datasets.Image):
+            dataset = dataset.cast_column(column, type(feature)(datasets.Image(decode=False)))
+    return dataset
+
+
+def hub_image(value) -> ImageRef:
+    """An image cell of a hub dataset (`{"bytes", "path"}` when not decoded, or a PIL image) as an ImageRef."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return value["bytes"]
+        if value.get("path"):
+            return value["path"]
+        raise ValueError("image cell has neither bytes nor a path")
+    return value

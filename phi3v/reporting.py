@@ -11,6 +11,7 @@ import datasets
 import transformers
 
 from phi3v.model_loading import count_parameters
+from phi3v.plotting import save_training_curves
 
 logger = logging.getLogger("phi3v")
 
@@ -69,3 +70,13 @@ def end_summary(metrics: dict, training_args, started: float) -> None:
     lines += [f"time         {time.time() - started:.0f} s",
               f"results      {out}/all_results.json, predictions {out}/eval_*.json, curves {out}/training_curves.png"]
     logger.info("done\n  " + "\n  ".join(lines))
+
+
+def finish(trainer, metrics: dict, started: float) -> None:
+    """Write the evaluation metrics (eval_results.json, all_results.json), the training curves and the summary."""
+    if metrics:
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    if trainer.args.should_save:
+        save_training_curves(trainer.state.log_history, trainer.args.output_dir)
+        end_summary(metrics, trainer.args, started)

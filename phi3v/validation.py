@@ -139,3 +139,17 @@ def summarize(split: str, dataset: ConversationDataset) -> str:
     median = lengths[len(lengths) // 2]
     return (f"{split}: {len(lengths)} samples, tokens per sample min {lengths[0]} / median {median}"
             f" / max {lengths[-1]}, total {sum(lengths):,}")
+
+
+def prepare_splits(splits: dict[str, ConversationDataset], data_args, training_args) -> dict[str, ConversationDataset]:
+    """`prepare_dataset` for every split (the length limit applies to training sequences only); with
+    --validate_only, also print a summary of each."""
+    prepared = {}
+    for split, dataset in splits.items():
+        prepared[split] = prepare_dataset(
+            dataset, split, data_args.max_length if split == "train" else None, data_args.skip_bad_samples,
+            training_args.output_dir, training_args.dataloader_num_workers or 4, training_args.disable_tqdm,
+        )
+        if data_args.validate_only:
+            print(summarize(split, prepared[split]))
+    return prepared
