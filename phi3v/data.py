@@ -29,6 +29,7 @@ from PIL import Image, ImageOps
 from phi3v.processing import IMAGE_TAG, Phi3VProcessor
 
 IGNORE_INDEX = -100
+CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|endoftext|>")  # never inside message text
 ImageRef = str | os.PathLike | bytes | Image.Image  # a file, encoded bytes (hub datasets), or a decoded image
 
 
@@ -106,6 +107,9 @@ def user_content(turn: Turn, first_image: int) -> str:
     if not local:
         return "".join(f"<|image_{first_image + k}|>" for k in range(len(turn.images))) + "\n" + turn.user \
             if turn.images else turn.user
+    if not turn.images:
+        raise ValueError(f"the user text has image tags {local} but the turn has no images: remove the tags "
+                         "or list the images")
     if local != list(range(1, len(turn.images) + 1)):
         raise ValueError(f"the user text has image tags {local} but the turn has {len(turn.images)} image(s): "
                          f"tags must be <|image_1|> ... <|image_{len(turn.images)}|>, once each, in order")
@@ -119,6 +123,11 @@ def render(processor: Phi3VProcessor, conversation: Conversation, for_generation
     if not turns:
         raise ValueError("the conversation has no turns")
     for i, turn in enumerate(turns):
+        for role, text in (("user", turn.user), ("assistant", turn.assistant)):
+            found = [t for t in CHAT_TOKENS if isinstance(text, str) and t in text]
+            if found:
+                raise ValueError(f"turn {i + 1}: the {role} text contains {', '.join(found)}, which would break the "
+                                 "chat format; remove it from the data")
         messages.append({"role": "user", "content": user_content(turn, len(images) + 1)})
         images += turn.images
         if for_generation and i == len(turns) - 1:
@@ -211,12 +220,17 @@ class ConversationDataset(torch.utils.data.Dataset):
 def read_jsonl(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
     """(line number, record) for every parseable line, and (line number, error) for the others."""
     records, errors = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                errors.append((number, f"not valid UTF-8 (byte {error.start})"))
+                continue
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.strip())
             except json.JSONDecodeError as error:
                 errors.append((number, f"malformed JSON: {error.msg} at column {error.colno}"))
                 continue
@@ -227,8 +241,25 @@ def read_jsonl(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], list[tu
     return records, errors
 
 
+class SampleError(ValueError):
+    """A bad sample whose id is known."""
+
+    def __init__(self, message: str, sample_id):
+        super().__init__(message)
+        self.sample_id = None if sample_id is None else str(sample_id)
+
+
 def conversation_from_record(record: dict, image_root: str | os.PathLike) -> Conversation:
     """Our jsonl schema: {"id", "source", "conversations": [{"images": [paths], "user": str, "assistant": str}]}."""
+    try:
+        return parse_record(record, image_root)
+    except SampleError:
+        raise
+    except ValueError as error:
+        raise SampleError(str(error), record.get("id")) from error
+
+
+def parse_record(record: dict, image_root: str | os.PathLike) -> Conversation:
     if "id" not in record:
         raise ValueError('missing key "id"')
     if not isinstance(record.get("conversations"), list):
@@ -312,11 +343,16 @@ def load_hf_split(hub_id: str, config: str | None, split: str, local_path: str |
 
 
 def hub_image(value) -> ImageRef:
-    """An image cell of a hub dataset (`{"bytes", "path"}` when not decoded, or a PIL image) as an ImageRef."""
+    """An image cell of a hub dataset (`{"bytes", "path"}` when not decoded, or a PIL image) as an ImageRef.
+
+    Only embedded bytes are used: a path in a dataset row is never opened (rows are data, not file pointers).
+    `save_to_disk` and the hub's parquet files embed the bytes.
+    """
     if isinstance(value, dict):
         if value.get("bytes"):
             return value["bytes"]
-        if value.get("path"):
-            return value["path"]
-        raise ValueError("image cell has neither bytes nor a path")
-    return value
+        raise ValueError(f"image cell holds no image bytes (path {value.get('path')!r} is not opened): save the "
+                         "dataset with the images embedded (save_to_disk or to_parquet embed them)")
+    if isinstance(value, Image.Image):
+        return value
+    raise ValueError(f"image cell of type {type(value).__name__} is not an image")

@@ -52,7 +52,7 @@ def hd_sizes(width: int, height: int, num_crops: int) -> tuple[tuple[int, int], 
         scale += 1
     scale -= 1
     new_w = scale * CROP
-    new_h = int(new_w / ratio)
+    new_h = max(1, int(new_w / ratio))  # the official code crashes on a 0-pixel height (e.g. 1x337 at 1 crop)
     padded_h = math.ceil(new_h / CROP) * CROP
     if transposed:
         return (new_h, new_w), (padded_h, new_w)

@@ -295,6 +295,12 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         if "torch_dtype" in kwargs:  # the name the official recipe and model card use
             kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
         kwargs.setdefault("attn_implementation", "sdpa")
+        kwargs.setdefault("use_safetensors", True)  # never unpickle model files: a .bin can run arbitrary code
+        local = Path(pretrained_model_name_or_path)
+        if local.is_dir() and not list(local.glob("*.safetensors")) and list(local.glob("*.bin")):
+            raise OSError(f"{local} holds pickle weights (*.bin) only. Weights are loaded from safetensors only, "
+                          "because unpickling a file can execute code; convert the checkpoint where you trust it "
+                          "(load it and call save_pretrained) and pass the safetensors copy.")
         if kwargs["attn_implementation"] == "flash_attention_2" and not is_flash_attn_2_available():
             raise ImportError(
                 "attn_implementation='flash_attention_2' needs the flash-attn package and a CUDA GPU (Ampere or "

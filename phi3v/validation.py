@@ -61,7 +61,7 @@ def validate(dataset: ConversationDataset, max_length: int | None = None, worker
             sample_id = conversation.id
             renders[index] = (sample_id, render(dataset.processor, conversation, dataset.for_generation))
         except ValueError as error:
-            problems.append(Problem(dataset.where(index), sample_id, str(error)))
+            problems.append(Problem(dataset.where(index), getattr(error, "sample_id", sample_id), str(error)))
 
     unique = {_key(ref): ref for _, (_, images, _) in renders.values() for ref in images}
     with ThreadPoolExecutor(max(1, workers)) as pool:

@@ -161,6 +161,13 @@ def test_processor_config_round_trip(tmp_path):
     assert Phi3VImageProcessor.from_pretrained(tmp_path, num_crops=4).num_crops == 4
 
 
+def test_extreme_aspect_ratio_keeps_one_pixel_row():
+    # official: int(336 / 337) = 0 rows -> a resize error; we keep one row of pixels and pad the rest with white
+    assert hd_sizes(337, 1, 1) == ((336, 1), (336, 336))
+    out = Phi3VImageProcessor(num_crops=1)([Image.new("RGB", (1, 337))])
+    assert out["image_sizes"].tolist() == [[336, 336]] and out["num_img_tokens"] == [num_image_tokens(1, 337, 1)]
+
+
 @pytest.mark.parametrize("bad", [(0, 10, 4), (10, 10, 0)])
 def test_bad_sizes_raise(bad):
     with pytest.raises(ValueError, match="must be"):
