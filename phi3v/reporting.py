@@ -18,7 +18,8 @@ logger = logging.getLogger("phi3v")
 
 def setup_logging(training_args) -> None:
     """Our messages at INFO on the main process (warnings only on the others), to stdout; transformers and
-    datasets at WARNING. Handlers of the caller (a notebook, pytest) are left alone."""
+    datasets at WARNING, and their progress bars off under --no-tqdm and off the main process. Handlers of the
+    caller (a notebook, pytest) are left alone."""
     level = logging.INFO if training_args.should_log else logging.WARNING
     if not any(getattr(h, "is_phi3v", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stdout)
@@ -28,6 +29,9 @@ def setup_logging(training_args) -> None:
     logger.setLevel(level)
     for library in (transformers.utils.logging, datasets.utils.logging):
         library.set_verbosity(logging.WARNING)
+    if training_args.disable_tqdm or not training_args.should_log:  # --no-tqdm, and every rank but the first
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
 
 
 def log_config(*argument_groups) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
@@ -134,6 +134,18 @@ def resolve_checkpoint(requested: str | None, output_dir: str | Path) -> str | N
 # ------------------------------------------------------------------------------------------------- trainer
 
 
+class CarryEarlierLogs(TrainerCallback):
+    """train() starts a fresh TrainerState; keep what was logged before it (the evaluation before training) in
+    its log history, so trainer_state.json and the training curves have it."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        earlier = [entry for entry in self.trainer._earlier_logs if entry not in state.log_history]
+        state.log_history[:0] = earlier
+
+
 class Phi3VTrainer(Trainer):
     """Trainer + generation-based `evaluate`, deterministic length grouping, atomic-by-marker checkpoints and
     non-finite loss/gradient handling.
@@ -154,6 +166,12 @@ class Phi3VTrainer(Trainer):
         self.generation_batch_size = eval_batch_size or 4 * self.args.per_device_train_batch_size
         self.skipped_steps = 0
         self._sample_ids = None
+        self._earlier_logs: list[dict] = []
+        self.add_callback(CarryEarlierLogs(self))
+
+    def train(self, *args, **kwargs):
+        self._earlier_logs = list(self.state.log_history)  # e.g. the evaluation before training
+        return super().train(*args, **kwargs)
 
     # --- data
     def _get_train_sampler(self, train_dataset=None):
