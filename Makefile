@@ -1,6 +1,7 @@
 # The two commands the README starts with, plus the slow tier CI also runs.
 #   make demo   fine-tune a tiny model on a small video dataset this repo makes itself (offline, CPU, minutes)
 #   make test   install into .venv and run the default test suite
+#   make bench  the CPU benchmarks of bench/ (~12 min on 2 cores), results in bench/results/
 # TORCH picks the PyTorch build: the default is the CPU wheel; for CUDA use e.g. TORCH="torch==2.13.0" with the
 # index of your CUDA version, or install torch yourself first and pass TORCH=torch.
 PYTHON ?= python3
@@ -25,7 +26,10 @@ test-slow: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) demo.py
 
+bench: $(VENV)/.installed
+	$(PY) bench/run_all.py
+
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 
-.PHONY: install test test-slow demo lint
+.PHONY: install test test-slow demo bench lint

@@ -149,7 +149,7 @@ def find_source(src: str | None, work_dir: Path) -> Path:
     sys.exit(f"--src {src}: expected {{train,val,test}}/<class>/<videos> folders inside it")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out_dir", default="./ucf101", help="where images/ and the jsonl files go")
     parser.add_argument("--src", help="videos: a .tar.gz or a folder with {train,val,test}/<class>/*.avi "
@@ -158,7 +158,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num_frames", type=int, default=8, help="frames per video, evenly spaced")
     parser.add_argument("--num_workers", type=int, default=os.cpu_count(), help="parallel decoding processes")
     parser.add_argument("--no-tqdm", dest="tqdm", action="store_false", help="no progress bar")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
 
     out_dir = Path(args.out_dir)
     work_dir = Path(args.tmp_dir or tempfile.mkdtemp(prefix="ucf101-"))

@@ -25,12 +25,16 @@ from phi3v.synthetic import make_video_dataset
 from phi3v.tiny import build_tiny_checkpoint
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out_dir", default="demo_output", help="everything goes here (replaced if it exists)")
     parser.add_argument("--epochs", type=float, default=12)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
 
     started = time.time()
     out = Path(args.out_dir)

@@ -64,7 +64,7 @@ def answer(model, processor, question: str, images: list, max_new_tokens: int = 
     return processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def main(argv: list[str] | None = None) -> list[dict] | str:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output_dir", help="a training output (full, merged or LoRA adapter) or a base checkpoint")
     parser.add_argument("--question", help="the question (with --image or --video)")
@@ -83,6 +83,11 @@ def main(argv: list[str] | None = None) -> list[dict] | str:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     parser.add_argument("--no-stream", dest="stream", action="store_false", help="print the answer at the end")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[dict] | str:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if bool(args.jsonl) == bool(args.question):
         parser.error("pass either --question (with --image/--video) or --jsonl")

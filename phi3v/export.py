@@ -64,13 +64,17 @@ def copy_remote_code(base: str | Path, out_dir: Path) -> None:
         config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Merge a LoRA adapter into its base model (official layout).")
     parser.add_argument("adapter_dir", help="a training output directory holding adapter_config.json")
     parser.add_argument("out_dir", help="where to write the merged model")
     parser.add_argument("--base", help="base model directory or hub id (default: the one the adapter was trained on)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     out = export_merged(args.adapter_dir, args.out_dir, args.base, getattr(torch, args.dtype))
     print(f"merged model written to {out}")
 

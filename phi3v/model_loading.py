@@ -7,6 +7,7 @@ import logging
 import torch
 from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 from transformers import BitsAndBytesConfig
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from phi3v.args import ModelArguments, RecipeTrainingArguments
 from phi3v.modeling import Phi3VForCausalLM
@@ -81,6 +82,9 @@ def load_model(model_args: ModelArguments, training_args: RecipeTrainingArgument
     device_map = None
     if quantization_config is not None:  # bitsandbytes places the weights while quantizing them
         device_map = {"": training_args.local_process_index if torch.cuda.is_available() else "cpu"}
+    elif torch.cuda.is_available() and not is_deepspeed_zero3_enabled():
+        # straight to this process's GPU: N processes on a host would otherwise each hold a full copy in RAM first
+        device_map = {"": training_args.local_process_index}
     model = Phi3VForCausalLM.from_pretrained(
         model_args.model_name_or_path, dtype=model_dtype(model_args),
         attn_implementation=model_args.attn_implementation, quantization_config=quantization_config,

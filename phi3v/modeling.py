@@ -269,6 +269,8 @@ def supervised_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.M
     """
     targets = F.pad(labels, (0, 1), value=-100)[:, 1:]  # targets[t] = labels[t + 1]
     keep = targets != -100
+    if num_items_in_batch is None and not keep.any():  # nothing supervised: zero, not 0/0
+        return hidden.sum() * 0.0
     logits = lm_head(hidden[keep]).float()  # (supervised tokens, vocab)
     loss = F.cross_entropy(logits, targets[keep], reduction="sum")
     if num_items_in_batch is None:

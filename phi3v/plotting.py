@@ -9,7 +9,10 @@ SKIP = ("_runtime", "_samples", "_samples_per_second", "_steps_per_second")
 
 
 def curve_data(log_history: list[dict]) -> dict[str, list[tuple[int, float]]]:
-    """{"loss": [(step, value), ...], "learning_rate": [...], "eval_accuracy": [...], ...} from Trainer logs."""
+    """{"loss": [(step, value), ...], "learning_rate": [...], "eval_accuracy": [...], ...} from Trainer logs.
+
+    The evaluations before training, during it (--eval_strategy steps) and after it form one curve per metric.
+    """
     curves: dict[str, list[tuple[int, float]]] = {}
     for entry in log_history:
         step = entry.get("step", 0)
@@ -17,6 +20,7 @@ def curve_data(log_history: list[dict]) -> dict[str, list[tuple[int, float]]]:
             wanted = key in ("loss", "learning_rate", "grad_norm") or (
                 key.startswith(("eval", "test")) and not key.endswith(SKIP))
             if wanted and isinstance(value, (int, float)):
+                key = key.replace("eval_before_", "eval_").replace("eval_after_", "eval_")
                 curves.setdefault(key, []).append((step, float(value)))
     return curves
 

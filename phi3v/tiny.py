@@ -108,12 +108,16 @@ def build_tiny_checkpoint(directory: str | Path, seed: int = 0, num_crops: int =
     return directory
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="directory to write the checkpoint to")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_crops", type=int, default=4, help="num_crops saved in preprocessor_config.json")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     directory = build_tiny_checkpoint(args.out_dir, args.seed, args.num_crops)
     print(f"tiny Phi-3.5-vision checkpoint written to {directory}")
 

@@ -89,8 +89,8 @@ def test_training_curves_data(lora_run):
     curves = json.loads((out / "training_curves.json").read_text())
     assert [step for step, _ in curves["loss"]] == [1, 2, 3]
     assert [step for step, _ in curves["learning_rate"]] == [1, 2, 3]
-    assert [step for step, _ in curves["eval_before_accuracy"]] == [0]
-    assert [step for step, _ in curves["eval_after_accuracy"]] == [3]
+    assert [step for step, _ in curves["eval_accuracy"]] == [0, 3]  # before and after training, one curve
+    assert [step for step, _ in curves["test_accuracy"]] == [3]
     assert (out / "training_curves.png").stat().st_size > 1000
     assert (out / "checkpoint-2" / "training_curves.json").exists()  # drawn at every checkpoint too
 

@@ -341,3 +341,11 @@ def test_text_only_batch_still_reaches_trainable_vision_parameters(tiny_model, p
     assert projector.grad is not None and projector.grad.abs().sum() == 0  # in the graph, with zero gradient
     with torch.no_grad():
         assert torch.equal(model(**text, labels=labels).loss, loss.detach())  # and the loss is unchanged
+
+
+def test_loss_without_supervised_tokens_is_zero_not_nan(tiny_model):
+    hidden = torch.randn(1, 6, 64, requires_grad=True)
+    loss = supervised_lm_loss(hidden, torch.full((1, 6), -100), tiny_model.lm_head)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(hidden.grad, torch.zeros_like(hidden))
