@@ -28,7 +28,7 @@ from phi3v.tiny import build_tiny_checkpoint
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out_dir", default="demo_output", help="everything goes here (replaced if it exists)")
-    parser.add_argument("--epochs", type=float, default=12)
+    parser.add_argument("--epochs", type=float, default=6)
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--num_crops", "1", "--batch_size", "8", "--batch_size_per_gpu", "8", "--learning_rate", "5e-3",
         "--warmup_steps", "10", "--num_train_epochs", str(args.epochs), "--logging_steps", "5",
         "--save_steps", "100", "--dataloader_num_workers", "2", "--no_activation_checkpointing",
-        "--seed", str(args.seed), "--report_to", "none",
+        "--max_new_tokens", "16", "--seed", str(args.seed), "--report_to", "none",
     ])
     summary = {"accuracy_before": metrics["eval_before_accuracy"], "accuracy_after": metrics["eval_after_accuracy"],
                "test_accuracy": metrics["test_accuracy"], "chance": 0.1, "wall_time_s": round(time.time() - started)}

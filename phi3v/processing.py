@@ -45,6 +45,8 @@ def check_image_tags(text: str, num_images: int) -> list[int]:
 class Phi3VProcessor:
     """Image processor + tokenizer, loaded from (and saved to) an official-layout checkpoint directory."""
 
+    model_input_names = ["input_ids", "attention_mask", "pixel_values", "image_sizes"]
+
     def __init__(self, image_processor: Phi3VImageProcessor, tokenizer):
         self.image_processor = image_processor
         self.tokenizer = tokenizer

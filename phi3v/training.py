@@ -196,17 +196,18 @@ class Phi3VTrainer(Trainer):
         grad_norm = super()._get_grad_norm(model, grad_norm)
         scaler_handles_it = self.args.fp16 and not self.is_deepspeed_enabled  # GradScaler skips inf steps itself
         if grad_norm is not None and not math.isfinite(float(grad_norm)) and not scaler_handles_it:
-            if self.is_deepspeed_enabled:
-                self.args.skip_nonfinite_steps = False  # gradients live inside the DeepSpeed engine: stop instead
-            self._non_finite(f"gradient norm {float(grad_norm)}", model)
+            # under DeepSpeed the gradients live inside its engine, out of our reach: stop instead of skipping
+            self._non_finite(f"gradient norm {float(grad_norm)}", model, may_skip=not self.is_deepspeed_enabled)
             model.zero_grad(set_to_none=True)  # skipped: AdamW leaves parameters without gradients untouched
         return grad_norm
 
-    def _non_finite(self, what: str, model) -> torch.Tensor:
+    def _non_finite(self, what: str, model, may_skip: bool = True) -> torch.Tensor:
+        """Stop with the step, the samples and the last good checkpoint; or, with --skip_nonfinite_steps, count
+        and log it and return a zero loss."""
         step = self.state.global_step + 1
         last = [str(p) for p in checkpoints(self.args.output_dir) if is_complete(p)]
         where = f"at step {step} (samples {self._sample_ids})"
-        if not getattr(self.args, "skip_nonfinite_steps", False):
+        if not (may_skip and getattr(self.args, "skip_nonfinite_steps", False)):
             raise NonFiniteError(
                 f"non-finite {what} {where}. Last good checkpoint: {last[-1] if last else 'none yet'}. "
                 "Check those samples, lower --learning_rate, prefer --bf16 to fp16, or pass --skip_nonfinite_steps "

@@ -349,3 +349,14 @@ def test_loss_without_supervised_tokens_is_zero_not_nan(tiny_model):
     assert loss.item() == 0.0
     loss.backward()
     assert torch.equal(hidden.grad, torch.zeros_like(hidden))
+
+
+def test_dropping_trailing_padding_crops_changes_nothing(tiny_model, processor):
+    """The collator cuts pixel_values to the largest real crop grid of the batch; the model reads only real crops."""
+    small = processor("<|image_1|>x", [make_image(700, 350)])  # a 1x2 grid: 3 real crops of the 5 made
+    assert small["pixel_values"].shape[1] == 5 and small["image_sizes"].tolist() == [[336, 672]]
+    with torch.no_grad():
+        full = tiny_model(**small).logits
+        trimmed = tiny_model(input_ids=small["input_ids"], pixel_values=small["pixel_values"][:, :3],
+                             image_sizes=small["image_sizes"]).logits
+    assert torch.equal(full, trimmed)

@@ -6,6 +6,8 @@ import json
 import random
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import finetune_hf_trainer_ucf101 as ucf101
 from phi3v.training import (
@@ -121,3 +123,36 @@ def test_nan_loss_can_be_skipped(tiny_dir, ucf_data, tmp_path, monkeypatch, capl
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
     assert len(losses) == 3 and all(loss == loss and loss < 1e30 for loss in losses)  # finite throughout
+
+
+def poisoned_gradients(monkeypatch, bad_call: int):
+    """lm_head's gradient becomes NaN in the `bad_call`-th backward pass (loss stays finite)."""
+    real = ucf101.load_model
+
+    def load(*args, **kwargs):
+        model = real(*args, **kwargs)
+        calls = {"n": 0}
+
+        def poison(grad):
+            calls["n"] += 1
+            return grad * float("nan") if calls["n"] == bad_call else grad
+
+        model.lm_head.weight.register_hook(poison)
+        return model
+
+    monkeypatch.setattr(ucf101, "load_model", load)
+
+
+def test_nan_gradient_stops_the_run(tiny_dir, ucf_data, tmp_path, monkeypatch):
+    poisoned_gradients(monkeypatch, bad_call=3)  # step 2, first micro-batch
+    with pytest.raises(NonFiniteError, match=r"^non-finite gradient norm nan at step 2 \(samples \["):
+        ucf101.main(ucf_args(tiny_dir, ucf_data, tmp_path / "out", "--max_steps", "3", "--no_eval_before_training"))
+
+
+def test_nan_gradient_step_can_be_skipped(tiny_dir, ucf_data, tmp_path, monkeypatch, caplog):
+    poisoned_gradients(monkeypatch, bad_call=3)
+    out = tmp_path / "out"
+    ucf101.main(ucf_args(tiny_dir, ucf_data, out, "--max_steps", "3", "--no_eval_before_training",
+                         "--no_eval_after_training", "--skip_nonfinite_steps"))
+    assert "skipping non-finite gradient norm nan at step 2" in caplog.text
+    assert all(torch.isfinite(t).all() for t in load_file(out / "model.safetensors").values())

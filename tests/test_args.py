@@ -1,0 +1,74 @@
+"""The command-line contract: original flags and defaults, derived values, and clear errors on bad combinations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from phi3v.args import BaseDataArguments, parse_args
+
+
+@dataclass
+class Data(BaseDataArguments):
+    pass
+
+
+def parse(*argv, **defaults):
+    return parse_args(Data, list(argv), **defaults)
+
+
+def test_original_defaults():
+    model, data, training = parse(num_crops=16)
+    assert (model.model_name_or_path, model.tuning_mode, model.num_crops) == ("microsoft/Phi-3.5-vision-instruct",
+                                                                                "full", 16)
+    assert (model.lora_rank, model.lora_alpha, model.lora_dropout) == (64, 128, 0.0)
+    assert (training.batch_size, training.batch_size_per_gpu, training.gradient_accumulation_steps) == (16, 1, 16)
+    assert (training.learning_rate, training.weight_decay, training.num_train_epochs) == (4e-5, 0.01, 1)
+    assert (training.adam_beta1, training.adam_beta2, training.adam_epsilon) == (0.9, 0.95, 1e-7)
+    assert (training.warmup_steps, training.max_grad_norm, training.lr_scheduler_type) == (50, 1.0, "linear")
+    assert training.gradient_checkpointing and training.output_dir == "./output/"
+    assert not training.ddp_find_unused_parameters and model.attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("argv,mode,vision_frozen", [
+    ([], "full", False), (["--freeze_vision_model"], "frozen_vision", True), (["--use_lora"], "lora", False),
+    (["--use_lora", "--freeze_vision_model"], "lora", True), (["--use_qlora"], "qlora", False),
+    (["--use_lora", "--use_qlora"], "qlora", False), (["--tuning_mode", "frozen_vision"], "frozen_vision", True),
+])
+def test_original_mode_flags_map_to_one_mode(argv, mode, vision_frozen):
+    model, _, _ = parse(*argv)
+    assert (model.tuning_mode, model.vision_frozen) == (mode, vision_frozen)
+
+
+def test_original_spellings():
+    _, _, training = parse("--wd", "0.2", "--no-tqdm", "--lora_alpha_ratio", "0.5", "--lora_rank", "32")
+    assert training.weight_decay == 0.2 and training.disable_tqdm
+    model, _, _ = parse("--lora_rank", "32", "--lora_alpha_ratio", "0.5")
+    assert model.lora_alpha == 16  # the README's "rank 32 / alpha 16"
+
+
+def test_flash_attention_implies_bf16():
+    model, _, training = parse("--use_flash_attention")
+    assert model.attn_implementation == "flash_attention_2" and training.bf16
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--use_flash_attention", "--fp16"],
+     r"--fp16 cannot be combined with --bf16 \(flash attention runs only in bf16"),
+    (["--batch_size", "10", "--batch_size_per_gpu", "4"],
+     r"--batch_size 10 is the global batch: it must be a multiple of --batch_size_per_gpu \(4\) x the number of "
+     r"processes \(1\) = 4"),
+    (["--num_crops", "17"], "--num_crops must be between 1 and 16, got 17"),
+    (["--fp32", "--bf16"], "--fp32 cannot be combined with --bf16 or --fp16"),
+    (["--use_flash_attention", "--attn_implementation", "eager"], "--use_flash_attention conflicts with"),
+])
+def test_bad_combinations_are_clear_errors(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse(*argv)
+
+
+def test_world_size_enters_gradient_accumulation(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match=r"x the number of processes \(4\) = 8"):
+        parse("--batch_size", "12", "--batch_size_per_gpu", "2")

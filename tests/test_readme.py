@@ -1,0 +1,93 @@
+"""Every command shown in the README parses with our scripts (or is run by CI: make targets), and its Python example
+runs against a tiny checkpoint."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+PLACEHOLDERS = {"<output_dir>": "out", "<lr>": "1e-5", "<epochs>": "2", "<num_nodes>": "1"}
+
+
+def code_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+
+
+def commands() -> list[str]:
+    found = []
+    for block in code_blocks("bash"):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        found += [line.strip() for line in joined.splitlines() if line.strip() and not line.startswith("#")]
+    return found
+
+
+def script_and_args(command: str) -> tuple[str, list[str]]:
+    for placeholder, value in PLACEHOLDERS.items():
+        command = command.replace(placeholder, value)
+    words = shlex.split(command)
+    while words and "=" in words[0] and not words[0].startswith("-"):
+        words = words[1:]  # VAR=value prefixes
+    if words[:2] == ["python", "-m"]:
+        return words[2], words[3:]
+    for i, word in enumerate(words):
+        if word.endswith(".py"):
+            return word, words[i + 1:]  # after `python` or `torchrun <launcher flags>`
+    return words[0], words[1:]
+
+
+def test_the_readme_starts_with_the_two_commands():
+    assert code_blocks("bash")[0] == "make demo\nmake test\n"
+
+
+@pytest.mark.parametrize("command", commands())
+def test_readme_command(command):
+    program, args = script_and_args(command)
+    if program == "make":
+        makefile = (REPO / "Makefile").read_text()
+        assert all(re.search(rf"^{target}:", makefile, flags=re.M) for target in args), command
+    elif program == "pip":
+        for i, word in enumerate(args):
+            if word == "-r":
+                assert (REPO / args[i + 1]).is_file(), command
+    elif program.startswith("finetune_hf_trainer_"):
+        script = importlib.import_module(program.removesuffix(".py"))
+        model_args, data_args, training_args = script.parse_args(script.DataArguments, args)
+        assert training_args.output_dir
+    elif program.endswith(".py") or program.startswith("phi3v."):
+        module = importlib.import_module(program.removesuffix(".py").replace("/", "."))
+        module.build_parser().parse_args(args)
+    else:
+        pytest.fail(f"README command not covered by this test: {command}")
+
+
+def test_readme_python_example_runs(tiny_dir, tmp_path):
+    from tests.conftest import make_image
+
+    (example,) = code_blocks("python")
+    make_image(640, 480).save(tmp_path / "photo.jpg")
+    code = example.replace('"microsoft/Phi-3.5-vision-instruct"', repr(str(tiny_dir)))
+    code = code.replace('"photo.jpg"', repr(str(tmp_path / "photo.jpg")))
+    (tmp_path / "example.py").write_text(code)
+    result = subprocess.run([sys.executable, str(tmp_path / "example.py")], capture_output=True, text=True,
+                            cwd=REPO, env={"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PATH": ""},
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_readme_jsonl_example_is_valid_for_our_reader(tmp_path):
+    from phi3v.data import conversation_from_record, read_jsonl
+
+    (example,) = code_blocks("json")
+    (tmp_path / "d.jsonl").write_text(example)
+    records, errors = read_jsonl(tmp_path / "d.jsonl")
+    assert errors == [] and len(records) == 1
+    conversation = conversation_from_record(records[0][1], tmp_path)
+    assert conversation.turns[0].assistant == "BabyCrawling" and len(conversation.turns[0].images) == 2
