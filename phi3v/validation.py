@@ -8,6 +8,7 @@ logged and written to OUTPUT_DIR/skipped_samples_<split>.jsonl. The token length
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -49,45 +50,56 @@ def image_problem(ref, max_pixels: int | None) -> str | None:
 
 
 def validate(dataset: ConversationDataset, max_length: int | None = None, workers: int = 8,
-             disable_tqdm: bool = False, desc: str = "validating") -> tuple[list[int | None], list[Problem]]:
-    """(token length per item (None if invalid), problems) for every item of `dataset`."""
+             disable_tqdm: bool = False, desc: str = "validating", chunk: int = 256
+             ) -> tuple[list[int | None], list[Problem]]:
+    """(token length per item (None if invalid), problems) for every item of `dataset`.
+
+    Items are checked `chunk` at a time, so a hub dataset's image bytes are never all in memory at once; an image
+    shared by several items (a page with many questions) is decoded once.
+    """
     lengths: list[int | None] = [None] * len(dataset)
     problems = list(dataset.load_problems)
-    renders = {}
-    for index in tqdm(range(len(dataset)), desc=f"{desc} (text)", disable=disable_tqdm):
-        sample_id = None
-        try:
-            conversation = dataset.conversation(index)
-            sample_id = conversation.id
-            renders[index] = (sample_id, render(dataset.processor, conversation, dataset.for_generation))
-        except ValueError as error:
-            problems.append(Problem(dataset.where(index), getattr(error, "sample_id", sample_id), str(error)))
-
-    unique = {_key(ref): ref for _, (_, images, _) in renders.values() for ref in images}
+    verdicts: dict = {}  # image key -> problem message or None
+    progress = tqdm(total=len(dataset), desc=desc, disable=disable_tqdm)
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        verdicts = dict(zip(unique, tqdm(pool.map(lambda ref: image_problem(ref, dataset.max_image_pixels),
-                                                  unique.values()), total=len(unique),
-                                         desc=f"{desc} (images)", disable=disable_tqdm)))
-
-    for index, (sample_id, (text, images, _)) in renders.items():
-        bad = [verdicts[_key(ref)] for ref in images if verdicts[_key(ref)]]
-        if bad:
-            problems.extend(Problem(dataset.where(index), sample_id, message) for message in bad)
-            continue
-        length = dataset.processor.num_tokens(text, [image_size(ref) for ref in images])
-        if max_length is not None and length > max_length:
-            problems.append(Problem(dataset.where(index), sample_id,
-                                    f"{length} tokens (images included) exceed --max_length {max_length}; "
-                                    "a sample is never cut inside an image: raise --max_length, lower --num_crops, "
-                                    "or drop it with --skip_bad_samples"))
-            continue
-        lengths[index] = length
+        for first in range(0, len(dataset), chunk):
+            renders = {}
+            for index in range(first, min(first + chunk, len(dataset))):
+                sample_id = None
+                try:
+                    conversation = dataset.conversation(index)
+                    sample_id = conversation.id
+                    renders[index] = (sample_id, render(dataset.processor, conversation, dataset.for_generation))
+                except ValueError as error:
+                    problems.append(Problem(dataset.where(index), getattr(error, "sample_id", sample_id), str(error)))
+            new = {_key(ref): ref for _, (_, images, _) in renders.values() for ref in images}
+            new = {key: ref for key, ref in new.items() if key not in verdicts}
+            checked = pool.map(lambda ref: image_problem(ref, dataset.max_image_pixels), new.values())
+            verdicts.update(zip(new, checked))
+            for index, (sample_id, (text, images, _)) in renders.items():
+                bad = [verdicts[_key(ref)] for ref in images if verdicts[_key(ref)]]
+                if bad:
+                    problems.extend(Problem(dataset.where(index), sample_id, message) for message in bad)
+                    continue
+                length = dataset.processor.num_tokens(text, [image_size(ref) for ref in images])
+                if max_length is not None and length > max_length:
+                    problems.append(Problem(
+                        dataset.where(index), sample_id,
+                        f"{length} tokens (images included) exceed --max_length {max_length}; a sample is never cut "
+                        "inside an image: raise --max_length, lower --num_crops, or drop it with --skip_bad_samples"))
+                    continue
+                lengths[index] = length
+            progress.update(min(chunk, len(dataset) - first))
+    progress.close()
     problems.sort(key=lambda p: _order(p.where))
     return lengths, problems
 
 
 def _key(ref):
-    return str(ref) if isinstance(ref, os.PathLike) else ref  # images shared by samples are checked once
+    """A small key per image: the path, or a digest of encoded bytes (not the bytes themselves)."""
+    if isinstance(ref, bytes):
+        return hashlib.blake2b(ref, digest_size=16).digest()
+    return str(ref) if isinstance(ref, os.PathLike) else ref
 
 
 def _order(where: str):
