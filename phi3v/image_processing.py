@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from phi3v.hub import resolve_file
+
 CROP = 336
 TOKENS_PER_CROP = 144  # 24x24 CLIP patches merged 2x2
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -152,8 +154,6 @@ class Phi3VImageProcessor:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides) -> Phi3VImageProcessor:
-        from phi3v.hub import resolve_file
-
         with open(resolve_file(path, cls.config_name)) as f:
             config = json.load(f)
         config.update({k: v for k, v in overrides.items() if v is not None})

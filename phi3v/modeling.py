@@ -233,25 +233,24 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         """Text embeddings with image features in the placeholder positions: (B, L) -> (B, L, hidden)."""
         inputs_embeds = self.embed_tokens(input_ids.clamp(min=0))
         mask = self.get_placeholder_mask(input_ids)
-        if pixel_values is None:
-            if input_ids.shape[1] > 1 and mask.any():
-                raise ValueError(f"input_ids hold {int(mask.sum())} image placeholders but no pixel_values were given")
-            if self.training and any(p.requires_grad for p in self.vision_embed_tokens.parameters()):
-                # A batch without images still runs a blank image through the trainable vision tower, at zero
-                # weight: every rank then touches the same parameters (DDP, ZeRO-3 would otherwise fail or hang).
-                size = self.vision_embed_tokens.crop_size
-                blank = inputs_embeds.new_zeros(1, 2, 3, size, size)
-                features = self.vision_embed_tokens(blank, torch.tensor([[size, size]], device=blank.device))
-                inputs_embeds = inputs_embeds + 0.0 * features.sum().to(inputs_embeds.dtype)
-            return inputs_embeds
-        features = self.vision_embed_tokens(pixel_values, image_sizes)
-        num_placeholders = int(mask.sum())
-        if num_placeholders != features.shape[0]:
-            raise ValueError(
-                f"input_ids hold {num_placeholders} image placeholders but the {len(image_sizes)} image(s) give "
-                f"{features.shape[0]} feature tokens; build inputs with Phi3VProcessor and the same num_crops"
-            )
-        inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], features.to(inputs_embeds.dtype))
+        if pixel_values is not None:
+            features = self.vision_embed_tokens(pixel_values, image_sizes)
+            num_placeholders = int(mask.sum())
+            if num_placeholders != features.shape[0]:
+                raise ValueError(
+                    f"input_ids hold {num_placeholders} image placeholders but the {len(image_sizes)} image(s) give "
+                    f"{features.shape[0]} feature tokens; build inputs with Phi3VProcessor and the same num_crops"
+                )
+            inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], features.to(inputs_embeds.dtype))
+        elif input_ids.shape[1] > 1 and mask.any():
+            raise ValueError(f"input_ids hold {int(mask.sum())} image placeholders but no pixel_values were given")
+        elif self.training and any(p.requires_grad for p in self.vision_embed_tokens.parameters()):
+            # A batch without images still runs a blank image through the trainable vision tower, at zero weight:
+            # every rank then touches the same parameters (DDP and ZeRO-3 would otherwise fail or hang).
+            size = self.vision_embed_tokens.crop_size
+            blank = inputs_embeds.new_zeros(1, 2, 3, size, size)
+            features = self.vision_embed_tokens(blank, torch.tensor([[size, size]], device=blank.device))
+            inputs_embeds = inputs_embeds + 0.0 * features.sum().to(inputs_embeds.dtype)
         return F.dropout(inputs_embeds, p=self.config.embd_pdrop, training=self.training)
 
     def forward(self, input_ids=None, pixel_values=None, image_sizes=None, inputs_embeds=None, **kwargs):
