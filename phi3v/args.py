@@ -10,11 +10,13 @@ Every flag of the original scripts keeps its meaning and default (--use_flash_at
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.integrations import is_deepspeed_available
 
 TUNING_MODES = ("full", "frozen_vision", "lora", "qlora")
 DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
@@ -171,22 +173,17 @@ def parse_args(data_class: type, argv: list[str] | None = None, **defaults):
     flash attention implies --bf16 (as the original nlvr2/ucf101 scripts), and full fine-tuning on GPUs runs under
     DeepSpeed ZeRO-2 (ds_configs/zero2.json) unless --deepspeed is given (--deepspeed none: plain DDP).
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser((ModelArguments, data_class, RecipeTrainingArguments))
     parser.set_defaults(**defaults)
-    if not {"-h", "--help"} & set(argv or []):
+    if not {"-h", "--help"} & set(argv):  # the model-only pre-parse would answer --help with its flags alone
         model_args, _ = HfArgumentParser(ModelArguments).parse_args_into_dataclasses(
             args=argv, return_remaining_strings=True
         )
         if model_args.attn_implementation == "flash_attention_2":
             parser.set_defaults(bf16=True)
-        if model_args.tuning_mode in ("full", "frozen_vision") and torch.cuda.is_available() and has_deepspeed():
+        if model_args.tuning_mode in ("full", "frozen_vision") and torch.cuda.is_available() and \
+                is_deepspeed_available():
             parser.set_defaults(deepspeed=str(DS_CONFIGS / "zero2.json"))
     return parser.parse_args_into_dataclasses(args=argv)
 
-
-def has_deepspeed() -> bool:
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError:
-        return False
-    return True

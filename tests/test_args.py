@@ -72,3 +72,14 @@ def test_world_size_enters_gradient_accumulation(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(ValueError, match=r"x the number of processes \(4\) = 8"):
         parse("--batch_size", "12", "--batch_size_per_gpu", "2")
+
+
+def test_help_from_the_command_line_lists_every_group():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "finetune_hf_trainer_docvqa.py", "--help"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0
+    for flag in ("--use_lora", "--full_train", "--save_steps", "--batch_size_per_gpu"):
+        assert flag in result.stdout, flag
