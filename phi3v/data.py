@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
+from phi3v.errors import UserError
 from phi3v.processing import IMAGE_TAG, Phi3VProcessor
 
 IGNORE_INDEX = -100
@@ -241,7 +242,7 @@ def read_jsonl(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], list[tu
     return records, errors
 
 
-class SampleError(ValueError):
+class SampleError(UserError, ValueError):
     """A bad sample whose id is known."""
 
     def __init__(self, message: str, sample_id):

@@ -21,11 +21,12 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from phi3v.data import ConversationDataset, Problem, image_size, open_image, render
+from phi3v.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     pass
 
 

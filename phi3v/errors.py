@@ -1,0 +1,40 @@
+"""The one error type a user can act on, and the handler every entry point runs `main` under.
+
+A `UserError` is a problem with the user's input (a flag, a file, a dataset row): the entry point prints its message
+as one line (plus the list of problems when there are several) and exits with status 2. Anything else is a bug or an
+environment failure and keeps its traceback. `--debug` on the command line, or PHI3V_DEBUG=1, shows the traceback
+for user errors too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+
+class UserError(Exception):
+    """Bad input the user can fix: the message says what and where, and what to do."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = list(problems or [])
+
+
+USER_ERROR_EXIT = 2
+
+
+def run_main(main: Callable, argv: list[str] | None = None):
+    """Call `main(argv)`; a UserError becomes one line on stderr and exit status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("PHI3V_DEBUG", "") not in ("", "0")
+    argv = [arg for arg in argv if arg != "--debug"]
+    try:
+        return main(argv)
+    except UserError as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        for problem in error.problems:
+            print(f"  {problem}", file=sys.stderr)
+        raise SystemExit(USER_ERROR_EXIT) from None
