@@ -24,11 +24,12 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tarfile
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from phi3v.errors import BadValue, UserError, run_main
 
 SPLITS = ("train", "val", "test")
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".mov", ".webm")
@@ -121,8 +122,8 @@ def safe_extract(archive: str | Path, target: Path) -> Path:
         for member in tar.getmembers():
             destination = (target / member.name).resolve()
             if not destination.is_relative_to(target) or member.issym() or member.islnk() or member.isdev():
-                raise ValueError(f"{archive}: refusing to extract {member.name!r}: it would write outside {target} "
-                                 "or is a link/device")
+                raise BadValue(f"{archive}: refusing to extract {member.name!r}: it would write outside {target} "
+                               "or is a link/device")
         tar.extractall(target, filter="data")
     return target
 
@@ -135,18 +136,18 @@ def find_source(src: str | None, work_dir: Path) -> Path:
 
             src = hf_hub_download(repo_id=HUB_REPO, filename=HUB_FILE, repo_type="dataset")
         except Exception as error:
-            sys.exit(f"could not download {HUB_FILE} from the hub dataset {HUB_REPO} ({type(error).__name__}). "
-                     f"Offline? Pass --src with a local copy of the archive or an extracted folder "
-                     f"(SRC/{{train,val,test}}/<class>/*.avi).")
+            raise UserError(f"could not download {HUB_FILE} from the hub dataset {HUB_REPO} "
+                            f"({type(error).__name__}). Offline? Pass --src with a local copy of the archive or an "
+                            f"extracted folder (SRC/{{train,val,test}}/<class>/*.avi).") from error
     src = Path(src)
     if src.is_file():
         src = safe_extract(src, work_dir)
     if not src.is_dir():
-        sys.exit(f"--src {src}: no such file or folder")
+        raise UserError(f"--src {src}: no such file or folder")
     for candidate in [src, *sorted(p for p in src.iterdir() if p.is_dir())]:
         if any((candidate / split).is_dir() for split in SPLITS):
             return candidate
-    sys.exit(f"--src {src}: expected {{train,val,test}}/<class>/<videos> folders inside it")
+    raise UserError(f"--src {src}: expected {{train,val,test}}/<class>/<videos> folders inside it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,4 +212,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import convert_ucf101
 import finetune_hf_trainer_ucf101
+from phi3v.errors import run_main
 from phi3v.synthetic import make_video_dataset
 from phi3v.tiny import build_tiny_checkpoint
 
@@ -59,4 +60,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

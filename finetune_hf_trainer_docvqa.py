@@ -28,6 +28,7 @@ from transformers import set_seed
 from phi3v.args import BaseDataArguments, parse_args
 from phi3v.collator import Phi3VCollator
 from phi3v.data import Conversation, ConversationDataset, Turn, hub_image, load_hf_split
+from phi3v.errors import run_main
 from phi3v.export import export_merged
 from phi3v.metrics import anls
 from phi3v.model_loading import load_model, load_processor
@@ -149,4 +150,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -26,6 +26,7 @@ from transformers import set_seed
 from phi3v.args import BaseDataArguments, parse_args
 from phi3v.collator import Phi3VCollator
 from phi3v.data import jsonl_dataset
+from phi3v.errors import UserError, run_main
 from phi3v.export import export_merged
 from phi3v.metrics import accuracy
 from phi3v.model_loading import load_model, load_processor
@@ -45,11 +46,11 @@ class DataArguments(BaseDataArguments):
 def load_splits(data_args: DataArguments, processor) -> dict:
     """{"train", "val", "test"}: train yields training sequences, val and test prompts with reference answers."""
     if data_args.data_dir is None:
-        raise ValueError("--data_dir is required: the folder convert_ucf101.py wrote (see --help)")
+        raise UserError("--data_dir is required: the folder convert_ucf101.py wrote (see --help)")
     root = Path(data_args.data_dir)
     for split in ("train", "val", "test"):
         if not (root / f"ucf101_{split}.jsonl").is_file():
-            raise FileNotFoundError(f"{root / f'ucf101_{split}.jsonl'} not found: run convert_ucf101.py first")
+            raise UserError(f"{root / f'ucf101_{split}.jsonl'} not found: run convert_ucf101.py first")
 
     def split(name, limit, for_generation):
         return jsonl_dataset(root / f"ucf101_{name}.jsonl", root / "images", processor, for_generation,
@@ -113,4 +114,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

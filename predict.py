@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 from transformers import TextStreamer
 
 from phi3v.data import Conversation, Turn, jsonl_dataset, open_image, render
+from phi3v.errors import UserError, run_main
 from phi3v.generation import generate_predictions
 from phi3v.metrics import accuracy
 from phi3v.modeling import Phi3VForCausalLM
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> list[dict] | str:
 
     dataset = jsonl_dataset(args.jsonl, args.image_root or Path(args.jsonl).parent, processor, for_generation=True)
     if dataset.load_problems:
-        sys.exit("unreadable lines:\n  " + "\n  ".join(map(str, dataset.load_problems)))
+        raise UserError(f"{args.jsonl}: {len(dataset.load_problems)} unreadable line(s)",
+                        [str(problem) for problem in dataset.load_problems])
     results = generate_predictions(model, dataset, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     lines = [json.dumps({"id": r["id"], "prediction": r["prediction"].strip(), "reference": r["reference"]},
                         ensure_ascii=False) for r in results]
@@ -121,4 +122,4 @@ def main(argv: list[str] | None = None) -> list[dict] | str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -18,6 +18,8 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.integrations import is_deepspeed_available
 
+from phi3v.errors import BadValue
+
 TUNING_MODES = ("full", "frozen_vision", "lora", "qlora")
 DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
 
@@ -174,6 +176,13 @@ def parse_args(data_class: type, argv: list[str] | None = None, **defaults):
     DeepSpeed ZeRO-2 (ds_configs/zero2.json) unless --deepspeed is given (--deepspeed none: plain DDP).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _parse(data_class, argv, defaults)
+    except ValueError as error:  # a __post_init__ check of any group: the user's flags, said in one line
+        raise BadValue(str(error)) from error
+
+
+def _parse(data_class: type, argv: list[str], defaults: dict):
     parser = HfArgumentParser((ModelArguments, data_class, RecipeTrainingArguments))
     parser.set_defaults(**defaults)
     if not {"-h", "--help"} & set(argv):  # the model-only pre-parse would answer --help with its flags alone

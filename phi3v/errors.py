@@ -21,6 +21,18 @@ class UserError(Exception):
         self.problems = list(problems or [])
 
 
+class BadValue(UserError, ValueError):
+    """A flag or data value that cannot be used (also a ValueError, for callers that catch those)."""
+
+
+class MissingFile(UserError, FileNotFoundError):
+    """A file or folder the user named does not exist (also a FileNotFoundError)."""
+
+
+class Unavailable(UserError, OSError):
+    """A model or dataset that cannot be reached or read, e.g. offline (also an OSError)."""
+
+
 USER_ERROR_EXIT = 2
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
+from phi3v.errors import UserError, run_main
 from phi3v.modeling import Phi3VForCausalLM
 from phi3v.processing import Phi3VProcessor
 
@@ -25,7 +26,7 @@ from phi3v.processing import Phi3VProcessor
 def adapter_base(adapter_dir: str | Path) -> str:
     config = Path(adapter_dir) / "adapter_config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"{adapter_dir} holds no LoRA adapter (adapter_config.json is missing)")
+        raise UserError(f"{adapter_dir} holds no LoRA adapter (adapter_config.json is missing)")
     return json.loads(config.read_text())["base_model_name_or_path"]
 
 
@@ -80,4 +81,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

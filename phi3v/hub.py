@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from phi3v.errors import MissingFile, Unavailable
+
 
 def offline_message(name: str, error: BaseException | str) -> str:
     return (
@@ -20,11 +22,11 @@ def resolve_file(path: str | os.PathLike, filename: str) -> Path:
     if Path(path).is_dir():
         file = Path(path) / filename
         if not file.is_file():
-            raise FileNotFoundError(f"{file} does not exist: is {path} a Phi-3.5-vision checkpoint directory?")
+            raise MissingFile(f"{file} does not exist: is {path} a Phi-3.5-vision checkpoint directory?")
         return file
     from huggingface_hub import hf_hub_download
 
     try:
         return Path(hf_hub_download(str(path), filename))
     except Exception as error:  # offline, unknown repo, gated repo: all need the same action from the user
-        raise OSError(offline_message(str(path), error)) from error
+        raise Unavailable(offline_message(str(path), error)) from error

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, BatchFeature
 
+from phi3v.errors import Unavailable
 from phi3v.hub import offline_message
 from phi3v.image_processing import Phi3VImageProcessor
 
@@ -60,7 +61,7 @@ class Phi3VProcessor:
         except OSError as error:
             if Path(path).is_dir():
                 raise
-            raise OSError(offline_message(str(path), error)) from error
+            raise Unavailable(offline_message(str(path), error)) from error
         return cls(image_processor, tokenizer)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:

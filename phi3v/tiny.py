@@ -20,6 +20,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
+from phi3v.errors import run_main
 from phi3v.image_processing import Phi3VImageProcessor
 from phi3v.modeling import Phi3VConfig, Phi3VForCausalLM
 from phi3v.processing import Phi3VProcessor
@@ -123,4 +124,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

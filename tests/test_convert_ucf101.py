@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import convert_ucf101
+from phi3v.errors import UserError
 from phi3v.synthetic import class_frames, make_video_dataset, write_video
 
 CLASSES = ["Archery", "BabyCrawling", "Basketball"]
@@ -136,5 +137,5 @@ def test_archive_source_and_path_checks(videos, tmp_path):
 
 def test_hub_source_offline_names_src(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(SystemExit, match="Pass --src"):
+    with pytest.raises(UserError, match="Pass --src"):
         convert_ucf101.main(["--out_dir", str(tmp_path)])
