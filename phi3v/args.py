@@ -107,9 +107,16 @@ class RecipeTrainingArguments(TrainingArguments):
     """TrainingArguments with the original recipe's hard-coded values as defaults, and its batch-size flags."""
 
     output_dir: str = field(default="./output/", metadata={"help": "Where checkpoints and results go."})
-    batch_size: int = field(default=16, metadata={
-        "help": "Global effective batch: gradient accumulation = batch_size / (batch_size_per_gpu x world size)."})
-    batch_size_per_gpu: int = field(default=1, metadata={"help": "Micro-batch per GPU (fit it to GPU memory)."})
+    batch_size: int | None = field(default=None, metadata={
+        "help": "Global effective batch (default 16): gradient accumulation = batch_size / (batch_size_per_gpu x "
+                "world size). Or give the HF pair --per_device_train_batch_size / --gradient_accumulation_steps."})
+    batch_size_per_gpu: int | None = field(default=None, metadata={
+        "help": "Micro-batch per GPU (default 1; fit it to GPU memory). Same as --per_device_train_batch_size."})
+    per_device_train_batch_size: int | None = field(default=None, metadata={
+        "help": "The HF name of --batch_size_per_gpu."})
+    gradient_accumulation_steps: int | None = field(default=None, metadata={
+        "help": "Micro-batches per optimizer step; the global batch is then per-GPU batch x processes x this. "
+                "Give it or --batch_size, not both."})
     wd: float | None = field(default=None, metadata={"help": "Weight decay (original name of --weight_decay)."})
     no_tqdm: bool = field(default=False, metadata={"help": "Disable progress bars (original flag)."})
     fp32: bool = field(default=False, metadata={
@@ -153,19 +160,43 @@ class RecipeTrainingArguments(TrainingArguments):
             self.deepspeed = None
         if not torch.cuda.is_available():
             self.use_cpu = True
-        if self.batch_size < 1 or self.batch_size_per_gpu < 1:
-            raise ValueError("--batch_size and --batch_size_per_gpu must be >= 1")
-        # Set before TrainingArguments fills the DeepSpeed config's "auto" values from them. The launchers
-        # (torchrun, accelerate, deepspeed) all export WORLD_SIZE.
-        world = int(os.environ.get("WORLD_SIZE", 1))
-        if self.batch_size % (self.batch_size_per_gpu * world):
-            raise ValueError(
-                f"--batch_size {self.batch_size} is the global batch: it must be a multiple of --batch_size_per_gpu "
-                f"({self.batch_size_per_gpu}) x the number of processes ({world}) = {self.batch_size_per_gpu * world}"
-            )
-        self.per_device_train_batch_size = self.batch_size_per_gpu
-        self.gradient_accumulation_steps = self.batch_size // (self.batch_size_per_gpu * world)
+        self.resolve_batch_sizes(int(os.environ.get("WORLD_SIZE", 1)))
         super().__post_init__()
+
+    def resolve_batch_sizes(self, world: int) -> None:
+        """Fill both spellings of the batch flags: the original (--batch_size global, --batch_size_per_gpu) and the
+        HF one (--per_device_train_batch_size, --gradient_accumulation_steps). Whatever was given is honoured;
+        two flags that disagree are an error, never silently replaced. `world` is the number of processes (the
+        launchers export WORLD_SIZE); this runs before TrainingArguments fills DeepSpeed's "auto" values."""
+        per_gpu = {"--batch_size_per_gpu": self.batch_size_per_gpu,
+                   "--per_device_train_batch_size": self.per_device_train_batch_size}
+        given = {flag: value for flag, value in per_gpu.items() if value is not None}
+        if len(set(given.values())) > 1:
+            raise ValueError(f"--batch_size_per_gpu {self.batch_size_per_gpu} and --per_device_train_batch_size "
+                             f"{self.per_device_train_batch_size} are the same setting: give one of them")
+        for flag, value in [*given.items(), ("--batch_size", self.batch_size),
+                            ("--gradient_accumulation_steps", self.gradient_accumulation_steps)]:
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        per_gpu = next(iter(given.values()), 1)
+        if self.gradient_accumulation_steps is not None:
+            implied = per_gpu * world * self.gradient_accumulation_steps
+            if self.batch_size not in (None, implied):
+                raise ValueError(
+                    f"--batch_size {self.batch_size} (the global batch) disagrees with --gradient_accumulation_steps "
+                    f"{self.gradient_accumulation_steps} x {per_gpu} per GPU x {world} process(es) = {implied}: "
+                    "give one of --batch_size and --gradient_accumulation_steps"
+                )
+            self.batch_size = implied
+        else:
+            self.batch_size = 16 if self.batch_size is None else self.batch_size  # the original default
+            if self.batch_size % (per_gpu * world):
+                raise ValueError(
+                    f"--batch_size {self.batch_size} is the global batch: it must be a multiple of --batch_size_per_gpu"
+                    f" ({per_gpu}) x the number of processes ({world}) = {per_gpu * world}"
+                )
+            self.gradient_accumulation_steps = self.batch_size // (per_gpu * world)
+        self.batch_size_per_gpu = self.per_device_train_batch_size = per_gpu
 
 
 def parse_args(data_class: type, argv: list[str] | None = None, **defaults):

@@ -83,3 +83,43 @@ def test_help_from_the_command_line_lists_every_group():
     assert result.returncode == 0
     for flag in ("--use_lora", "--full_train", "--save_steps", "--batch_size_per_gpu"):
         assert flag in result.stdout, flag
+
+
+@pytest.mark.parametrize("argv,world,expected", [  # (per GPU, accumulation, global batch)
+    ([], 1, (1, 16, 16)),
+    (["--batch_size", "32", "--batch_size_per_gpu", "4"], 2, (4, 4, 32)),
+    (["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "3"], 1, (4, 3, 12)),
+    (["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "5"], 4, (2, 5, 40)),
+    (["--per_device_train_batch_size", "2"], 2, (2, 4, 16)),  # the original global default still holds
+    (["--gradient_accumulation_steps", "7"], 1, (1, 7, 7)),
+    (["--batch_size", "8", "--per_device_train_batch_size", "2"], 2, (2, 2, 8)),
+    (["--batch_size", "12", "--gradient_accumulation_steps", "3", "--batch_size_per_gpu", "4"], 1, (4, 3, 12)),
+])
+def test_hf_batch_flags_are_honoured(argv, world, expected):
+    from types import SimpleNamespace
+
+    from phi3v.args import RecipeTrainingArguments
+
+    if world == 1:  # the whole parse
+        _, _, training = parse(*argv)
+    else:  # several processes: the rule alone (a real WORLD_SIZE would make accelerate wait for the others)
+        flags = dict(zip(argv[::2], argv[1::2]))
+        training = SimpleNamespace(**{name: int(flags[f"--{name}"]) if f"--{name}" in flags else None for name in (
+            "batch_size", "batch_size_per_gpu", "per_device_train_batch_size", "gradient_accumulation_steps")})
+        RecipeTrainingArguments.resolve_batch_sizes(training, world)
+    assert (training.per_device_train_batch_size, training.gradient_accumulation_steps, training.batch_size) \
+        == expected
+    assert training.batch_size_per_gpu == expected[0]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch_size", "16", "--gradient_accumulation_steps", "4"],
+     r"--batch_size 16 \(the global batch\) disagrees with --gradient_accumulation_steps 4 x 1 per GPU x 1 "
+     r"process\(es\) = 4"),
+    (["--batch_size_per_gpu", "2", "--per_device_train_batch_size", "4"],
+     "--batch_size_per_gpu 2 and --per_device_train_batch_size 4 are the same setting"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be >= 1, got 0"),
+])
+def test_batch_flags_that_disagree_are_refused(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse(*argv)
