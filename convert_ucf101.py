@@ -30,60 +30,10 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from phi3v.errors import BadValue, UserError, run_main
+from phi3v.video import VIDEO_EXTENSIONS, describe_error, frame_indices, read_frames  # noqa: F401 (re-exported)
 
 SPLITS = ("train", "val", "test")
-VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".mov", ".webm")
 HUB_REPO, HUB_FILE = "sayakpaul/ucf101-subset", "UCF101_subset.tar.gz"
-
-
-def frame_indices(total: int, count: int) -> list[int]:
-    """`count` evenly spaced indices in [0, total), starting at 0: floor(k * total / count) (repeats if total < count).
-
-    >>> frame_indices(300, 8)
-    [0, 37, 75, 112, 150, 187, 225, 262]
-    """
-    if total <= 0:
-        raise ValueError("the video has no frames")
-    return [k * total // count for k in range(count)]
-
-
-def read_frames(path: str | Path, count: int):
-    """`count` evenly spaced RGB frames (PIL images) of a video, decoding it with PyAV."""
-    import av
-
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise ValueError("no video stream")
-        reported = container.streams.video[0].frames  # 0 when the container does not say
-    if reported > 0:
-        frames = decode(path, frame_indices(reported, count))
-        if len(frames) == count:
-            return frames
-    total = len(decode(path, None))  # count for real: the metadata was missing or wrong
-    if total == 0:
-        raise ValueError("no decodable frames")
-    if total < reported / 2:
-        raise ValueError(f"truncated: the container announces {reported} frames but only {total} decode")
-    return decode(path, frame_indices(total, count))
-
-
-def decode(path: str | Path, indices: list[int] | None):
-    """Frames at `indices` (in order, repeats allowed); with None, every frame as None (to count them)."""
-    import av
-
-    wanted = sorted(set(indices)) if indices is not None else None
-    found = {}
-    with av.open(str(path)) as container:
-        for number, frame in enumerate(container.decode(video=0)):
-            if wanted is None:
-                found[number] = None
-            elif number in wanted:
-                found[number] = frame.to_image().convert("RGB")
-                if number == wanted[-1]:
-                    break
-    if wanted is None:
-        return list(found.values())
-    return [found[i] for i in indices if i in found]
 
 
 def convert_video(job: tuple[str, Path, list[Path]]) -> str | None:
@@ -103,16 +53,6 @@ def convert_video(job: tuple[str, Path, list[Path]]) -> str | None:
     except Exception as error:  # any unreadable video is reported and skipped, never fatal
         return describe_error(error)
     return None
-
-
-def describe_error(error: Exception) -> str:
-    import av
-
-    if isinstance(error, av.error.InvalidDataError):
-        return "invalid data: not a video file, or a corrupt one"
-    if isinstance(error, ValueError):
-        return str(error)
-    return f"{type(error).__name__}: {error}"
 
 
 def safe_extract(archive: str | Path, target: Path) -> Path:
@@ -194,6 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
                 {"images": images, "user": prompt, "assistant": path.parent.name}]})
         out_dir.mkdir(parents=True, exist_ok=True)
         for split, records in lines.items():
+            if not (root / split).is_dir():
+                continue  # no test/ folder: no test file (the training script treats the test split as optional)
             temporary = out_dir / f".ucf101_{split}.jsonl.tmp"
             temporary.write_text("".join(json.dumps(r) + "\n" for r in records))
             os.replace(temporary, out_dir / f"ucf101_{split}.jsonl")

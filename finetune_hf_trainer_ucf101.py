@@ -1,13 +1,15 @@
-"""Fine-tune Phi-3.5-vision on your own data in the jsonl format: here, video classification on UCF-101 frames.
+"""Fine-tune Phi-3.5-vision on your own data: any jsonl/json file pair; here, video classification on UCF-101.
 
-Data: DATA_DIR/ucf101_{train,val,test}.jsonl and DATA_DIR/images/..., as written by convert_ucf101.py (any data
-converted to this format works; see the README). Trains on train, evaluates on val before and after training and
-on test at the end, by generation, with accuracy.
+Data: --train_file, --eval_file and optionally --test_file (images relative to --image_root, default: beside each
+file); or --data_dir DIR holding ucf101_{train,val}.jsonl, optional ucf101_test.jsonl and images/, as written by
+convert_ucf101.py. Trains on train, evaluates on val before and after training and on test (if given) at the end,
+by generation, with accuracy (exact match).
 
     python convert_ucf101.py --out_dir /path/to/converted_ucf101
     torchrun --nproc_per_node=4 finetune_hf_trainer_ucf101.py --data_dir /path/to/converted_ucf101
     torchrun --nproc_per_node=8 finetune_hf_trainer_ucf101.py --data_dir DIR --bf16 --use_flash_attention  # A100/H100
     python finetune_hf_trainer_ucf101.py --data_dir DIR --use_lora --batch_size_per_gpu 2  # one GPU
+    python finetune_hf_trainer_ucf101.py --train_file train.jsonl --eval_file val.jsonl --image_root images/
 
 Modes: full fine-tuning (default; DeepSpeed ZeRO-2 on GPUs, --deepspeed ds_configs/zero3.json for ZeRO-3),
 --freeze_vision_model, --use_lora (LM and vision tower), --use_lora --freeze_vision_model (LM only),
@@ -40,24 +42,47 @@ from phi3v.validation import prepare_splits
 @dataclass
 class DataArguments(BaseDataArguments):
     data_dir: str | None = field(default=None, metadata={
-        "help": "Folder with ucf101_{train,val,test}.jsonl and images/ (the output of convert_ucf101.py)."})
+        "help": "Folder with ucf101_{train,val}.jsonl, optional ucf101_test.jsonl, and images/ (the output of "
+                "convert_ucf101.py). Or name the files with --train_file/--eval_file/--test_file."})
+    train_file: str | None = field(default=None, metadata={"help": "Training data (jsonl/json file)."})
+    eval_file: str | None = field(default=None, metadata={
+        "help": "Evaluation data, asked before and after training (its last answers are the references)."})
+    test_file: str | None = field(default=None, metadata={"help": "Optional test data, evaluated at the end."})
+    image_root: str | None = field(default=None, metadata={
+        "help": "Folder the image paths of --train_file/--eval_file/--test_file are relative to (default: the "
+                "folder of each file)."})
+
+
+def data_files(data_args: DataArguments) -> dict:
+    """{split: (file, image root)} for train, val and, when there is one, test."""
+    if data_args.data_dir is not None:
+        if data_args.train_file or data_args.eval_file or data_args.test_file:
+            raise UserError("pass either --data_dir or --train_file/--eval_file/--test_file, not both")
+        root = Path(data_args.data_dir)
+        files = {split: root / f"ucf101_{split}.jsonl" for split in ("train", "val", "test")}
+        if not files["test"].is_file():
+            del files["test"]  # the test split is optional
+        roots = dict.fromkeys(files, root / "images")
+    else:
+        if not (data_args.train_file and data_args.eval_file):
+            raise UserError("pass --train_file and --eval_file (and optionally --test_file), or --data_dir: the "
+                            "folder convert_ucf101.py wrote (see --help)")
+        files = {"train": data_args.train_file, "val": data_args.eval_file, "test": data_args.test_file}
+        files = {split: Path(file) for split, file in files.items() if file}
+        roots = {split: Path(data_args.image_root) if data_args.image_root else file.parent
+                 for split, file in files.items()}
+    for file in files.values():
+        if not file.is_file():
+            hint = ": run convert_ucf101.py first" if data_args.data_dir is not None else ""
+            raise UserError(f"{file} not found{hint}")
+    return {split: (file, roots[split]) for split, file in files.items()}
 
 
 def load_splits(data_args: DataArguments, processor) -> dict:
-    """{"train", "val", "test"}: train yields training sequences, val and test prompts with reference answers."""
-    if data_args.data_dir is None:
-        raise UserError("--data_dir is required: the folder convert_ucf101.py wrote (see --help)")
-    root = Path(data_args.data_dir)
-    for split in ("train", "val", "test"):
-        if not (root / f"ucf101_{split}.jsonl").is_file():
-            raise UserError(f"{root / f'ucf101_{split}.jsonl'} not found: run convert_ucf101.py first")
-
-    def split(name, limit, for_generation):
-        return jsonl_dataset(root / f"ucf101_{name}.jsonl", root / "images", processor, for_generation,
-                             data_args.max_image_pixels, limit)
-
-    return {"train": split("train", data_args.train_samples, False), "val": split("val", data_args.eval_samples, True),
-            "test": split("test", data_args.eval_samples, True)}
+    """{"train", "val"[, "test"]}: train yields training sequences, val and test prompts with reference answers."""
+    return {split: jsonl_dataset(file, root, processor, split != "train", data_args.max_image_pixels,
+                                 data_args.train_samples if split == "train" else data_args.eval_samples)
+            for split, (file, root) in data_files(data_args).items()}
 
 
 def compute_task_metric(predictions: list[dict], data_args: DataArguments) -> dict:

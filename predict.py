@@ -26,6 +26,7 @@ from phi3v.generation import generate_predictions
 from phi3v.metrics import accuracy
 from phi3v.modeling import Phi3VForCausalLM
 from phi3v.processing import Phi3VProcessor
+from phi3v.video import describe_error, read_frames
 
 
 def load_for_inference(output_dir: str | Path, base: str | None = None, dtype: torch.dtype = torch.float32,
@@ -47,9 +48,11 @@ def load_for_inference(output_dir: str | Path, base: str | None = None, dtype: t
 
 
 def video_frames(path: str | Path, count: int):
-    import convert_ucf101  # the converter's frame choice, so questions about videos see what training saw
-
-    return convert_ucf101.read_frames(path, count)
+    """The converter's (and training's) frame choice, so questions about videos see what training saw."""
+    try:
+        return read_frames(path, count)
+    except Exception as error:  # any unreadable video: one line naming it
+        raise UserError(f"--video {path}: {describe_error(error)}") from error
 
 
 @torch.no_grad()
