@@ -30,9 +30,16 @@ import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
+from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.phi3.configuration_phi3 import Phi3Config
-from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, Phi3PreTrainedModel
+from transformers.models.phi3.modeling_phi3 import (
+    Phi3ForCausalLM,
+    Phi3Model,
+    Phi3PreTrainedModel,
+    Phi3RotaryEmbedding,
+)
 from transformers.utils import is_flash_attn_2_available
 
 from phi3v.hub import offline_message
@@ -200,6 +207,50 @@ class Phi3VImageEmbedding(nn.Module):
         return self.img_projection(features.to(self.glb_GN.dtype))
 
 
+# ------------------------------------------------------------------------------------------------- rotary
+
+
+class Phi3VRotaryEmbedding(Phi3RotaryEmbedding):
+    """LongRoPE with the short/long choice made per row, not per batch.
+
+    transformers picks the long factors for the whole batch once max(position_ids) + 1 passes
+    original_max_position_embeddings (4096), so in a batch a 3,900-token prompt would get long factors because a
+    batch mate has 4,200 tokens, and its answer would depend on its batch mates. Here each row uses the factors of its
+    own length, max(position_ids[row]) + 1: generation's position ids come from the attention mask (padding at 0),
+    so that is the row's true length, and a row alone gives what the official model gives (spec 6.2).
+    """
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):  # (B, L, ...), (B or 1, L)
+        if self.rope_type != "longrope":
+            return super().forward(x, position_ids)
+        original = self.config.rope_parameters["original_max_position_embeddings"]
+        long = getattr(self, "long_inv_freq", None)
+        if long is None or long.device != x.device:
+            long, _ = ROPE_INIT_FUNCTIONS["longrope"](self.config, x.device, seq_len=original + 1)
+            self.long_inv_freq = long  # a plain attribute (not a buffer): recomputed when the device changes
+        short = self.original_inv_freq.to(device=x.device, dtype=torch.float)
+        is_long = (position_ids.amax(-1, keepdim=True) + 1 > original)[..., None]  # (B, 1, 1)
+        inv_freq = torch.where(is_long, long.float(), short)  # (B, 1, head_dim/2)
+        freqs = position_ids[..., None].float() * inv_freq  # (B, L, head_dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
+def crosses_rope_switch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past_length: int,
+                        original: int) -> bool:
+    """True when, in this generation step, some row's own length first passes `original` tokens.
+
+    That row's cached keys were computed with the short factors and must be recomputed with the long ones (the
+    official rule, spec 6.4), judged per row: with left padding the padded length says nothing about a row.
+    """
+    if past_length == 0:
+        return False  # prefill: every row already gets the factors of its length
+    lengths = attention_mask.sum(-1) if attention_mask is not None else torch.full((len(input_ids),),
+                                                                                  input_ids.shape[1])
+    new = input_ids.shape[1] - past_length
+    return bool(((lengths > original) & (lengths - new <= original)).any())
+
+
 # ------------------------------------------------------------------------------------------------- models
 
 
@@ -223,6 +274,7 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
 
     def __init__(self, config: Phi3VConfig):
         Phi3Model.__init__(self, config)
+        self.rotary_emb = Phi3VRotaryEmbedding(config)
         self.vision_embed_tokens = Phi3VImageEmbedding(config)
         self.post_init()
 
@@ -256,6 +308,12 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
     def forward(self, input_ids=None, pixel_values=None, image_sizes=None, inputs_embeds=None, **kwargs):
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values, image_sizes)
+        mask, cache = kwargs.get("attention_mask"), kwargs.get("cache")
+        if kwargs.get("position_ids") is None and mask is not None and mask.dim() == 2 and \
+                (cache is None or cache.get_seq_length() == 0):
+            # positions from the mask (as generate() makes them), so that each row's LongRoPE factors follow its own
+            # length in padded training batches too; real tokens keep positions 0..len-1
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
         return Phi3Model.forward(self, inputs_embeds=inputs_embeds, **kwargs)
 
 
@@ -333,11 +391,20 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
                                       hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
-    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_sizes=None, **kwargs):
-        # Phi3's version keeps the LongRoPE rule: the first time the sequence passes 4096 tokens the cache is
-        # dropped and the whole sequence (prompt placeholders included) is fed again. Whenever the fed ids hold
-        # placeholders (prefill, or that re-feed), the images must go with them.
-        inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_sizes=None, cache=None,
+                                      attention_mask=None, **kwargs):
+        # The LongRoPE rule, per row: the first time a row's own length passes 4096 tokens the cache is dropped and
+        # the whole batch (prompt placeholders included) is fed again, so that row's keys get the long factors and
+        # every other row's are recomputed with the factors they had (Phi3's version decides on the padded length,
+        # i.e. for the batch). Whenever the fed ids hold placeholders (prefill, or that re-feed), the images must go
+        # with them.
+        original = getattr(self.config, "original_max_position_embeddings", None)
+        if cache is not None and original and self.config.rope_parameters.get("rope_type") == "longrope" and \
+                crosses_rope_switch(input_ids, attention_mask, cache.get_seq_length(), original):
+            cache = None
+            kwargs["next_sequence_length"] = None
+        inputs = GenerationMixin.prepare_inputs_for_generation(self, input_ids, cache=cache,
+                                                               attention_mask=attention_mask, **kwargs)
         fed = inputs.get("input_ids")
         if fed is not None and fed.shape[1] > 1 and pixel_values is not None and (fed < 0).any():
             inputs.update(pixel_values=pixel_values, image_sizes=image_sizes)
