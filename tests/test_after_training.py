@@ -75,13 +75,26 @@ def test_single_question_streams_the_answer(lora_run, ucf_data, capsys):
                          "--no-stream"]) == streamed
 
 
-def test_question_about_a_video(lora_run, tmp_path):
+def test_question_about_a_video(lora_run, tmp_path, monkeypatch):
+    """--video --num_frames 2 asks about exactly the converter's 2 frames of the clip, as images 1 and 2."""
+    import numpy as np
+
+    import convert_ucf101
     from phi3v.synthetic import class_frames, write_video
 
     out, _ = lora_run
     video = write_video(tmp_path / "clip.avi", class_frames(0, 3, 12, (64, 48), 0))
-    assert isinstance(predict.main([str(out), "--video", str(video), "--num_frames", "2", "--question", "Which?",
-                                    "--max_new_tokens", "4", "--no-stream"]), str)
+    calls = []
+    real_answer = predict.answer
+    monkeypatch.setattr(predict, "answer", lambda *args, **kwargs: calls.append(args) or real_answer(*args, **kwargs))
+    text = predict.main([str(out), "--video", str(video), "--num_frames", "2", "--question", "Which?",
+                         "--max_new_tokens", "4", "--no-stream"])
+    (model, processor, question, images, max_new_tokens), = calls
+    expected = convert_ucf101.read_frames(video, 2)
+    assert question == "Which?" and max_new_tokens == 4 and len(images) == 2
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, expected))
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))  # two different moments of the clip
+    assert text == real_answer(model, processor, "Which?", expected, 4)
 
 
 def test_training_curves_data(lora_run):

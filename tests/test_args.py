@@ -72,6 +72,14 @@ def test_world_size_enters_gradient_accumulation(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(ValueError, match=r"x the number of processes \(4\) = 8"):
         parse("--batch_size", "12", "--batch_size_per_gpu", "2")
+    # transformers' own checks would start a 4-process group here; the recipe's values are set before them
+    import transformers
+
+    monkeypatch.setattr(transformers.TrainingArguments, "__post_init__", lambda self: None)
+    training = parse("--batch_size", "64", "--batch_size_per_gpu", "2")[2]
+    assert (training.per_device_train_batch_size, training.gradient_accumulation_steps) == (2, 8)  # 64 / (2 x 4)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert parse("--batch_size", "64", "--batch_size_per_gpu", "2")[2].gradient_accumulation_steps == 32
 
 
 def test_help_from_the_command_line_lists_every_group():

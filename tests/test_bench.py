@@ -237,6 +237,7 @@ def test_gpu_train_one_configuration_on_cpu(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_gpu_train_dry_run_end_to_end(tmp_path):
     out = tmp_path / "gpu_train.json"
     done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_train.py"), "--dry_run", "--json", str(out)],

@@ -8,7 +8,7 @@ import pytest
 
 import demo
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 def test_demo_learns(tmp_path):

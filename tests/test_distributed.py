@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import ucf_args
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import finetune_hf_trainer_ucf101 as ucf101
 from tests.conftest import ucf_args
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 REPO = Path(__file__).resolve().parents[1]
 
 KILLER = """

@@ -96,6 +96,20 @@ def test_lora_targets_are_full_paths(tiny_model):
     assert all(".img_processor." not in t for t in lora_target_modules(tiny_model, include_vision=False))
 
 
+def test_lora_targets_every_linear_layer_the_original_targets(tiny_model):
+    """The original recipe targets qkv_proj, o_proj, gate_up_proj, down_proj and lm_head, and with the vision tower
+    CLIP's q/k/v/out_proj, fc1, fc2 and the projector: that is every nn.Linear of the model, except in the CLIP
+    layers after the feature layer (which never run). Enumerated here from the module tree, not from the code."""
+    linear = {name for name, module in tiny_model.named_modules() if isinstance(module, torch.nn.Linear)}
+    used = tiny_model.model.vision_embed_tokens.num_layers_used
+    unused = {n for n in linear if ".encoder.layers." in n and int(n.split(".encoder.layers.")[1].split(".")[0]) >= used}
+    language = {n for n in linear if n.startswith("model.layers.")} | {"lm_head"}
+    assert {n.rsplit(".", 1)[-1] for n in language} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"}
+    assert set(lora_target_modules(tiny_model, include_vision=False)) == language
+    assert set(lora_target_modules(tiny_model, include_vision=True)) == linear - unused
+    assert len(lora_target_modules(tiny_model, include_vision=True)) == len(linear - unused)  # no duplicates
+
+
 def test_weight_dtype_follows_the_original_rule(tiny_dir, tmp_path):
     flash, _ = parse(tiny_dir, tmp_path, ["--attn_implementation", "flash_attention_2"])
     plain, _ = parse(tiny_dir, tmp_path, [])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import json
 from pathlib import Path
 
@@ -295,9 +296,50 @@ def test_gradient_checkpointing_on_both_towers(tiny_model, processor):
 
 
 def test_text_only_and_mixed_batch(tiny_model, processor):
-    text = processor("<|user|>\nHi<|end|>\n<|assistant|>\n")
+    """A text-only row and an image row in one (right-padded) batch give each row's logits of running it alone."""
+    from phi3v.collator import Phi3VCollator
+
+    text = processor("<|user|>\nHi there, what is new?<|end|>\n<|assistant|>\n")
+    image = processor("<|user|>\n<|image_1|>\nWhat?<|end|>\n<|assistant|>\n", [make_image(300, 200)])
+    examples = [{"input_ids": x["input_ids"][0], "pixel_values": x.get("pixel_values"),
+                 "image_sizes": x.get("image_sizes"), "sample_id": str(i)} for i, x in enumerate([text, image])]
+    batch = Phi3VCollator(processor.tokenizer.pad_token_id)(examples)
+    assert batch["pixel_values"].shape[0] == 1  # one image in the batch, for row 1
     with torch.no_grad():
-        assert tiny_model(**text).logits.shape[:2] == text["input_ids"].shape
+        both = tiny_model(**{k: v for k, v in batch.items() if k != "sample_ids"}).logits
+        for row, alone in enumerate([text, image]):
+            length = alone["input_ids"].shape[1]
+            assert torch.allclose(both[row, :length], tiny_model(**alone).logits[0], atol=1e-5), row
+
+
+def test_image_features_land_on_the_placeholders(tiny_model, processor):
+    """Embedding rows, position by position: text ids get their embed_tokens row, the k-th placeholder (batch row
+    first, then position) gets row k of the vision features, and nothing else changes."""
+    model = tiny_model.model
+    prompts = [("<|user|>\n<|image_1|>\nWhat?<|end|>\n<|assistant|>\n", [make_image(300, 200)]),
+               ("<|user|>\nCompare <|image_1|> with <|image_2|> please<|end|>\n<|assistant|>\n",
+                [make_image(500, 700, seed=1), make_image(336, 336, seed=2)])]
+    inputs = [processor(text, images) for text, images in prompts]
+    length = max(x["input_ids"].shape[1] for x in inputs)
+    ids = torch.full((2, length), 32000)
+    for row, x in enumerate(inputs):
+        ids[row, length - x["input_ids"].shape[1]:] = x["input_ids"][0]  # left padding, as in generation
+    pixel_values = torch.cat([x["pixel_values"] for x in inputs])
+    image_sizes = torch.cat([x["image_sizes"] for x in inputs])
+    with torch.no_grad():
+        embedded = model.embed(ids, pixel_values, image_sizes)
+        features = model.vision_embed_tokens(pixel_values, image_sizes)
+        table = model.embed_tokens.weight
+    k = 0
+    for row in range(2):
+        for position in range(length):
+            token = int(ids[row, position])
+            if token < 0:
+                assert torch.equal(embedded[row, position], features[k]), (row, position)
+                k += 1
+            else:
+                assert torch.equal(embedded[row, position], table[token]), (row, position)
+    assert k == features.shape[0] == (ids < 0).sum()
 
 
 def test_hub_id_offline_says_pass_a_local_directory():
@@ -306,6 +348,7 @@ def test_hub_id_offline_says_pass_a_local_directory():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_generation_across_the_4096_token_rope_switch(tiny_model, processor):
     """Crossing 4096 tokens: the cache is dropped once and the prompt (images included) recomputed."""
     image = make_image(336, 336)
@@ -359,3 +402,26 @@ def test_dropping_trailing_padding_crops_changes_nothing(tiny_model, processor):
         trimmed = tiny_model(input_ids=small["input_ids"], pixel_values=small["pixel_values"][:, :3],
                              image_sizes=small["image_sizes"]).logits
     assert torch.equal(full, trimmed)
+
+
+@pytest.mark.parametrize("length,factors", [(4095, "short_factor"), (4096, "short_factor"),
+                                            (4097, "long_factor"), (5000, "long_factor")])
+def test_longrope_switches_after_4096_tokens(length, factors):
+    """cos/sin of the official config against the spec's formula (section 6.2), written out here: inv_freq_j =
+    1 / (f_j * 10000^(2j/96)) with f the short factors while the sequence is <= 4096 tokens and the long ones above,
+    times sqrt(1 + ln 32 / ln 4096)."""
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+
+    official = json.loads(Path("phi3v/configs/phi-3.5-vision-instruct.json").read_text())
+    rotary = Phi3RotaryEmbedding(Phi3VConfig.official())
+    positions = torch.arange(length)[None]
+    cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
+    f = torch.tensor(official["rope_scaling"][factors], dtype=torch.float64)
+    inv_freq = 1.0 / (f * 10000 ** (torch.arange(0, 96, 2, dtype=torch.float64) / 96))
+    angles = positions[0, -8:, None].double() * inv_freq  # the last 8 positions
+    scale = 1.1902380714238083
+    assert (1 + math.log(131072 / 4096) / math.log(4096)) ** 0.5 == pytest.approx(scale)
+    expected_cos = torch.cat([angles.cos(), angles.cos()], dim=-1) * scale
+    expected_sin = torch.cat([angles.sin(), angles.sin()], dim=-1) * scale
+    assert torch.allclose(cos[0, -8:].double(), expected_cos, atol=2e-3)  # float32 angles at positions ~5000
+    assert torch.allclose(sin[0, -8:].double(), expected_sin, atol=2e-3)

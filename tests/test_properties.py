@@ -106,8 +106,16 @@ def test_collated_batches_keep_every_example_aligned(processor, batch):
     assert int((collated["input_ids"] < 0).sum()) == sum(int((e["input_ids"] < 0).sum()) for e in examples)
 
 
-@pytest.mark.parametrize("text", ["", "<|image_1|>", "a<|image_1|>b<|image_2|>"])
-def test_edge_prompts(processor, text):
+# 10x10 images at num_crops 4 are upscaled to a 2x2 grid: 757 tokens each (spec section 4, the 100x100 row).
+# The spec's rule: every text chunk around the tags is tokenized with its own BOS, even an empty one (section 5).
+@pytest.mark.parametrize("text,chunks", [("", [""]), ("<|image_1|>", ["", ""]),
+                                         ("a<|image_1|>b<|image_2|>", ["a", "b", ""])])
+def test_edge_prompts(processor, text, chunks):
     count = text.count("<|image_")
     out = processor(text, [Image.new("RGB", (10, 10))] * count)
-    assert out["input_ids"][0, 0] == 1
+    expected = []
+    for k, chunk in enumerate(chunks):
+        expected += processor.tokenizer(chunk)["input_ids"] + ([-(k + 1)] * 757 if k < count else [])
+    assert processor.tokenizer("")["input_ids"] == [1]
+    assert out["input_ids"][0].tolist() == expected
+    assert out["attention_mask"][0].tolist() == [1] * len(expected)

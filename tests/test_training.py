@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -66,6 +67,27 @@ def test_checkpoint_completeness(tmp_path):
     assert json.loads((folder / COMPLETE_MARKER).read_text())["files"]["model.safetensors"] == 100
     (folder / "model.safetensors").write_bytes(b"x" * 50)  # truncated after the fact
     assert not is_complete(folder)
+
+
+def test_every_file_reaches_the_disk_before_the_marker(tmp_path, monkeypatch):
+    """mark_complete must fsync each checkpoint file, and the marker itself, before the marker gets its final name:
+    after a power cut a marker must never vouch for data still in the page cache."""
+    import phi3v.training as training
+
+    folder = make_checkpoint(tmp_path, 3)
+    (folder / "sub").mkdir()
+    (folder / "sub" / "optimizer.pt").write_bytes(b"y" * 5)
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(training.os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                          real_fsync(fd)))
+    monkeypatch.setattr(training.os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b)))
+    mark_complete(folder, 3)
+    synced = [path for kind, path in events if kind == "fsync"]
+    assert events[-1] == ("replace", str(folder / COMPLETE_MARKER))
+    assert [kind for kind, _ in events].count("replace") == 1
+    for name in ("model.safetensors", "sub/optimizer.pt", "trainer_state.json", COMPLETE_MARKER + ".tmp"):
+        assert str(folder / name) in synced, name
 
 
 def test_resolve_last_skips_incomplete_checkpoints(tmp_path, caplog):
