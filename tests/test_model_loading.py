@@ -102,7 +102,8 @@ def test_lora_targets_every_linear_layer_the_original_targets(tiny_model):
     layers after the feature layer (which never run). Enumerated here from the module tree, not from the code."""
     linear = {name for name, module in tiny_model.named_modules() if isinstance(module, torch.nn.Linear)}
     used = tiny_model.model.vision_embed_tokens.num_layers_used
-    unused = {n for n in linear if ".encoder.layers." in n and int(n.split(".encoder.layers.")[1].split(".")[0]) >= used}
+    unused = {n for n in linear
+              if ".encoder.layers." in n and int(n.split(".encoder.layers.")[1].split(".")[0]) >= used}
     language = {n for n in linear if n.startswith("model.layers.")} | {"lm_head"}
     assert {n.rsplit(".", 1)[-1] for n in language} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"}
     assert set(lora_target_modules(tiny_model, include_vision=False)) == language
