@@ -406,14 +406,12 @@ def test_dropping_trailing_padding_crops_changes_nothing(tiny_model, processor):
 
 @pytest.mark.parametrize("length,factors", [(4095, "short_factor"), (4096, "short_factor"),
                                             (4097, "long_factor"), (5000, "long_factor")])
-def test_longrope_switches_after_4096_tokens(length, factors):
+def test_longrope_switches_after_4096_tokens(tiny_model, length, factors):
     """cos/sin of the official config against the spec's formula (section 6.2), written out here: inv_freq_j =
     1 / (f_j * 10000^(2j/96)) with f the short factors while the sequence is <= 4096 tokens and the long ones above,
     times sqrt(1 + ln 32 / ln 4096)."""
-    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
-
     official = json.loads(Path("phi3v/configs/phi-3.5-vision-instruct.json").read_text())
-    rotary = Phi3RotaryEmbedding(Phi3VConfig.official())
+    rotary = type(tiny_model.model.rotary_emb)(Phi3VConfig.official())  # the model's own rotary, full-size config
     positions = torch.arange(length)[None]
     cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
     f = torch.tensor(official["rope_scaling"][factors], dtype=torch.float64)
