@@ -18,7 +18,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.integrations import is_deepspeed_available
 
-from phi3v.errors import BadValue
+from phi3v.errors import BadValue, MissingFile
 
 TUNING_MODES = ("full", "frozen_vision", "lora", "qlora")
 DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
@@ -101,6 +101,16 @@ class BaseDataArguments:
         "help": "Prompts per generate() call and GPU in evaluation (default: --batch_size_per_gpu x 4)."})
     max_new_tokens: int = field(default=64, metadata={"help": "Generation limit in evaluation (original: 64)."})
 
+    def __post_init__(self):
+        # every integer data flag (here and in each script's DataArguments) is a count: a negative one would act
+        # as a Python negative slice (--train_samples -1 = all but the last) instead of failing
+        for name, value in vars(self).items():
+            if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+                raise ValueError(f"--{name} must be >= 0, got {value}")
+        for name in ("max_length", "max_new_tokens", "max_image_pixels", "eval_batch_size"):
+            if getattr(self, name) == 0:
+                raise ValueError(f"--{name} must be >= 1, got 0")
+
 
 @dataclass
 class RecipeTrainingArguments(TrainingArguments):
@@ -160,6 +170,11 @@ class RecipeTrainingArguments(TrainingArguments):
             self.deepspeed = None
         if not torch.cuda.is_available():
             self.use_cpu = True
+        for name in ("learning_rate", "weight_decay", "warmup_steps", "max_grad_norm", "dataloader_num_workers"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps <= 0 and not self.num_train_epochs > 0:
+            raise ValueError(f"--num_train_epochs must be > 0 (or set --max_steps), got {self.num_train_epochs}")
         self.resolve_batch_sizes(int(os.environ.get("WORLD_SIZE", 1)))
         super().__post_init__()
 
@@ -208,9 +223,29 @@ def parse_args(data_class: type, argv: list[str] | None = None, **defaults):
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        return _parse(data_class, argv, defaults)
+        model_args, data_args, training_args = _parse(data_class, argv, defaults)
     except ValueError as error:  # a __post_init__ check of any group: the user's flags, said in one line
-        raise BadValue(str(error)) from error
+        raise BadValue(str(error).strip()) from error
+    check_output_dir(training_args.output_dir)
+    resume = training_args.resume_from_checkpoint
+    if resume and resume.lower() not in ("last", "latest", "true") and not Path(resume).is_dir():
+        raise MissingFile(f"--resume_from_checkpoint {resume}: no such directory")
+    return model_args, data_args, training_args
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Refuse an --output_dir that cannot be written, before anything is loaded (it is created later, on save)."""
+    path = Path(output_dir).absolute()
+    if path.exists() and not path.is_dir():
+        raise BadValue(f"--output_dir {output_dir} is an existing file, not a folder: pass a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BadValue(f"--output_dir {output_dir}: {existing} is a file, so the folder cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BadValue(f"--output_dir {output_dir}: {existing} is not writable (read-only or another user's); pass "
+                       "a folder you can write to")
 
 
 def _parse(data_class: type, argv: list[str], defaults: dict):

@@ -13,9 +13,9 @@ import pytest
 from phi3v.errors import USER_ERROR_EXIT, BadValue, MissingFile, Unavailable, UserError, run_main
 
 ROOT = Path(__file__).resolve().parent.parent
-ENTRY_POINTS = ["finetune_hf_trainer_docvqa.py", "finetune_hf_trainer_nlvr2.py", "finetune_hf_trainer_hateful_memes.py",
-                "finetune_hf_trainer_ucf101.py", "convert_ucf101.py", "predict.py", "demo.py", "phi3v/export.py",
-                "phi3v/tiny.py"]
+ENTRY_POINTS = ["finetune_hf_trainer_docvqa.py", "finetune_hf_trainer_nlvr2.py",
+                "finetune_hf_trainer_hateful_memes.py", "finetune_hf_trainer_ucf101.py", "convert_ucf101.py",
+                "predict.py", "demo.py", "phi3v/export.py", "phi3v/tiny.py"]
 
 
 def failing(error: BaseException):

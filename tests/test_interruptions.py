@@ -49,13 +49,13 @@ def test_sigkill_while_saving_then_resume_last(tiny_dir, ucf_data, tmp_path, cap
     result = subprocess.run([sys.executable, str(script), *ucf_args(tiny_dir, ucf_data, out, *common)],
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
-    assert (out / "checkpoint-4" / "model.safetensors").exists()  # looks like a checkpoint ...
-    assert not (out / "checkpoint-4" / "checkpoint_complete.json").exists()  # ... but is marked incomplete
+    assert (out / ".saving" / "checkpoint-4" / "model.safetensors").exists()  # half written, staged ...
+    assert not (out / "checkpoint-4").exists()  # ... so no checkpoint-4 to mistake for a whole one
     assert (out / "checkpoint-2" / "checkpoint_complete.json").exists()
 
     ucf101.main(ucf_args(tiny_dir, ucf_data, out, *common, "--resume_from_checkpoint", "last"))
     assert f"resuming from {out / 'checkpoint-2'}: step 2 of 6" in caplog.text
-    assert f"ignoring {out / 'checkpoint-4'}" in caplog.text
+    assert f"removing {out / '.saving' / 'checkpoint-4'}: left incomplete by an interrupted save" in caplog.text
     whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(out / "model.safetensors")
     assert whole.keys() == resumed.keys()
     assert all(torch.allclose(whole[k], resumed[k], atol=1e-6) for k in whole)

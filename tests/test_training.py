@@ -64,7 +64,8 @@ def test_checkpoint_completeness(tmp_path):
     assert not is_complete(folder)
     mark_complete(folder, 10)
     assert is_complete(folder)
-    assert json.loads((folder / COMPLETE_MARKER).read_text())["files"]["model.safetensors"] == 100
+    size, mtime = json.loads((folder / COMPLETE_MARKER).read_text())["files"]["model.safetensors"]
+    assert size == 100 and mtime == (folder / "model.safetensors").stat().st_mtime_ns
     (folder / "model.safetensors").write_bytes(b"x" * 50)  # truncated after the fact
     assert not is_complete(folder)
 
@@ -90,14 +91,20 @@ def test_every_file_reaches_the_disk_before_the_marker(tmp_path, monkeypatch):
         assert str(folder / name) in synced, name
 
 
-def test_resolve_last_skips_incomplete_checkpoints(tmp_path, caplog):
+def test_resolve_last_skips_changed_and_unreadable_checkpoints(tmp_path, caplog):
     for step in (5, 10):
         mark_complete(make_checkpoint(tmp_path, step), step)
-    make_checkpoint(tmp_path, 15)  # interrupted while saving
+    damaged = make_checkpoint(tmp_path, 15)
+    mark_complete(damaged, 15)
+    (damaged / "model.safetensors").write_bytes(b"y" * 100)  # same size, rewritten: not what was marked
+    make_checkpoint(tmp_path, 20, {"notes.txt": b"?"})  # foreign and unreadable
     assert resolve_checkpoint("last", tmp_path) == str(tmp_path / "checkpoint-10")
-    assert "ignoring" in caplog.text and "checkpoint-15" in caplog.text
+    assert f"ignoring {damaged}: its files changed" in caplog.text
+    assert "checkpoint-20: not written by this recipe and not a readable checkpoint" in caplog.text
     with pytest.raises(ValueError, match="checkpoint-15 is not a complete checkpoint"):
-        resolve_checkpoint(str(tmp_path / "checkpoint-15"), tmp_path)
+        resolve_checkpoint(str(damaged), tmp_path)
+    with pytest.raises(ValueError, match="checkpoint-20 is not a complete checkpoint"):
+        resolve_checkpoint(str(tmp_path / "checkpoint-20"), tmp_path)
     assert resolve_checkpoint(None, tmp_path) is None
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         resolve_checkpoint("last", tmp_path / "empty")
