@@ -180,6 +180,28 @@ def test_processor_measurement_on_small_pages(processor):
     assert all(value > 0 for value in seconds.values())
 
 
+def test_processor_speedup_compares_with_the_reference_and_asserts_equal_outputs(rng_image, monkeypatch):
+    import bench.processor_throughput as bench_module
+    from bench.processor_throughput import compare
+
+    images = {"portrait": rng_image(300, 700), "landscape": rng_image(500, 210, seed=1)}
+    rows = compare(images, crop_counts=(2, 5), repeats=1)
+    assert [(row["image"], row["num_crops"]) for row in rows] == [
+        ("portrait", 2), ("landscape", 2), ("portrait", 5), ("landscape", 5)]
+    assert all(row["reference_s"] > 0 and row["package_s"] > 0 for row in rows)
+    # a reference that differs in one value must stop the benchmark
+    original = bench_module.reference_image_processor
+
+    def off_by_one_bit(images, num_crops):
+        out = original(images, num_crops)
+        out["pixel_values"].view(-1)[7] = torch.nextafter(out["pixel_values"].view(-1)[7], torch.tensor(9.0))
+        return out
+
+    monkeypatch.setattr(bench_module, "reference_image_processor", off_by_one_bit)
+    with pytest.raises(AssertionError):
+        compare({"portrait": images["portrait"]}, crop_counts=(2,), repeats=1)
+
+
 # ------------------------------------------------------------------------------------------------- gpu_train
 
 
