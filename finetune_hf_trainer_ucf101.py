@@ -27,9 +27,9 @@ from transformers import set_seed
 
 from phi3v.args import BaseDataArguments, parse_args
 from phi3v.collator import Phi3VCollator
-from phi3v.data import jsonl_dataset
 from phi3v.errors import UserError, run_main
 from phi3v.export import export_merged
+from phi3v.formats import FORMATS, is_hub_id, load_data
 from phi3v.metrics import accuracy
 from phi3v.model_loading import load_model, load_processor
 from phi3v.reporting import finish, log_config, setup_logging, start_summary
@@ -49,8 +49,17 @@ class DataArguments(BaseDataArguments):
         "help": "Evaluation data, asked before and after training (its last answers are the references)."})
     test_file: str | None = field(default=None, metadata={"help": "Optional test data, evaluated at the end."})
     image_root: str | None = field(default=None, metadata={
-        "help": "Folder the image paths of --train_file/--eval_file/--test_file are relative to (default: the "
-                "folder of each file)."})
+        "help": "Folder the image and video paths of --train_file/--eval_file/--test_file are relative to "
+                "(default: the folder of each file)."})
+    data_format: str = field(default="auto", metadata={
+        "help": "auto (recognised from the content), ours, llava, messages or hf (a Hugging Face dataset: hub id, "
+                "save_to_disk folder, parquet files).", "choices": FORMATS})
+    num_frames: int = field(default=8, metadata={"help": "Frames per video for records naming a video file."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Config of a Hugging Face dataset."})
+    train_split: str = field(default="train", metadata={"help": "Split of a Hugging Face --train_file."})
+    eval_split: str = field(default="test", metadata={
+        "help": "Split of a Hugging Face --eval_file (row ranges work: train[-200:])."})
+    test_split: str = field(default="test", metadata={"help": "Split of a Hugging Face --test_file."})
 
 
 def data_files(data_args: DataArguments) -> dict:
@@ -72,7 +81,7 @@ def data_files(data_args: DataArguments) -> dict:
         roots = {split: Path(data_args.image_root) if data_args.image_root else file.parent
                  for split, file in files.items()}
     for file in files.values():
-        if not file.is_file():
+        if not file.exists() and not (data_args.data_dir is None and is_hub_id(str(file))):
             hint = ": run convert_ucf101.py first" if data_args.data_dir is not None else ""
             raise UserError(f"{file} not found{hint}")
     return {split: (file, roots[split]) for split, file in files.items()}
@@ -80,8 +89,10 @@ def data_files(data_args: DataArguments) -> dict:
 
 def load_splits(data_args: DataArguments, processor) -> dict:
     """{"train", "val"[, "test"]}: train yields training sequences, val and test prompts with reference answers."""
-    return {split: jsonl_dataset(file, root, processor, split != "train", data_args.max_image_pixels,
-                                 data_args.train_samples if split == "train" else data_args.eval_samples)
+    hub_splits = {"train": data_args.train_split, "val": data_args.eval_split, "test": data_args.test_split}
+    return {split: load_data(file, processor, root, data_args.data_format, split != "train", hub_splits[split],
+                             data_args.dataset_config, data_args.num_frames, data_args.max_image_pixels,
+                             data_args.train_samples if split == "train" else data_args.eval_samples)
             for split, (file, root) in data_files(data_args).items()}
 
 

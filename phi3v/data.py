@@ -28,10 +28,12 @@ from PIL import Image, ImageOps
 
 from phi3v.errors import UserError
 from phi3v.processing import IMAGE_TAG, Phi3VProcessor
+from phi3v.video import VideoFrame, frame_size, open_frame, video_frames
 
 IGNORE_INDEX = -100
 CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|endoftext|>")  # never inside message text
-ImageRef = str | os.PathLike | bytes | Image.Image  # a file, encoded bytes (hub datasets), or a decoded image
+ImageRef = str | os.PathLike | bytes | Image.Image | VideoFrame  # a file, encoded bytes (hub datasets), a decoded
+# image, or one of the evenly spaced frames of a video file (decoded on access)
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Turn:
 class Conversation:
     id: str
     turns: list[Turn]
+    system: str | None = None  # rendered first, as the chat template renders a "system" message; never supervised
 
 
 # ------------------------------------------------------------------------------------------------- images
@@ -67,6 +70,8 @@ def open_image(ref: ImageRef, max_pixels: int | None = None, decode: bool = True
     """Open an image reference with EXIF orientation applied; `decode=False` reads only the header (for sizes)."""
     if isinstance(ref, Image.Image):
         return ref
+    if isinstance(ref, VideoFrame):
+        return open_frame(ref)
     image = Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref)
     if max_pixels is not None and image.width * image.height > max_pixels:
         raise ValueError(f"image of {image.width}x{image.height} pixels exceeds the limit of {max_pixels:,} pixels "
@@ -79,6 +84,8 @@ def open_image(ref: ImageRef, max_pixels: int | None = None, decode: bool = True
 
 def image_size(ref: ImageRef) -> tuple[int, int]:
     """(width, height) as the model will see it (after EXIF rotation), from the header only."""
+    if isinstance(ref, VideoFrame):
+        return frame_size(ref)
     image = open_image(ref, decode=False)
     width, height = image.size
     orientation = image.getexif().get(0x0112, 1) if hasattr(image, "getexif") else 1
@@ -123,6 +130,14 @@ def render(processor: Phi3VProcessor, conversation: Conversation, for_generation
     turns = conversation.turns
     if not turns:
         raise ValueError("the conversation has no turns")
+    if conversation.system is not None:
+        if not isinstance(conversation.system, str):
+            raise ValueError(f"the system message must be a string, got {type(conversation.system).__name__}")
+        found = [t for t in CHAT_TOKENS if t in conversation.system]
+        if found:
+            raise ValueError(f"the system message contains {', '.join(found)}, which would break the chat format; "
+                             "remove it from the data")
+        messages.append({"role": "system", "content": conversation.system})
     for i, turn in enumerate(turns):
         for role, text in (("user", turn.user), ("assistant", turn.assistant)):
             found = [t for t in CHAT_TOKENS if isinstance(text, str) and t in text]
@@ -250,17 +265,18 @@ class SampleError(UserError, ValueError):
         self.sample_id = None if sample_id is None else str(sample_id)
 
 
-def conversation_from_record(record: dict, image_root: str | os.PathLike) -> Conversation:
-    """Our jsonl schema: {"id", "source", "conversations": [{"images": [paths], "user": str, "assistant": str}]}."""
+def conversation_from_record(record: dict, image_root: str | os.PathLike, num_frames: int = 8) -> Conversation:
+    """Our jsonl schema: {"id", "source", "system" (optional), "conversations": [{"images": [paths], "videos": [paths]
+    (optional; `num_frames` frames each, after the images), "user": str, "assistant": str}]}."""
     try:
-        return parse_record(record, image_root)
+        return parse_record(record, image_root, num_frames)
     except SampleError:
         raise
     except ValueError as error:
         raise SampleError(str(error), record.get("id")) from error
 
 
-def parse_record(record: dict, image_root: str | os.PathLike) -> Conversation:
+def parse_record(record: dict, image_root: str | os.PathLike, num_frames: int = 8) -> Conversation:
     if "id" not in record:
         raise ValueError('missing key "id"')
     if not isinstance(record.get("conversations"), list):
@@ -276,25 +292,33 @@ def parse_record(record: dict, image_root: str | os.PathLike) -> Conversation:
                 raise ValueError(f'turn {number}: "{key}" must be a string'
                                  + (" (missing)" if key not in turn else f", got {type(turn[key]).__name__}"))
         images = turn.get("images", [])
-        if not isinstance(images, list):
-            raise ValueError(f'turn {number}: "images" must be a list of relative paths')
-        turns.append(Turn(turn["user"], turn["assistant"], [resolve_image_path(image_root, p) for p in images]))
-    return Conversation(str(record["id"]), turns)
+        videos = turn.get("videos", [])
+        for key, value in (("images", images), ("videos", videos)):
+            if not isinstance(value, list):
+                raise ValueError(f'turn {number}: "{key}" must be a list of relative paths')
+        refs = [resolve_image_path(image_root, p) for p in images]
+        refs += [frame for p in videos for frame in video_frames(resolve_image_path(image_root, p), num_frames)]
+        turns.append(Turn(turn["user"], turn["assistant"], refs))
+    system = record.get("system")
+    if system is not None and not isinstance(system, str):
+        raise ValueError(f'"system" must be a string, got {type(system).__name__}')
+    return Conversation(str(record["id"]), turns, system)
 
 
-def jsonl_item_conversation(item: tuple[int, dict], image_root: str | os.PathLike) -> Conversation:
-    return conversation_from_record(item[1], image_root)
+def jsonl_item_conversation(item: tuple[int, dict], image_root: str | os.PathLike, num_frames: int = 8
+                            ) -> Conversation:
+    return conversation_from_record(item[1], image_root, num_frames)
 
 
 def jsonl_dataset(path: str | os.PathLike, image_root: str | os.PathLike, processor: Phi3VProcessor,
                   for_generation: bool = False, max_image_pixels: int | None = None,
-                  limit: int | None = None) -> ConversationDataset:
+                  limit: int | None = None, num_frames: int = 8) -> ConversationDataset:
     """A dataset over a jsonl file in our schema, with images relative to `image_root`."""
     records, errors = read_jsonl(path)
     records = records[:limit] if limit is not None else records
     name = Path(path).name
     return ConversationDataset(
-        records, functools.partial(jsonl_item_conversation, image_root=image_root), processor,
+        records, functools.partial(jsonl_item_conversation, image_root=image_root, num_frames=num_frames), processor,
         where=[f"{name}:{line}" for line, _ in records], for_generation=for_generation,
         max_image_pixels=max_image_pixels,
         load_problems=[Problem(f"{name}:{line}", None, message) for line, message in errors],
@@ -326,12 +350,8 @@ def load_hf_split(hub_id: str, config: str | None, split: str, local_path: str |
         dataset = datasets.load_from_disk(local_path)
         dataset = dataset[base] if isinstance(dataset, datasets.DatasetDict) else dataset
     else:
-        files = sorted(str(p) for p in Path(local_path).rglob(f"{base}-*.parquet"))
-        files = files or sorted(str(p) for p in Path(local_path).rglob(f"{base}/*.parquet"))
-        if not files:
-            raise FileNotFoundError(f"--dataset_path {local_path}: no save_to_disk dataset and no {base}-*.parquet "
-                                    "files in it")
-        dataset = datasets.load_dataset("parquet", data_files={base: files}, split=base)
+        dataset = datasets.load_dataset("parquet", data_files={base: parquet_files(local_path, base, config)},
+                                        split=base)
     if rows:
         start, stop = (int(x) if x else None for x in rows.strip("[]").split(":"))
         dataset = dataset.select(range(len(dataset))[slice(start, stop)])
@@ -341,6 +361,32 @@ def load_hf_split(hub_id: str, config: str | None, split: str, local_path: str |
         elif isinstance(feature, (datasets.Sequence, datasets.List)) and isinstance(feature.feature, datasets.Image):
             dataset = dataset.cast_column(column, type(feature)(datasets.Image(decode=False)))
     return dataset
+
+
+def parquet_files(path: str | os.PathLike, split: str, config: str | None) -> list[str]:
+    """The parquet files of one split of one config: `path` itself if it is a file, else the files in the hub layout
+    under it (CONFIG/SPLIT-*.parquet, data/SPLIT-*.parquet or SPLIT/*.parquet). Files of different configs (the
+    Cauldron's docvqa/, nlvr2/, ...) are never merged into one split: name the config, or point to its folder."""
+    path = Path(path)
+    if path.is_file():
+        return [str(path)]
+    files = sorted(path.rglob(f"{split}-*.parquet")) or sorted(path.rglob(f"{split}/*.parquet"))
+    if not files:
+        raise UserError(f"{path}: no save_to_disk dataset and no {split}-*.parquet files in it")
+    groups: dict[str, list[str]] = {}
+    for file in files:
+        folder = file.parent.parent if file.parent.name == split else file.parent
+        groups.setdefault(folder.relative_to(path).as_posix(), []).append(str(file))
+    if len(groups) == 1:
+        return next(iter(groups.values()))
+    chosen = [name for name in groups if config is not None and Path(name).name == config]
+    if len(chosen) == 1:
+        return groups[chosen[0]]
+    names = ", ".join(sorted(groups))
+    raise UserError(f"{path} holds {split} parquet files of several configs ({names})"
+                    + (f", none of them named {config!r}" if config is not None else "")
+                    + ": pass the config (--dataset_config NAME) or point to that config's folder; different "
+                    "configs are never merged into one training set")
 
 
 def hub_image(value) -> ImageRef:
@@ -357,3 +403,20 @@ def hub_image(value) -> ImageRef:
     if isinstance(value, Image.Image):
         return value
     raise ValueError(f"image cell of type {type(value).__name__} is not an image")
+
+
+# ------------------------------------------------------------------------------------------------- command line
+
+
+def build_parser():
+    """`python -m phi3v.data convert IN OUT`: any supported format -> our jsonl (see phi3v.formats)."""
+    from phi3v.formats import build_parser
+
+    return build_parser()
+
+
+if __name__ == "__main__":
+    from phi3v.errors import run_main
+    from phi3v.formats import main
+
+    run_main(main)

@@ -78,7 +78,8 @@ def validate(dataset: ConversationDataset, max_length: int | None = None, worker
             checked = pool.map(lambda ref: image_problem(ref, dataset.max_image_pixels), new.values())
             verdicts.update(zip(new, checked))
             for index, (sample_id, (text, images, _)) in renders.items():
-                bad = [verdicts[_key(ref)] for ref in images if verdicts[_key(ref)]]
+                # a video's frames share one verdict: reported once
+                bad = list(dict.fromkeys(verdicts[_key(ref)] for ref in images if verdicts[_key(ref)]))
                 if bad:
                     problems.extend(Problem(dataset.where(index), sample_id, message) for message in bad)
                     continue

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import finetune_hf_trainer_ucf101 as ucf101
 from phi3v.args import parse_args
 from phi3v.errors import UserError
 from tests.conftest import ucf_args
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def file_args(tiny_dir, output_dir, *extra: str) -> list[str]:
@@ -57,11 +62,20 @@ def test_file_flags_and_image_root(tmp_path):
         ucf101.data_files(data_args("--train_file", str(train), "--eval_file", str(tmp_path / "missing.jsonl")))
 
 
-def test_trains_on_a_file_pair_without_test(tiny_dir, ucf_data, tmp_path):
-    for split, name in (("train", "mine.jsonl"), ("val", "held_out.jsonl")):
-        shutil.copy(ucf_data / f"ucf101_{split}.jsonl", tmp_path / name)
+def test_trains_on_llava_and_messages_files_without_test(tiny_dir, ucf_data, tmp_path):
+    """One command, no conversion step: LLaVA json for training, messages jsonl for evaluation, no test split."""
+    records = {split: [json.loads(line) for line in (ucf_data / f"ucf101_{split}.jsonl").read_text().splitlines()]
+               for split in ("train", "val")}
+    llava = [{"id": r["id"], "image": t["images"], "conversations": [
+        {"from": "human", "value": t["user"]}, {"from": "gpt", "value": t["assistant"]}]}
+        for r in records["train"] for t in r["conversations"]]
+    messages = [{"id": r["id"], "images": t["images"], "messages": [
+        {"role": "user", "content": t["user"]}, {"role": "assistant", "content": t["assistant"]}]}
+        for r in records["val"] for t in r["conversations"]]
+    (tmp_path / "mine.json").write_text(json.dumps(llava))
+    (tmp_path / "held_out.jsonl").write_text("".join(json.dumps(m) + "\n" for m in messages))
     out = tmp_path / "out"
-    ucf101.main(file_args(tiny_dir, out, "--train_file", str(tmp_path / "mine.jsonl"), "--eval_file",
+    ucf101.main(file_args(tiny_dir, out, "--train_file", str(tmp_path / "mine.json"), "--eval_file",
                           str(tmp_path / "held_out.jsonl"), "--image_root", str(ucf_data / "images"),
                           "--max_steps", "1", "--no_eval_before_training"))
     results = json.loads((out / "all_results.json").read_text())
@@ -91,3 +105,221 @@ def test_predict_names_an_unreadable_video(tmp_path):
         predict.video_frames(tmp_path / "clip.mp4", 4)
     with pytest.raises(UserError, match=r"--video .*gone.mp4: file not found"):
         predict.video_frames(tmp_path / "gone.mp4", 4)
+
+
+# ------------------------------------------------------------------------------------------------- formats
+
+SYSTEM = "You are a careful assistant."
+
+
+def write_three_formats(root: Path) -> dict[str, Path]:
+    """The same three samples in ours, LLaVA (json array), messages (jsonl) and a Hugging Face dataset (save_to_disk
+    and parquet). a: text turn then an image turn, with a system prompt; b: two images, two turns; c: text only."""
+    import datasets
+
+    from tests.conftest import make_image
+
+    images = {"red.png": make_image(40, 30, seed=1), "cat.png": make_image(50, 70, seed=2),
+              "dog.png": make_image(90, 40, seed=3)}
+    for name, image in images.items():
+        image.save(root / name)
+    ours = [
+        {"id": "a", "system": SYSTEM, "conversations": [
+            {"user": "Hello.", "assistant": "Hi!"},
+            {"images": ["red.png"], "user": "What colour?", "assistant": "red"}]},
+        {"id": "b", "conversations": [{"images": ["cat.png", "dog.png"], "user": "Same animal?", "assistant": "no"},
+                                      {"user": "Sure?", "assistant": "yes"}]},
+        {"id": "c", "conversations": [{"user": "Say hi.", "assistant": "hi"}]},
+    ]
+    llava = [
+        {"id": "a", "image": "red.png", "conversations": [
+            {"from": "system", "value": SYSTEM}, {"from": "human", "value": "Hello."}, {"from": "gpt", "value": "Hi!"},
+            {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]},
+        {"id": "b", "image": ["cat.png", "dog.png"], "conversations": [  # no tags: images go in front, as ours
+            {"from": "human", "value": "Same animal?"}, {"from": "gpt", "value": "no"},
+            {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "yes"}]},
+        {"id": "c", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]},
+    ]
+    messages = [
+        {"id": "a", "images": ["red.png"], "messages": [
+            {"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello."},
+            {"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "<image>\nWhat colour?"},
+            {"role": "assistant", "content": "red"}]},
+        {"id": "b", "images": ["cat.png", "dog.png"], "messages": [
+            {"role": "user", "content": "<image><image>\nSame animal?"}, {"role": "assistant", "content": "no"},
+            {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "yes"}]},
+        {"id": "c", "images": [], "messages": [{"role": "user", "content": "Say hi."},
+                                               {"role": "assistant", "content": "hi"}]},
+    ]
+    files = {"ours": root / "ours.jsonl", "llava": root / "llava.json", "messages": root / "messages.jsonl"}
+    files["ours"].write_text("".join(json.dumps(r) + "\n" for r in ours))
+    files["llava"].write_text(json.dumps(llava, indent=1))
+    files["messages"].write_text("".join(json.dumps(r) + "\n" for r in messages))
+    features = datasets.Features({"id": datasets.Value("string"), "messages": [{"role": datasets.Value("string"),
+                                  "content": datasets.Value("string")}], "images": [datasets.Image()]})
+    rows = {"id": [r["id"] for r in messages], "messages": [r["messages"] for r in messages],
+            "images": [[images[name] for name in r["images"]] for r in messages]}
+    hub = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict({"train": hub}).save_to_disk(str(root / "hf_disk"))
+    (root / "hf_parquet" / "data").mkdir(parents=True)
+    hub.to_parquet(str(root / "hf_parquet" / "data" / "train-00000-of-00001.parquet"))
+    files["hf_disk"], files["hf_parquet"] = root / "hf_disk", root / "hf_parquet"
+    return files
+
+
+def batch_of(dataset):
+    from phi3v.collator import Phi3VCollator
+
+    return Phi3VCollator(dataset.processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+
+
+def test_the_same_samples_in_every_format_give_identical_batches(processor, tmp_path):
+    from phi3v.data import render
+    from phi3v.formats import detect_format, load_data
+
+    files = write_three_formats(tmp_path)
+    assert {name: detect_format(path) for name, path in files.items()} == {
+        "ours": "ours", "llava": "llava", "messages": "messages", "hf_disk": "hf", "hf_parquet": "hf"}
+    reference = batch_of(load_data(files["ours"], processor))
+    assert reference["sample_ids"] == ["a", "b", "c"] and reference["pixel_values"].shape[0] == 3
+    for name in ("llava", "messages", "hf_disk", "hf_parquet"):
+        batch = batch_of(load_data(files[name], processor))
+        assert batch["sample_ids"] == reference["sample_ids"], name
+        for key in ("input_ids", "labels", "attention_mask", "pixel_values", "image_sizes"):
+            assert torch.equal(batch[key], reference[key]), (name, key)
+    # the system message as the chat template renders it (spec: "<|role|>\n" + content + "<|end|>\n"), never trained
+    dataset = load_data(files["llava"], processor)
+    text, _, _ = render(processor, dataset.conversation(0))
+    assert text == (f"<|system|>\n{SYSTEM}<|end|>\n<|user|>\nHello.<|end|>\n<|assistant|>\nHi!<|end|>\n"
+                    "<|user|>\n<|image_1|>\nWhat colour?<|end|>\n<|assistant|>\nred<|end|>\n<|endoftext|>")
+    supervised = processor.decode([t for t in reference["labels"][0].tolist() if t != -100])
+    assert "careful" not in supervised and "Hi!" in supervised and "red" in supervised
+
+
+def test_convert_writes_our_jsonl_from_every_format(processor, tmp_path):
+    from phi3v.formats import load_data, main
+
+    files = write_three_formats(tmp_path)
+    reference = batch_of(load_data(files["ours"], processor))
+    for name in ("llava", "messages", "hf_disk"):
+        out = tmp_path / "converted" / f"{name}.jsonl"
+        summary = main(["convert", str(files[name]), str(out)])
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [r["id"] for r in records] == ["a", "b", "c"] and records[0]["system"] == SYSTEM
+        assert records[1]["conversations"][0]["user"] == "Same animal?"  # default layout: tags left to the reader
+        batch = batch_of(load_data(out, processor, image_root=summary["image_root"]))
+        for key in ("input_ids", "labels", "pixel_values", "image_sizes"):
+            assert torch.equal(batch[key], reference[key]), (name, key)
+
+
+@pytest.mark.slow
+def test_convert_command_line(tmp_path):
+    files = write_three_formats(tmp_path)
+    out = tmp_path / "converted.jsonl"
+    result = subprocess.run([sys.executable, "-m", "phi3v.data", "convert", str(files["llava"]), str(out)],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"3 records (llava) written to {out}; train with --train_file {out} --image_root {tmp_path}" in \
+        result.stdout
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a", "b", "c"]
+    result = subprocess.run([sys.executable, "-m", "phi3v.data", "convert", str(tmp_path / "none.json"), str(out)],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 2 and result.stderr.strip() == f"error: {tmp_path / 'none.json'}: no such file"
+
+
+def test_messages_parts_tags_and_mistakes(tmp_path):
+    from phi3v.data import SampleError
+    from phi3v.formats import llava_conversation, messages_conversation
+
+    def messages(*turns, images=("a.png", "b.png"), **extra):
+        record = {"id": "m", "images": list(images), **extra,
+                  "messages": [{"role": r, "content": c} for r, c in turns]}
+        return messages_conversation(("x.jsonl:1", record), tmp_path)
+
+    parts = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Same?"}]
+    conversation = messages(("user", parts), ("assistant", [{"type": "text", "text": "no"}]))
+    assert conversation.turns[0].user == "<|image_1|>\n<|image_2|>\nSame?"  # the model card's layout
+    assert conversation.turns[0].images == [tmp_path / "a.png", tmp_path / "b.png"]
+    # tags place images in later turns, numbered within the turn (render numbers them across the conversation)
+    conversation = messages(("user", "<image>Left"), ("assistant", "ok"), ("user", "Right: <image>"),
+                            ("assistant", "ok"))
+    assert [(t.user, [p.name for p in t.images]) for t in conversation.turns] == [
+        ("<|image_1|>Left", ["a.png"]), ("Right: <|image_1|>", ["b.png"])]
+    assert messages(("user", "Q"), images=()).turns[0].assistant is None  # a prompt without answer (evaluation)
+    for turns, images, message in [
+        ((("user", "<image> one tag"), ("assistant", "x")), ("a.png", "b.png"), r"1 <image> tag\(s\) but 2 image"),
+        ((("user", "Q"), ("user", "Q2")), (), "message 2 is from 'user' where a 'assistant' message was expected"),
+        ((("user", "Q"), ("assistant", "<image>")), ("a.png",), "an assistant message cannot hold"),
+        ((("user", [{"type": "audio"}]), ("assistant", "x")), (), "a content part must be"),
+        ((("user", "Q"), ("assistant", "x")), ("../escape.png",), "outside the image root"),
+    ]:
+        with pytest.raises(SampleError, match=message):
+            messages(*turns, images=images)
+    with pytest.raises(SampleError, match='"from" must be one of'):
+        llava_conversation(("x.json[0]", {"conversations": [{"from": "bot", "value": "x"}]}), tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------- video
+
+
+def test_video_on_the_fly_gives_the_converters_frames(processor, tmp_path):
+    import numpy as np
+
+    import convert_ucf101
+    from phi3v.data import jsonl_dataset
+    from phi3v.formats import load_data
+    from phi3v.synthetic import write_video
+    from phi3v.validation import validate
+
+    # frame k has brightness 10 k, so the frames picked can be read back from the pixels
+    write_video(tmp_path / "src" / "train" / "Archery" / "clip.avi",
+                [np.full((48, 64, 3), 10 * k, dtype=np.uint8) for k in range(20)])
+    convert_ucf101.main(["--src", str(tmp_path / "src"), "--out_dir", str(tmp_path / "conv"), "--num_frames", "4",
+                         "--num_workers", "1", "--no-tqdm"])
+    converted = jsonl_dataset(tmp_path / "conv" / "ucf101_train.jsonl", tmp_path / "conv" / "images", processor)
+    first = json.loads((tmp_path / "conv" / "ucf101_train.jsonl").read_text())
+    prompt = first["conversations"][0]["user"]
+    record = {"id": "train-0000000000", "videos": ["src/train/Archery/clip.avi"],
+              "messages": [{"role": "user", "content": f"<video>\n{prompt}"},
+                           {"role": "assistant", "content": "Archery"}]}
+    (tmp_path / "videos.jsonl").write_text(json.dumps(record) + "\n")
+    on_the_fly = load_data(tmp_path / "videos.jsonl", processor, num_frames=4)
+
+    def brightness(dataset):
+        from phi3v.data import open_image
+
+        refs = dataset.conversation(0).turns[0].images
+        return [round(np.asarray(open_image(ref).convert("L")).mean() / 10) for ref in refs]
+
+    assert brightness(on_the_fly) == brightness(converted) == [0, 5, 10, 15]  # frames 0, 5, 10, 15 of 20
+    a, b = on_the_fly[0], converted[0]
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+    assert torch.equal(a["image_sizes"], b["image_sizes"])
+    assert (a["pixel_values"] - b["pixel_values"]).abs().mean() < 0.02  # the converter's frames went through JPEG
+    assert len(load_data(tmp_path / "videos.jsonl", processor, num_frames=6)[0]["pixel_values"]) == 6
+
+    # an unreadable video: one problem for the sample, naming the file
+    (tmp_path / "src" / "bad.avi").write_bytes(b"not a video" * 100)
+    record["videos"] = ["src/bad.avi"]
+    (tmp_path / "bad.jsonl").write_text(json.dumps(record) + "\n")
+    _, problems = validate(load_data(tmp_path / "bad.jsonl", processor, num_frames=4), disable_tqdm=True)
+    assert [str(p) for p in problems] == [f"bad.jsonl:1 (id train-0000000000): image {tmp_path}/src/bad.avi: "
+                                          "unreadable video: invalid data: not a video file, or a corrupt one"]
+
+
+def test_a_parquet_folder_of_several_configs_is_refused(tmp_path):
+    from phi3v.data import parquet_files
+
+    for config in ("docvqa", "nlvr2", "hateful_memes"):
+        (tmp_path / "cauldron" / config).mkdir(parents=True)
+        for shard in range(2):
+            (tmp_path / "cauldron" / config / f"train-0000{shard}-of-00002.parquet").write_bytes(b"")
+    with pytest.raises(UserError, match=r"holds train parquet files of several configs \(docvqa, hateful_memes, "
+                                        r"nlvr2\): pass the config \(--dataset_config NAME\)"):
+        parquet_files(tmp_path / "cauldron", "train", None)
+    with pytest.raises(UserError, match="none of them named 'chartqa'"):
+        parquet_files(tmp_path / "cauldron", "train", "chartqa")
+    expected = [str(tmp_path / "cauldron" / "nlvr2" / f"train-0000{k}-of-00002.parquet") for k in range(2)]
+    assert parquet_files(tmp_path / "cauldron", "train", "nlvr2") == expected
+    assert parquet_files(tmp_path / "cauldron" / "nlvr2", "train", None) == expected  # one config's folder
+    assert parquet_files(tmp_path / "cauldron" / "nlvr2", "train", "nlvr2") == expected

@@ -1,0 +1,402 @@
+"""The data formats people already have, read as they are: ours, LLaVA, messages, and Hugging Face datasets.
+
+    ours      jsonl  {"id", "system"?, "conversations": [{"images": [...], "videos"?: [...], "user", "assistant"}]}
+    llava     json array or jsonl  {"id"?, "image": str | [str], "video"?: str | [str], "system"?,
+                                    "conversations": [{"from": "system"|"human"|"gpt", "value": "<image>\\n..."}]}
+    messages  jsonl  {"id"?, "messages": [{"role": "system"|"user"|"assistant", "content": str | [parts]}],
+                      "images": [...], "videos"?: [...]}   (TRL, ms-swift; parts are {"type": "text"|"image"|"video"})
+    hf        a Hugging Face dataset with `messages` and `images` columns: a hub id, a `save_to_disk` folder, a folder
+              of parquet files or one parquet file (images embedded, as the hub stores them)
+
+The format is recognised from the content (the first record), or forced with `data_format`. Everything becomes a
+Conversation: `<image>` tags (and `<video>` tags, each `num_frames` frames) become <|image_k|> tags numbered within
+their turn; images without any tag go in front of the first user message, as in LLaVA, which renders exactly as
+our own untagged turns ("<|image_1|><|image_2|>\\n..."). A system message is rendered as the chat template renders
+it. `python -m phi3v.data convert IN OUT` writes any of them in our jsonl, to inspect what will be trained.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from pathlib import Path
+
+from phi3v.data import (
+    Conversation,
+    ConversationDataset,
+    Problem,
+    SampleError,
+    Turn,
+    conversation_from_record,
+    hub_image,
+    load_hf_split,
+    read_jsonl,
+    resolve_image_path,
+)
+from phi3v.errors import UserError
+from phi3v.video import VideoFrame, video_frames
+
+FORMATS = ("auto", "ours", "llava", "messages", "hf")
+PLACEHOLDER = re.compile(r"<image>|<video>")
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+# ------------------------------------------------------------------------------------------------- reading files
+
+
+def read_records(path: str | os.PathLike) -> tuple[list[tuple[str, dict]], list[Problem]]:
+    """(where, record) for a JSON array file or a jsonl file, and the unreadable lines. A JSON file is one array
+    (LLaVA's .json) read whole; anything else is read line by line."""
+    path, name = Path(path), Path(path).name
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith(b"["):
+        try:
+            array = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise UserError(f"{path}: not a valid JSON array ({str(error).splitlines()[0][:200]})") from error
+        records = [(f"{name}[{i}]", r) for i, r in enumerate(array) if isinstance(r, dict)]
+        problems = [Problem(f"{name}[{i}]", None, f"an item must be a JSON object, got {type(r).__name__}")
+                    for i, r in enumerate(array) if not isinstance(r, dict)]
+        return records, problems
+    records, errors = read_jsonl(path)
+    return ([(f"{name}:{line}", r) for line, r in records],
+            [Problem(f"{name}:{line}", None, message) for line, message in errors])
+
+
+def record_format(record: dict) -> str | None:
+    """"ours", "llava" or "messages" from the keys of one record, or None."""
+    turns = record.get("conversations")
+    if isinstance(turns, list) and turns and isinstance(turns[0], dict):
+        if "from" in turns[0] or "value" in turns[0]:
+            return "llava"
+        if "user" in turns[0] or "assistant" in turns[0]:
+            return "ours"
+    if isinstance(record.get("messages"), list):
+        return "messages"
+    return None
+
+
+def is_hub_id(path: str) -> bool:
+    """A name like `owner/dataset` that is not a local path (and not a file name we would read ourselves)."""
+    return not Path(path).exists() and bool(HUB_ID.match(path)) and Path(path).suffix not in (".json", ".jsonl")
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """The format of a data file or dataset, from its content."""
+    path = str(path)
+    if Path(path).is_dir() or path.endswith(".parquet") or is_hub_id(path):
+        return "hf"
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such file")
+    records, _ = read_records(path)
+    for _, record in records[:10]:
+        found = record_format(record)
+        if found:
+            return found
+    keys = sorted(records[0][1])[:8] if records else []
+    raise UserError(f"{path}: cannot tell the data format from its first records (keys {keys}); expected ours "
+                    '("conversations" with "user"/"assistant"), LLaVA ("conversations" with "from"/"value") or '
+                    '"messages": fix the file or pass --data_format')
+
+
+# ------------------------------------------------------------------------------------------------- to Conversation
+
+
+def _as_list(value, key: str) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (str, dict, bytes)) or not isinstance(value, (list, tuple)):
+        value = [value]
+    return list(value)
+
+
+def build_conversation(sample_id: str, messages: list[tuple[str, str]], images: list, videos: list,
+                       num_frames: int, system: str | None = None) -> Conversation:
+    """Conversation from (role, text) messages with <image>/<video> tags and the sample's images and videos (as
+    ImageRefs, and video paths). Images or videos without any tag go in front of the first user message."""
+    if messages and messages[0][0] == "system":
+        if system is not None:
+            raise ValueError("two system messages (a system key and a system turn)")
+        system = messages[0][1]
+        messages = messages[1:]
+    texts = [text for _, text in messages]
+    tags = [tag for text in texts for tag in PLACEHOLDER.findall(text)]
+    for kind, items in (("image", images), ("video", videos)):
+        count = tags.count(f"<{kind}>")
+        if count and count != len(items):
+            raise ValueError(f"{count} <{kind}> tag(s) but {len(items)} {kind}(s)")
+    prefix = "<image>" * (len(images) * (tags.count("<image>") == 0)) + "<video>" * (len(videos) * (
+        tags.count("<video>") == 0))
+    pending = {"<image>": iter(images), "<video>": iter(videos)}
+    turns, user = [], None
+    for number, (role, text) in enumerate(messages, start=1):
+        expected = "user" if user is None else "assistant"
+        if role != expected:
+            raise ValueError(f"message {number} is from {role!r} where a {expected!r} message was expected (a "
+                             "system message may only come first; then user and assistant alternate)")
+        if role == "assistant":
+            if PLACEHOLDER.search(text):
+                raise ValueError(f"message {number}: an assistant message cannot hold an <image> or <video> tag")
+            turns.append(Turn(user[0], text, user[1]))
+            user = None
+            continue
+        if not turns and prefix:
+            text = prefix + "\n" + text
+        refs, parts, k = [], [], 0
+        for piece in re.split(r"(<image>|<video>)", text):
+            if piece not in pending:
+                parts.append(piece)
+                continue
+            frames = [next(pending[piece])] if piece == "<image>" else video_frames(next(pending[piece]), num_frames)
+            parts += [f"<|image_{k + j + 1}|>" for j in range(len(frames))]
+            refs += frames
+            k += len(frames)
+        user = ("".join(parts), refs)
+    if user is not None:  # a last question without its answer: a prompt (fine for evaluation, not for training)
+        turns.append(Turn(user[0], None, user[1]))
+    if not turns:
+        raise ValueError("no user message")
+    return Conversation(sample_id, turns, system)
+
+
+def _text(content, number: int) -> str:
+    """A message content as text: a string, or parts [{"type": "text"|"image"|"video", ...}] where an image or
+    video part becomes its tag and a line break (the model card's "<|image_1|>\\n<|image_2|>\\n..." layout)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValueError(f"message {number}: content must be a string or a list of parts")
+    text = ""
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            text += part["text"]
+        elif kind in ("image", "video"):
+            text += f"<{kind}>\n"
+        else:
+            raise ValueError(f"message {number}: a content part must be {{'type': 'text', 'text': ...}}, "
+                             f"{{'type': 'image'}} or {{'type': 'video'}}, got {str(part)[:80]}")
+    return text
+
+
+def _sample_id(record: dict, where: str) -> str:
+    return str(record["id"]) if record.get("id") is not None else where
+
+
+def llava_conversation(item: tuple[str, dict], image_root: str | os.PathLike, num_frames: int = 8) -> Conversation:
+    where, record = item
+    try:
+        turns = record.get("conversations")
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            raise ValueError('"conversations" must be a list of {"from", "value"} objects')
+        messages = []
+        for number, turn in enumerate(turns, start=1):
+            role = LLAVA_ROLES.get(turn.get("from"))
+            if role is None or not isinstance(turn.get("value"), str):
+                raise ValueError(f'turn {number}: "from" must be one of {sorted(LLAVA_ROLES)} and "value" a string')
+            messages.append((role, turn["value"]))
+        images = [resolve_image_path(image_root, p) for p in _as_list(record.get("image"), "image")]
+        videos = [resolve_image_path(image_root, p) for p in _as_list(record.get("video"), "video")]
+        return build_conversation(_sample_id(record, where), messages, images, videos, num_frames,
+                                  record.get("system"))
+    except ValueError as error:
+        raise SampleError(str(error), record.get("id")) from error
+
+
+def messages_conversation(item: tuple[str, dict], image_root: str | os.PathLike | None, num_frames: int = 8
+                          ) -> Conversation:
+    """A `messages` record; with `image_root` None (a hub dataset row) images are embedded image cells."""
+    where, record = item
+    try:
+        messages = record.get("messages")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise ValueError('"messages" must be a list of {"role", "content"} objects')
+        pairs = [(m.get("role"), _text(m.get("content"), n)) for n, m in enumerate(messages, start=1)]
+        if image_root is None:
+            images = [hub_image(cell) for cell in _as_list(record.get("images"), "images")]
+            if _as_list(record.get("videos"), "videos"):
+                raise ValueError("videos in a hub dataset are not supported: use a jsonl file with video paths")
+            videos = []
+        else:
+            images = [resolve_image_path(image_root, p) for p in _as_list(record.get("images"), "images")]
+            videos = [resolve_image_path(image_root, p) for p in _as_list(record.get("videos"), "videos")]
+        return build_conversation(_sample_id(record, where), pairs, images, videos, num_frames, record.get("system"))
+    except ValueError as error:
+        raise SampleError(str(error), record.get("id")) from error
+
+
+def ours_conversation(item: tuple[str, dict], image_root: str | os.PathLike, num_frames: int = 8) -> Conversation:
+    return conversation_from_record(item[1], image_root, num_frames)
+
+
+def hf_row_conversation(index: int, rows) -> Conversation:
+    return messages_conversation((f"row {index}", rows[index]), None)
+
+
+READERS = {"ours": ours_conversation, "llava": llava_conversation, "messages": messages_conversation}
+
+
+# ------------------------------------------------------------------------------------------------- datasets
+
+
+def load_data(path: str | os.PathLike, processor, image_root: str | os.PathLike | None = None,
+              data_format: str = "auto", for_generation: bool = False, split: str = "train",
+              config: str | None = None, num_frames: int = 8, max_image_pixels: int | None = None,
+              limit: int | None = None) -> ConversationDataset:
+    """A dataset over a file or Hugging Face dataset in any supported format.
+
+    Args:
+        image_root: folder the image and video paths are relative to (default: the file's folder).
+        data_format: "auto" (from the content) or one of ours, llava, messages, hf.
+        split, config: for a Hugging Face dataset, the split (hub syntax: "train", "train[:100]") and config.
+        num_frames: evenly spaced frames per video.
+    """
+    path = str(path)
+    if data_format not in FORMATS:
+        raise UserError(f"--data_format must be one of {', '.join(FORMATS)}, got {data_format!r}")
+    data_format = detect_format(path) if data_format == "auto" else data_format
+    if data_format == "hf":
+        rows = hf_rows(path, split, config)
+        indices = list(range(len(rows)))[:limit]
+        return ConversationDataset(indices, functools.partial(hf_row_conversation, rows=rows), processor,
+                                   where=[f"{Path(path).name} {split} row {i}" for i in indices],
+                                   for_generation=for_generation, max_image_pixels=max_image_pixels)
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such file")
+    records, problems = read_records(path)
+    records = records[:limit]
+    root = Path(image_root) if image_root is not None else Path(path).parent
+    reader = functools.partial(READERS[data_format], image_root=root, num_frames=num_frames)
+    return ConversationDataset(records, reader, processor, where=[where for where, _ in records],
+                               for_generation=for_generation, max_image_pixels=max_image_pixels,
+                               load_problems=problems)
+
+
+def hf_rows(path: str, split: str, config: str | None):
+    """The rows of a Hugging Face dataset split, checked for the `messages` and `images` columns."""
+    local = Path(path).exists()
+    try:
+        rows = load_hf_split(None if local else path, config, split, path if local else None)
+    except OSError as error:  # the hub, offline or without that dataset
+        raise UserError(f"could not load the Hugging Face dataset {path}" + (f" ({config})" if config else "")
+                        + f": {str(error).split('. Offline?')[0][:300]}. Offline? Save a copy where the hub is "
+                        "reachable (datasets.load_dataset(...).save_to_disk(DIR), or its parquet files) and pass "
+                        "DIR instead of the hub id.") from error
+    missing = {"messages", "images"} - set(rows.column_names)
+    if missing:
+        raise UserError(f"{path}: the dataset has columns {rows.column_names}, not {sorted(missing)}; a Hugging Face "
+                        "dataset is read with a `messages` column (role/content) and an `images` column")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------- convert
+
+
+def to_record(conversation: Conversation, image_root: Path, save_image) -> dict:
+    """Our jsonl record for a conversation; `save_image(ref, name)` returns the relative path of an embedded image."""
+    turns = []
+    for number, turn in enumerate(conversation.turns):
+        images, videos = [], []
+        for k, ref in enumerate(turn.images):
+            if isinstance(ref, VideoFrame):
+                if ref.index == 0:
+                    videos.append(ref.path.relative_to(image_root.resolve()).as_posix())
+            elif videos:
+                raise UserError(f"sample {conversation.id}: an image after a video in one turn cannot be written in "
+                                "our format (its video frames follow the images); train from the original file")
+            elif isinstance(ref, Path):
+                images.append(ref.relative_to(image_root.resolve()).as_posix())
+            else:
+                images.append(save_image(ref, f"{conversation.id}-{number}-{k}"))
+        user = turn.user
+        default = "".join(f"<|image_{k + 1}|>" for k in range(len(turn.images))) + "\n"
+        if turn.images and user.startswith(default):
+            user = user[len(default):]  # the default layout: our reader puts the tags back (for any --num_frames)
+        entry = {"images": images, "user": user, "assistant": turn.assistant}
+        if videos:
+            entry["videos"] = videos
+        turns.append(entry)
+    record = {"id": conversation.id}
+    if conversation.system is not None:
+        record["system"] = conversation.system
+    return {**record, "conversations": turns}
+
+
+def convert(source: str, target: str, data_format: str = "auto", image_root: str | None = None,
+            split: str = "train", config: str | None = None, num_frames: int = 8) -> dict:
+    """Write `source` (any format) as our jsonl `target`; embedded images go to TARGET_images/. Stops at the first
+    bad record, naming it."""
+    data_format = detect_format(source) if data_format == "auto" else data_format
+    target = Path(target)
+    if data_format == "hf":
+        rows = hf_rows(source, split, config)
+        items = [(f"row {i}", i) for i in range(len(rows))]
+        read = functools.partial(hf_row_conversation, rows=rows)
+        root = target.parent / f"{target.stem}_images"
+    else:
+        records, problems = read_records(source)
+        if problems:
+            raise UserError(f"{source}: {len(problems)} unreadable record(s)", [str(p) for p in problems])
+        root = Path(image_root) if image_root else Path(source).parent
+        reader = functools.partial(READERS[data_format], image_root=root, num_frames=num_frames)
+        items = [(where, (where, record)) for where, record in records]
+        read = reader
+
+    def save_image(ref, name: str) -> str:
+        from phi3v.data import open_image
+
+        image = open_image(ref, decode=False)
+        suffix = (image.format or "png").lower().replace("jpeg", "jpg")
+        root.mkdir(parents=True, exist_ok=True)
+        file = re.sub(r"[^\w.-]", "_", name) + f".{suffix}"
+        (root / file).write_bytes(ref if isinstance(ref, bytes) else _encode(image))
+        return file
+
+    lines = []
+    for where, item in items:
+        try:
+            lines.append(json.dumps(to_record(read(item), root, save_image), ensure_ascii=False))
+        except ValueError as error:
+            raise UserError(f"{source} {where}: {error}") from error
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return {"records": len(lines), "format": data_format, "image_root": str(root)}
+
+
+def _encode(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def build_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m phi3v.data", description="Write data of any supported format "
+                                     "(ours, LLaVA, messages, Hugging Face dataset) as our jsonl, to inspect it.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    command = commands.add_parser("convert", help="IN (any format) -> OUT (our jsonl)")
+    command.add_argument("source", metavar="IN", help="a json/jsonl file, a dataset folder, a parquet file, a hub id")
+    command.add_argument("target", metavar="OUT", help="the jsonl file to write")
+    command.add_argument("--data_format", default="auto", choices=FORMATS)
+    command.add_argument("--image_root", help="folder IN's image paths are relative to (default: beside IN); OUT "
+                                              "keeps paths relative to it")
+    command.add_argument("--split", default="train", help="Hugging Face dataset split")
+    command.add_argument("--dataset_config", help="Hugging Face dataset config")
+    command.add_argument("--num_frames", type=int, default=8, help="frames per video")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    summary = convert(args.source, args.target, args.data_format, args.image_root, args.split, args.dataset_config,
+                      args.num_frames)
+    print(f"{summary['records']} records ({summary['format']}) written to {args.target}; train with "
+          f"--train_file {args.target} --image_root {summary['image_root']}")
+    return summary
