@@ -31,7 +31,12 @@ class ModelArguments:
     use_flash_attention: bool = field(default=False, metadata={
         "help": "flash_attention_2 with bf16 weights (Ampere+ GPU and the flash-attn package)."})
     attn_implementation: str | None = field(default=None, metadata={
-        "help": "sdpa (default), eager or flash_attention_2; --use_flash_attention means flash_attention_2."})
+        "help": "Language model attention: sdpa (default), eager or flash_attention_2; --use_flash_attention means "
+                "flash_attention_2. The CLIP tower follows --vision_attn_implementation."})
+    vision_attn_implementation: str = field(default="sdpa", metadata={
+        "help": "CLIP tower attention: sdpa (default, whatever the language model uses: the official code's "
+                "'eager' also applies to its language model only), eager or flash_attention_2.",
+        "choices": ("sdpa", "eager", "flash_attention_2")})
     use_lora: bool = field(default=False, metadata={"help": "LoRA on the LM (and the vision tower unless frozen)."})
     use_qlora: bool = field(default=False, metadata={"help": "QLoRA: LoRA on a 4-bit NF4 base (implies --use_lora)."})
     freeze_vision_model: bool = field(default=False, metadata={

@@ -87,7 +87,8 @@ def load_model(model_args: ModelArguments, training_args: RecipeTrainingArgument
         device_map = {"": training_args.local_process_index}
     model = Phi3VForCausalLM.from_pretrained(
         model_args.model_name_or_path, dtype=model_dtype(model_args),
-        attn_implementation=model_args.attn_implementation, quantization_config=quantization_config,
+        attn_implementation=model_args.attn_implementation,
+        vision_attn_implementation=model_args.vision_attn_implementation, quantization_config=quantization_config,
         device_map=device_map,
     )
     model.config.use_cache = False  # training; generation turns it back on

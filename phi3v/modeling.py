@@ -349,18 +349,27 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         self.post_init()
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """Load an official-layout checkpoint (local directory or hub id). Defaults to sdpa attention."""
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, vision_attn_implementation: str = "sdpa",
+                        **kwargs):
+        """Load an official-layout checkpoint (local directory or hub id).
+
+        Attention per tower: `attn_implementation` (default sdpa) is the language model's, `vision_attn_implementation`
+        (default sdpa) the CLIP tower's, as in the official code, whose "eager" is its language model's only. A
+        transformers-style dict ({"": lm, "vision_config": clip}) is taken as it is.
+        """
         if "torch_dtype" in kwargs:  # the name the official recipe and model card use
             kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
-        kwargs.setdefault("attn_implementation", "sdpa")
+        implementation = kwargs.get("attn_implementation") or "sdpa"
+        if not isinstance(implementation, dict):
+            implementation = {"": implementation, "vision_config": vision_attn_implementation}
+        kwargs["attn_implementation"] = implementation
         kwargs.setdefault("use_safetensors", True)  # never unpickle model files: a .bin can run arbitrary code
         local = Path(pretrained_model_name_or_path)
         if local.is_dir() and not list(local.glob("*.safetensors")) and list(local.glob("*.bin")):
             raise OSError(f"{local} holds pickle weights (*.bin) only. Weights are loaded from safetensors only, "
                           "because unpickling a file can execute code; convert the checkpoint where you trust it "
                           "(load it and call save_pretrained) and pass the safetensors copy.")
-        if kwargs["attn_implementation"] == "flash_attention_2" and not is_flash_attn_2_available():
+        if "flash_attention_2" in implementation.values() and not is_flash_attn_2_available():
             raise ImportError(
                 "attn_implementation='flash_attention_2' needs the flash-attn package and a CUDA GPU (Ampere or "
                 "newer): `pip install flash-attn --no-build-isolation`. Without it use 'sdpa' (the default) or "
