@@ -10,6 +10,7 @@ Every flag of the original scripts keeps its meaning and default (--use_flash_at
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,7 +104,7 @@ class BaseDataArguments:
     eval_before_training: bool = field(default=True, metadata={"help": "Evaluate the base model before training."})
     eval_after_training: bool = field(default=True, metadata={"help": "Evaluate the fine-tuned model."})
     eval_batch_size: int | None = field(default=None, metadata={
-        "help": "Prompts per generate() call and GPU in evaluation (default: --batch_size_per_gpu x 4)."})
+        "help": "Prompts per generate() call and GPU in evaluation (default: as many as --eval_kv_cache_gb holds)."})
     max_new_tokens: int = field(default=64, metadata={"help": "Generation limit in evaluation (original: 64)."})
 
     def __post_init__(self):
@@ -136,6 +137,9 @@ class RecipeTrainingArguments(TrainingArguments):
     no_tqdm: bool = field(default=False, metadata={"help": "Disable progress bars (original flag)."})
     fp32: bool = field(default=False, metadata={
         "help": "No mixed precision. Without --bf16 the original trains in fp16 on GPUs; on CPU fp32 is used."})
+    eval_kv_cache_gb: float | None = field(default=None, metadata={
+        "help": "KV-cache memory per GPU that sizes the evaluation batch (default: 40% of the GPU memory free when "
+                "evaluation starts; 2 on CPU). Phi-3.5-vision needs 384 KiB per token in bf16."})
     skip_nonfinite_steps: bool = field(default=False, metadata={
         "help": "Skip optimizer steps whose loss or gradient is NaN/inf (counted and logged) instead of stopping."})
     learning_rate: float = field(default=4.0e-5, metadata={"help": "Peak learning rate (linear decay to 0)."})
@@ -180,6 +184,13 @@ class RecipeTrainingArguments(TrainingArguments):
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.max_steps <= 0 and not self.num_train_epochs > 0:
             raise ValueError(f"--num_train_epochs must be > 0 (or set --max_steps), got {self.num_train_epochs}")
+        if self.deepspeed:
+            os.environ.update(single_process_launch_env(os.environ))
+            from phi3v.reporting import announce_deepspeed_compiles  # before DeepSpeed starts, which may compile
+
+            announce_deepspeed_compiles()
+        if self.eval_kv_cache_gb is not None and self.eval_kv_cache_gb <= 0:
+            raise ValueError(f"--eval_kv_cache_gb must be > 0, got {self.eval_kv_cache_gb}")
         self.resolve_batch_sizes(int(os.environ.get("WORLD_SIZE", 1)))
         super().__post_init__()
 
@@ -217,6 +228,21 @@ class RecipeTrainingArguments(TrainingArguments):
                 )
             self.gradient_accumulation_steps = self.batch_size // (per_gpu * world)
         self.batch_size_per_gpu = self.per_device_train_batch_size = per_gpu
+
+
+def single_process_launch_env(environ) -> dict[str, str]:
+    """What a launcher would export for one process, when no launcher did (plain `python script.py --deepspeed`).
+
+    DeepSpeed reads RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT from the environment; without them it falls back
+    to MPI discovery and dies with "No module named 'mpi4py'". One process on one GPU needs no launcher, so we
+    export those of a single-process group (on a free local port). Under torchrun/deepspeed/accelerate: nothing.
+    """
+    if any(name in environ for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")):
+        return {}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
 
 
 def parse_args(data_class: type, argv: list[str] | None = None, **defaults):

@@ -7,6 +7,7 @@ recipes; the metric is the script's business.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -34,16 +35,116 @@ def gather_to_rank_zero(items: list) -> list | None:
     return [item for part in gathered for item in part] if rank == 0 else None
 
 
+# ------------------------------------------------------------------------------------------------- batch size
+
+MAX_EVAL_BATCH = 64  # beyond this a larger batch buys little speed and delays the first answers
+CPU_KV_BUDGET_GB = 2.0
+
+
+def kv_cache_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Keys + values of one token across all decoder layers: 2 x layers x kv heads x head dim x element size.
+
+    Phi-3.5-vision in bf16: 2 x 32 x 32 x 96 x 2 = 393,216 bytes (384 KiB); a 2,500-token DocVQA prompt + 64 new
+    tokens holds ~0.94 GiB of cache (twice that in fp32).
+    """
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = config.num_key_value_heads or heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def kv_cache_budget_bytes(device: torch.device, budget_gb: float | None = None) -> int:
+    """`budget_gb` if given; else on a GPU 40% of its free memory now (after weights and optimizer states: the rest
+    is for the prefill's activations and the allocator's slack), on CPU 2 GB."""
+    if budget_gb is not None:
+        return int(budget_gb * 2**30)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(0.4 * free)
+    return int(CPU_KV_BUDGET_GB * 2**30)
+
+
+def eval_batch_size(config, longest_prompt: int, max_new_tokens: int, dtype: torch.dtype, budget_bytes: int,
+                    limit: int = MAX_EVAL_BATCH) -> int:
+    """Prompts per generate() call whose KV cache (the longest prompt + max_new_tokens, padded) fits the budget;
+    at least 1, at most `limit`."""
+    per_prompt = kv_cache_bytes_per_token(config, dtype) * (longest_prompt + max_new_tokens)
+    return int(max(1, min(limit, budget_bytes // per_prompt)))
+
+
+def prompt_lengths(dataset: ConversationDataset) -> list[int]:
+    """Token counts of the prompts: from validation when it ran, else from image headers and text (no decoding)."""
+    if dataset.lengths is not None and len(dataset.lengths) == len(dataset):
+        return list(dataset.lengths)
+    return [dataset.num_tokens(i) for i in range(len(dataset))]
+
+
+# ------------------------------------------------------------------------------------------------- ZeRO-3
+
+
+@contextlib.contextmanager
+def gathered_per_module(model: torch.nn.Module):
+    """ZeRO-3 weights outside the DeepSpeed engine (the evaluation before training): each module's own parameters
+    are gathered just before its forward and released after it, so at most one layer is whole at a time.
+
+    Gathering the whole model at once (deepspeed.zero.GatheredParameters(model.parameters())) needs its full size
+    on every GPU: the 8.3 GB of bf16 weights that zero3_offload exists to keep off it. Every rank must run the same
+    modules in the same order (generate with synced_gpus=True).
+    """
+    import deepspeed
+
+    handles, open_contexts = [], {}
+
+    def gather(module, args):
+        params = list(module.parameters(recurse=False))
+        if params:
+            context = deepspeed.zero.GatheredParameters(params)
+            context.__enter__()
+            open_contexts.setdefault(id(module), []).append(context)
+
+    def release(module, args, output):
+        stack = open_contexts.get(id(module))
+        if stack:
+            stack.pop().__exit__(None, None, None)
+
+    for module in model.modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            handles.append(module.register_forward_pre_hook(gather))
+            handles.append(module.register_forward_hook(release))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for stack in open_contexts.values():  # an exception inside a forward: release what it left gathered
+            while stack:
+                stack.pop().__exit__(None, None, None)
+
+
+# ------------------------------------------------------------------------------------------------- generation
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision for generation in the training precision: bf16/fp16 matmuls and a bf16/fp16 KV cache even
+    when the weights are fp32 master weights (half the cache, several times the speed on GPUs)."""
+    if dtype is None or dtype == torch.float32 or device.type not in ("cuda", "cpu"):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 @torch.no_grad()
 def generate_predictions(model, dataset: ConversationDataset, batch_size: int = 8, max_new_tokens: int = 64,
                          num_workers: int = 0, score_token_ids: list[int] | None = None, desc: str = "evaluating",
-                         disable_tqdm: bool = False, synced_gpus: bool = False) -> list[dict] | None:
+                         disable_tqdm: bool = False, synced_gpus: bool = False,
+                         autocast_dtype: torch.dtype | None = None) -> list[dict] | None:
     """Greedy answers for every prompt of `dataset` (built with for_generation=True).
 
     Args:
         score_token_ids: also return, per prompt, the softmax probabilities of these token ids at the first
             generated position (e.g. "yes"/"no" for ROC AUC).
-        synced_gpus: DeepSpeed ZeRO-3: all ranks must run the same number of forward passes.
+        synced_gpus: DeepSpeed ZeRO-3 and FSDP: all ranks must run the same number of forward passes (a rank whose
+            answers are done keeps stepping, or the others wait for it forever).
+        autocast_dtype: run under torch.autocast in this dtype (the training precision); None: the weights' dtype.
     Returns:
         On rank 0, a list of {"index", "id", "prediction", "reference"[, "scores"]} in dataset order; else None.
     """
@@ -64,10 +165,11 @@ def generate_predictions(model, dataset: ConversationDataset, batch_size: int = 
     results, position = [], 0
     for batch in tqdm(loader, desc=desc, disable=disable_tqdm or rank != 0):
         inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                             eos_token_id=end_ids, pad_token_id=processor.tokenizer.pad_token_id,
-                             output_scores=score_token_ids is not None, return_dict_in_generate=True,
-                             synced_gpus=synced_gpus)
+        with autocast(device, autocast_dtype):
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                 eos_token_id=end_ids, pad_token_id=processor.tokenizer.pad_token_id,
+                                 output_scores=score_token_ids is not None, return_dict_in_generate=True,
+                                 synced_gpus=synced_gpus)
         new_tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
         texts = processor.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         probs = out.scores[0].float().softmax(-1)[:, score_token_ids].tolist() if score_token_ids else None

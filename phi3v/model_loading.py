@@ -10,6 +10,7 @@ from transformers import BitsAndBytesConfig
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from phi3v.args import ModelArguments, RecipeTrainingArguments
+from phi3v.errors import BadValue
 from phi3v.modeling import Phi3VForCausalLM
 from phi3v.processing import Phi3VProcessor
 
@@ -23,10 +24,29 @@ def load_processor(model_args: ModelArguments) -> Phi3VProcessor:
     return Phi3VProcessor.from_pretrained(model_args.model_name_or_path, num_crops=model_args.num_crops)
 
 
-def model_dtype(model_args: ModelArguments) -> torch.dtype:
-    """Weights dtype. Original rule for `auto`: bf16 with flash attention, else fp32 (mixed precision on top)."""
+def model_dtype(model_args: ModelArguments, training_args: RecipeTrainingArguments | None = None) -> torch.dtype:
+    """Weights dtype. Original rule for `auto`: bf16 with flash attention, else fp32 (mixed precision on top).
+
+    One exception: full and frozen_vision fine-tuning without DeepSpeed (--deepspeed none, FSDP) load fp32 weights
+    even with flash attention. AdamW then updates fp32 master weights, and autocast hands flash attention its bf16
+    inputs; on bf16 weights, updates below bf16's resolution (1/256 of a weight: most of them at lr 4e-5) are lost.
+    DeepSpeed keeps fp32 master copies itself, and LoRA trains fp32 adapters on a frozen base, so those load bf16.
+    An explicit half-precision --torch_dtype for such a run is refused for the same reason.
+    """
+    trains_base_without_master = (training_args is not None and model_args.tuning_mode in ("full", "frozen_vision")
+                                  and not training_args.deepspeed)
     if model_args.torch_dtype != "auto":
-        return getattr(torch, model_args.torch_dtype)
+        dtype = getattr(torch, model_args.torch_dtype)
+        if trains_base_without_master and dtype != torch.float32:
+            raise BadValue(
+                f"--torch_dtype {model_args.torch_dtype} with {model_args.tuning_mode} fine-tuning and no DeepSpeed "
+                "would run AdamW on half-precision weights, which loses small updates. Use --torch_dtype auto "
+                "(fp32 master weights, --bf16 mixed precision) or DeepSpeed (--deepspeed ds_configs/zero2.json), "
+                "or train LoRA (--use_lora)."
+            )
+        return dtype
+    if trains_base_without_master:
+        return torch.float32
     return torch.bfloat16 if model_args.attn_implementation == "flash_attention_2" else torch.float32
 
 
@@ -72,6 +92,22 @@ class AdapterModel(PeftModel):
         return super().save_pretrained(save_directory, **kwargs)
 
 
+def weights_device_map(quantized: bool, training_args: RecipeTrainingArguments, cuda: bool, zero3: bool):
+    """Where from_pretrained puts the weights.
+
+    - QLoRA: bitsandbytes places the weights while quantizing them, on this process's GPU.
+    - DDP, ZeRO-2: straight to this process's GPU (N processes on a host would otherwise each hold a full copy in
+      RAM first).
+    - ZeRO-3 and FSDP: nowhere in particular (None): they shard the weights themselves; a per-GPU map would put
+      the whole model on every GPU first (and with FSDP's cpu_ram_efficient_loading, ranks > 0 load no weights).
+    """
+    if quantized:
+        return {"": training_args.local_process_index if cuda else "cpu"}
+    if cuda and not zero3 and not training_args.fsdp:
+        return {"": training_args.local_process_index}
+    return None
+
+
 def load_model(model_args: ModelArguments, training_args: RecipeTrainingArguments):
     """The model for `model_args.tuning_mode`, with exactly the parameters that should train left trainable."""
     if training_args.deepspeed and not torch.cuda.is_available():
@@ -79,14 +115,10 @@ def load_model(model_args: ModelArguments, training_args: RecipeTrainingArgument
 
         deepspeed.init_distributed()  # which ZeRO-3 needs already while loading (zero.Init partitions the weights)
     quantization_config = get_quantization_config(model_args, training_args)
-    device_map = None
-    if quantization_config is not None:  # bitsandbytes places the weights while quantizing them
-        device_map = {"": training_args.local_process_index if torch.cuda.is_available() else "cpu"}
-    elif torch.cuda.is_available() and not is_deepspeed_zero3_enabled():
-        # straight to this process's GPU: N processes on a host would otherwise each hold a full copy in RAM first
-        device_map = {"": training_args.local_process_index}
+    device_map = weights_device_map(quantization_config is not None, training_args, torch.cuda.is_available(),
+                                    is_deepspeed_zero3_enabled())
     model = Phi3VForCausalLM.from_pretrained(
-        model_args.model_name_or_path, dtype=model_dtype(model_args),
+        model_args.model_name_or_path, dtype=model_dtype(model_args, training_args),
         attn_implementation=model_args.attn_implementation,
         vision_attn_implementation=model_args.vision_attn_implementation, quantization_config=quantization_config,
         device_map=device_map,

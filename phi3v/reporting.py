@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 import time
+import warnings
 
 import datasets
 import transformers
@@ -32,6 +34,52 @@ def setup_logging(training_args) -> None:
     if training_args.disable_tqdm or not training_args.should_log:  # --no-tqdm, and every rank but the first
         transformers.utils.logging.disable_progress_bar()
         datasets.disable_progress_bars()
+    one_line_warnings()
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING if training_args.should_log else logging.ERROR)
+
+
+def one_line_warnings() -> None:
+    """Each distinct Python warning once per process, on one line (category, first line of the message, where).
+
+    DeepSpeed and torch.distributed repeat the same FutureWarnings and UserWarnings at every call site and step,
+    several lines each: a ZeRO-3 run printed 949 lines, 439 of them FutureWarnings.
+    """
+    warnings.simplefilter("once")  # once per distinct message text, whatever the call site
+
+    def format_warning(message, category, filename, lineno, line=None):
+        first = str(message).strip().splitlines()[0] if str(message).strip() else ""
+        return f"{category.__name__}: {first} ({os.path.basename(filename)}:{lineno})\n"
+
+    warnings.formatwarning = format_warning
+
+
+_jit_load = None  # DeepSpeed's OpBuilder.jit_load, wrapped once by announce_deepspeed_compiles
+
+
+def announce_deepspeed_compiles() -> None:
+    """One line before DeepSpeed compiles a C++/CUDA extension (first use on a machine: minutes of silence
+    otherwise), on the first process of each machine; nothing when the extension is already built and cached."""
+    global _jit_load
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    if _jit_load is not None:
+        return
+    _jit_load = OpBuilder.jit_load
+
+    def jit_load(builder, verbose=True):
+        if os.environ.get("LOCAL_RANK", "0") == "0" and not extension_is_built(builder.name):
+            logger.warning(f"DeepSpeed is compiling its {builder.name} extension: once per machine, it can take a "
+                           "few minutes (cached in ~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR)")
+        return _jit_load(builder, verbose)
+
+    OpBuilder.jit_load = jit_load
+
+
+def extension_is_built(name: str) -> bool:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    folder = _get_build_directory(name, verbose=False)
+    return os.path.isdir(folder) and any(f.endswith(".so") for f in os.listdir(folder))
 
 
 def log_config(*argument_groups) -> None:
@@ -78,6 +126,7 @@ def end_summary(metrics: dict, training_args, started: float) -> None:
 
 def finish(trainer, metrics: dict, started: float) -> None:
     """Write the evaluation metrics (eval_results.json, all_results.json), the training curves and the summary."""
+    metrics = {**getattr(trainer, "deferred_metrics", {}), **metrics}  # FSDP: the evaluation before training
     if metrics:
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)

@@ -21,7 +21,13 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from phi3v.errors import BadValue, MissingFile, UserError
-from phi3v.generation import generate_predictions
+from phi3v.generation import (
+    eval_batch_size,
+    gathered_per_module,
+    generate_predictions,
+    kv_cache_budget_bytes,
+    prompt_lengths,
+)
 from phi3v.plotting import save_training_curves
 
 logger = logging.getLogger(__name__)
@@ -213,7 +219,8 @@ def rotate(output_dir: str | Path, limit: int | None, keep: str | None = None) -
 
 class CarryEarlierLogs(TrainerCallback):
     """train() starts a fresh TrainerState; keep what was logged before it (the evaluation before training) in
-    its log history, so trainer_state.json and the training curves have it."""
+    its log history, so trainer_state.json and the training curves have it. Under FSDP, run the evaluation that
+    was asked for before training now, on the sharded model (see Phi3VTrainer.evaluate)."""
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -221,6 +228,15 @@ class CarryEarlierLogs(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         earlier = [entry for entry in self.trainer._earlier_logs if entry not in state.log_history]
         state.log_history[:0] = earlier
+        self.trainer._training_started = True
+        deferred, self.trainer._deferred_evaluations = self.trainer._deferred_evaluations, []
+        for dataset, prefix in deferred:
+            self.trainer.deferred_metrics.update(self.trainer.evaluate(dataset, metric_key_prefix=prefix))
+
+
+def precision_dtype(args) -> torch.dtype | None:
+    """The training precision, for autocast in evaluation: bf16, fp16, or None (fp32)."""
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
 
 
 class Phi3VTrainer(Trainer):
@@ -240,7 +256,10 @@ class Phi3VTrainer(Trainer):
         self.task_metric = task_metric
         self.score_token_ids = score_token_ids
         self.max_new_tokens = max_new_tokens
-        self.generation_batch_size = eval_batch_size or 4 * self.args.per_device_train_batch_size
+        self.generation_batch_size = eval_batch_size  # None: sized by the KV-cache budget at each evaluation
+        self.deferred_metrics: dict = {}  # FSDP: the evaluation before training, run once the model is sharded
+        self._deferred_evaluations: list = []
+        self._training_started = False
         self.skipped_steps = 0
         self._sample_ids = None
         self._earlier_logs: list[dict] = []
@@ -297,24 +316,38 @@ class Phi3VTrainer(Trainer):
 
     # --- evaluation by generation
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        """Generate an answer for every prompt, score it with the task metric, log and return the metrics.
+
+        Runs under autocast in the training precision, with as many prompts per generate() call as the KV-cache
+        budget allows (--eval_kv_cache_gb; --eval_batch_size overrides). Under FSDP, an evaluation asked for before
+        training runs at the start of train() instead, once the model is sharded (until then, with
+        cpu_ram_efficient_loading, ranks > 0 hold no weights); its metrics are in `deferred_metrics`.
+        """
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if self.is_fsdp_enabled and not self._training_started:
+            logger.info(f"FSDP: {metric_key_prefix} runs at the start of training, once the model is sharded")
+            self._deferred_evaluations.append((dataset, metric_key_prefix))
+            return {}
         start = time.time()
         model = self.model
-        if not self.is_deepspeed_enabled and next(model.parameters()).device != self.args.device:
+        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled) and \
+                next(model.parameters()).device != self.args.device:
             model.to(self.args.device)
+        zero3 = is_deepspeed_zero3_enabled()
         gathered = contextlib.nullcontext()
-        if is_deepspeed_zero3_enabled() and self.deepspeed is None:
+        if zero3 and self.deepspeed is None:
             # ZeRO-3 before training: the weights are partitioned and DeepSpeed's gathering hooks come with the
-            # engine, which train() builds; gather the whole model for this evaluation instead.
-            import deepspeed
-
-            gathered = deepspeed.zero.GatheredParameters(list(model.parameters()))
+            # engine, which train() builds; gather each module's weights around its forward instead.
+            gathered = gathered_per_module(model)
+        autocast_dtype = precision_dtype(self.args)
+        batch_size = self.generation_batch_size or self.eval_batch_size_for(dataset, model, autocast_dtype)
         with gathered:
             predictions = generate_predictions(
-                model, dataset, batch_size=self.generation_batch_size, max_new_tokens=self.max_new_tokens,
+                model, dataset, batch_size=batch_size, max_new_tokens=self.max_new_tokens,
                 num_workers=self.args.dataloader_num_workers, score_token_ids=self.score_token_ids,
                 desc=metric_key_prefix, disable_tqdm=self.args.disable_tqdm,
-                synced_gpus=is_deepspeed_zero3_enabled() and self.deepspeed is not None,
+                synced_gpus=(zero3 or self.is_fsdp_enabled) and self.args.world_size > 1,
+                autocast_dtype=autocast_dtype,
             )
         metrics = {}
         if predictions is not None:  # rank 0
@@ -331,6 +364,23 @@ class Phi3VTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def eval_batch_size_for(self, dataset, model, autocast_dtype: torch.dtype | None) -> int:
+        """Prompts per generate() call: the longest prompt's KV cache (+ max_new_tokens) times the batch fits the
+        budget (the same on every rank: the lengths are the whole dataset's, the budget the smallest rank's)."""
+        config = getattr(model, "config", None) or self.model.config
+        dtype = autocast_dtype or next(model.parameters()).dtype
+        budget = kv_cache_budget_bytes(self.args.device, getattr(self.args, "eval_kv_cache_gb", None))
+        if dist.is_available() and dist.is_initialized():
+            shared = [None] * dist.get_world_size()
+            dist.all_gather_object(shared, budget)
+            budget = min(shared)
+        longest = max(prompt_lengths(dataset), default=1)
+        size = eval_batch_size(config, longest, self.max_new_tokens, dtype, budget)
+        logger.info(f"evaluation batch {size} prompts per process: KV cache of {longest} + {self.max_new_tokens} "
+                    f"tokens in {str(dtype).removeprefix('torch.')} within {budget / 2**30:.1f} GiB "
+                    "(--eval_kv_cache_gb; --eval_batch_size to override)")
+        return size
 
     # --- checkpoints
     def _get_output_dir(self, trial) -> str:

@@ -4,6 +4,9 @@ fp32 master weights, distributed evaluation settings (issue 10). bench/gpu_check
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -85,3 +88,187 @@ def test_a_training_row_does_not_depend_on_its_batch_mates_across_the_rope_switc
         batched = switch_model(input_ids=ids, attention_mask=mask, labels=labels).loss
         alone = switch_model(input_ids=short[None], attention_mask=torch.ones(1, 40).long(), labels=short[None]).loss
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+
+
+def test_kv_cache_size_by_hand():
+    from phi3v import Phi3VConfig
+    from phi3v.generation import eval_batch_size, kv_cache_bytes_per_token
+
+    official = Phi3VConfig.official()
+    assert kv_cache_bytes_per_token(official, torch.bfloat16) == 2 * 32 * 32 * 96 * 2 == 393_216
+    assert kv_cache_bytes_per_token(official, torch.float32) == 786_432
+    # 10 GiB / (393,216 B x (2,500 + 64) tokens = 1,008,205,824 B) = 10.65 -> 10 DocVQA prompts
+    assert eval_batch_size(official, 2500, 64, torch.bfloat16, 10 * 2**30) == 10
+    assert eval_batch_size(official, 2500, 64, torch.float32, 10 * 2**30) == 5
+    assert eval_batch_size(official, 100_000, 64, torch.bfloat16, 10 * 2**30) == 1  # never 0
+    assert eval_batch_size(official, 10, 1, torch.bfloat16, 10 * 2**30) == 64  # capped
+
+
+@pytest.fixture(scope="module")
+def eval_set(processor, ucf_data):
+    from phi3v.data import jsonl_dataset
+
+    return jsonl_dataset(ucf_data / "ucf101_val.jsonl", ucf_data / "images", processor, for_generation=True)
+
+
+def record_generation(model):
+    """Wrap model.generate to record (batch size, dtype of the decoder's qkv output) per call."""
+    seen, dtypes = [], []
+    hook = model.model.layers[0].self_attn.qkv_proj.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    generate = model.generate
+
+    def recording(**inputs):
+        seen.append(inputs["input_ids"].shape[0])
+        return generate(**inputs)
+
+    model.generate = recording
+    return seen, dtypes, hook
+
+
+def test_generation_runs_under_autocast_in_the_given_precision(tiny_dir, eval_set):
+    from phi3v.generation import generate_predictions
+
+    model = Phi3VForCausalLM.from_pretrained(tiny_dir).eval()
+    for dtype, expected in ((torch.bfloat16, torch.bfloat16), (None, torch.float32)):
+        seen, dtypes, hook = record_generation(model)
+        predictions = generate_predictions(model, eval_set, batch_size=2, max_new_tokens=3, autocast_dtype=dtype)
+        hook.remove()
+        assert len(predictions) == 3 and seen == [2, 1]
+        assert set(dtypes) == {expected}  # keys/values (and so the KV cache) in that dtype
+    assert next(model.parameters()).dtype == torch.float32  # the weights stay fp32 master weights
+
+
+def make_trainer(tiny_dir, eval_set, tmp_path, eval_batch_size=None, **args):
+    from phi3v.args import RecipeTrainingArguments
+    from phi3v.training import Phi3VTrainer
+
+    model = Phi3VForCausalLM.from_pretrained(tiny_dir)
+    training_args = RecipeTrainingArguments(output_dir=str(tmp_path), report_to="none", disable_tqdm=True,
+                                            dataloader_num_workers=0, batch_size=1, **args)
+    return Phi3VTrainer(model=model, args=training_args, eval_dataset=eval_set, max_new_tokens=4,
+                        eval_batch_size=eval_batch_size, task_metric=lambda predictions: {"n": len(predictions)})
+
+
+def test_trainer_evaluates_in_bf16_with_the_batch_the_kv_budget_allows(tiny_dir, eval_set, tmp_path):
+    from phi3v.generation import prompt_lengths
+
+    longest = max(prompt_lengths(eval_set))
+    per_token = 2 * 2 * 4 * 16 * 2  # bf16 K+V of the tiny model: 2 layers x 4 kv heads x head dim 16 x 2 bytes
+    budget_gb = 2.5 * per_token * (longest + 4) / 2**30  # room for 2.5 prompts -> batches of 2
+    trainer = make_trainer(tiny_dir, eval_set, tmp_path, bf16=True, eval_kv_cache_gb=budget_gb)
+    seen, dtypes, hook = record_generation(trainer.model)
+    metrics = trainer.evaluate(metric_key_prefix="eval_before")
+    assert metrics["eval_before_n"] == 3 and seen == [2, 1] and set(dtypes) == {torch.bfloat16}
+    trainer = make_trainer(tiny_dir, eval_set, tmp_path, eval_batch_size=3, eval_kv_cache_gb=budget_gb)
+    seen, dtypes, hook = record_generation(trainer.model)
+    trainer.evaluate()
+    assert seen == [3] and set(dtypes) == {torch.float32}  # the override wins; fp32 training, fp32 evaluation
+
+
+# ------------------------------------------------------------------------------------------------- master weights
+
+
+def parse_flags(tiny_dir, tmp_path, *flags):
+    from transformers import HfArgumentParser
+
+    from phi3v.args import ModelArguments, RecipeTrainingArguments
+
+    return HfArgumentParser((ModelArguments, RecipeTrainingArguments)).parse_args_into_dataclasses(
+        args=["--model_name_or_path", str(tiny_dir), "--output_dir", str(tmp_path), *flags])
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--attn_implementation", "flash_attention_2", "--deepspeed", "none"], torch.float32),  # full FT, DDP/FSDP
+    (["--attn_implementation", "flash_attention_2", "--freeze_vision_model"], torch.float32),
+    (["--attn_implementation", "flash_attention_2", "--deepspeed", "zero2"], torch.bfloat16),
+    (["--attn_implementation", "flash_attention_2", "--use_lora"], torch.bfloat16),  # frozen base, fp32 adapters
+    (["--torch_dtype", "bfloat16", "--use_lora"], torch.bfloat16),
+    (["--torch_dtype", "float32"], torch.float32),
+])
+def test_full_fine_tuning_without_deepspeed_keeps_fp32_master_weights(tiny_dir, tmp_path, flags, expected):
+    from phi3v.model_loading import model_dtype
+
+    deepspeed = "--deepspeed" in flags and flags[flags.index("--deepspeed") + 1] == "zero2"
+    if deepspeed:  # set after parsing: parsing a DeepSpeed run would set up torch.distributed in this process
+        flags = flags[:flags.index("--deepspeed")]
+    model_args, training_args = parse_flags(tiny_dir, tmp_path, "--bf16", *flags)
+    training_args.deepspeed = "ds_configs/zero2.json" if deepspeed else training_args.deepspeed
+    assert model_dtype(model_args, training_args) == expected
+
+
+def test_half_precision_weights_for_full_fine_tuning_without_deepspeed_are_refused(tiny_dir, tmp_path):
+    from phi3v.errors import UserError
+    from phi3v.model_loading import load_model
+
+    model_args, training_args = parse_flags(tiny_dir, tmp_path, "--bf16", "--torch_dtype", "bfloat16")
+    with pytest.raises(UserError, match="loses small updates"):
+        load_model(model_args, training_args)
+
+
+# ------------------------------------------------------------------------------------------------- distributed
+
+
+def test_weights_go_to_this_gpu_except_under_fsdp_and_zero3(tiny_dir, tmp_path):
+    from phi3v.model_loading import weights_device_map
+
+    _, ddp = parse_flags(tiny_dir, tmp_path, "--deepspeed", "none")
+    _, fsdp = parse_flags(tiny_dir, tmp_path, "--deepspeed", "none", "--fsdp", "full_shard auto_wrap",
+                          "--fsdp_config", "ds_configs/fsdp_config.json")
+    assert weights_device_map(False, ddp, cuda=True, zero3=False) == {"": 0}
+    assert weights_device_map(False, fsdp, cuda=True, zero3=False) is None
+    assert weights_device_map(False, ddp, cuda=True, zero3=True) is None
+    assert weights_device_map(True, fsdp, cuda=True, zero3=False) == {"": 0}  # bitsandbytes quantizes on the GPU
+    assert weights_device_map(False, ddp, cuda=False, zero3=False) is None
+
+
+def test_deepspeed_without_a_launcher_gets_a_single_process_group():
+    from phi3v.args import single_process_launch_env
+
+    env = single_process_launch_env({})
+    assert {k: env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")} == {
+        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    assert 0 < int(env["MASTER_PORT"]) < 65536
+    assert single_process_launch_env({"RANK": "1", "WORLD_SIZE": "2"}) == {}  # a launcher's values are kept
+
+
+def test_repeated_and_multi_line_warnings_print_one_line_each():
+    code = (
+        "import warnings\n"
+        "from phi3v.reporting import one_line_warnings\n"
+        "one_line_warnings()\n"
+        "def deprecated():\n"
+        "    warnings.warn('torch.distributed.foo is deprecated\\n  use bar\\n  see docs', FutureWarning)\n"
+        "for _ in range(5):\n"
+        "    deprecated()\n"
+        "    warnings.warn('torch.distributed.foo is deprecated\\n  use bar\\n  see docs', FutureWarning)\n"
+        "    warnings.warn('no gradient', UserWarning)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONWARNINGS": ""})
+    lines = [line for line in result.stderr.splitlines() if "foo" in line or "gradient" in line or "bar" in line]
+    assert len(lines) == 2, result.stderr
+    assert lines[0].startswith("FutureWarning: torch.distributed.foo is deprecated (")
+    assert lines[1].startswith("UserWarning: no gradient (")
+
+
+def test_a_deepspeed_compile_is_announced_once_and_only_when_not_built(monkeypatch, caplog):
+    pytest.importorskip("deepspeed")
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    from phi3v import reporting
+
+    reporting.announce_deepspeed_compiles()
+    compiled = []
+    monkeypatch.setattr(reporting, "_jit_load", lambda builder, verbose: compiled.append(builder.name) or "module")
+    builder = type("Builder", (), {"name": "cpu_adam"})()
+    for built in (False, True):
+        monkeypatch.setattr(reporting, "extension_is_built", lambda name, built=built: built)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="phi3v"):
+            assert OpBuilder.jit_load(builder) == "module"
+        notices = [r.message for r in caplog.records if "compiling" in r.message]
+        assert notices == ([] if built else [notices[0]]) and (built or "cpu_adam extension" in notices[0])
+    assert compiled == ["cpu_adam", "cpu_adam"]
