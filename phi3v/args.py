@@ -138,7 +138,7 @@ class RecipeTrainingArguments(TrainingArguments):
     fp32: bool = field(default=False, metadata={
         "help": "No mixed precision. Without --bf16 the original trains in fp16 on GPUs; on CPU fp32 is used."})
     eval_kv_cache_gb: float | None = field(default=None, metadata={
-        "help": "KV-cache memory per GPU that sizes the evaluation batch (default: 40% of the GPU memory free when "
+        "help": "KV-cache memory per GPU that sizes the evaluation batch (default: 40%% of the GPU memory free when "
                 "evaluation starts; 2 on CPU). Phi-3.5-vision needs 384 KiB per token in bf16."})
     skip_nonfinite_steps: bool = field(default=False, metadata={
         "help": "Skip optimizer steps whose loss or gradient is NaN/inf (counted and logged) instead of stopping."})
