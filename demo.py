@@ -4,6 +4,7 @@
 
 Each step is the same as with real data, through the same code paths:
   1. a tiny random checkpoint in the official layout       python -m phi3v.tiny demo_output/tiny-model
+     (--real_vocab: with the real Phi-3 vocabulary instead of the small tokenizer trained here)
   2. 220 short synthetic videos (10 UCF-101 class names, AVI, MPEG-4 written with PyAV): one colour and stripe
      texture per class, a moving square, noise
   3. convert them                                         python convert_ucf101.py --src ... --num_frames 2
@@ -23,7 +24,7 @@ import convert_ucf101
 import finetune_hf_trainer_ucf101
 from phi3v.errors import run_main
 from phi3v.synthetic import make_video_dataset
-from phi3v.tiny import build_tiny_checkpoint
+from phi3v.tiny import REAL_VOCAB, build_tiny_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out_dir", default="demo_output", help="everything goes here (replaced if it exists)")
     parser.add_argument("--epochs", type=float, default=6)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--real_vocab", action="store_true",
+                        help="the tiny model gets the real Phi-3 vocabulary (tests/assets/phi3-vocab; needs gguf)")
     return parser
 
 
@@ -40,7 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     out = Path(args.out_dir)
     shutil.rmtree(out, ignore_errors=True)
-    model_dir = build_tiny_checkpoint(out / "tiny-model", seed=args.seed)
+    model_dir = build_tiny_checkpoint(out / "tiny-model", seed=args.seed,
+                                      real_vocab=REAL_VOCAB if args.real_vocab else None)
     make_video_dataset(out / "videos", videos_per_split={"train": 16, "val": 3, "test": 3}, seed=args.seed)
     convert_ucf101.main(["--src", str(out / "videos"), "--out_dir", str(out / "data"), "--num_frames", "2"])
     metrics = finetune_hf_trainer_ucf101.main([
