@@ -52,6 +52,12 @@ DEFAULT_IMG_PROCESSOR = {"image_dim_out": 1024, "model_name": "openai/clip-vit-l
 DEFAULT_EMBD_LAYER = {"embedding_cls": "image", "hd_transform_order": "sub_glb", "projection_cls": "mlp",
                       "use_hd_transform": True, "with_learnable_separator": True}
 OFFICIAL_CONFIG = Path(__file__).parent / "configs" / "phi-3.5-vision-instruct.json"
+# config.json of each official checkpoint this code loads: Phi-3.5-vision and its predecessor Phi-3-vision-128k (same
+# tensor names and image embedding; its own LongRoPE factors, no pad_token_id / dropout keys, 131072 window).
+OFFICIAL_CONFIGS = {
+    "phi-3.5-vision-instruct": OFFICIAL_CONFIG,
+    "phi-3-vision-128k-instruct": OFFICIAL_CONFIG.parent / "phi-3-vision-128k-instruct.json",
+}
 PLACEHOLDER_MIN = -1_000_000_000  # official: ids in (-1e9, 0) are image placeholders
 
 
@@ -69,6 +75,9 @@ class Phi3VConfig(Phi3Config):
     model_type = "phi3_v"
     sub_configs_defaults = {"vision_config": CLIPVisionConfig}
 
+    # The official Phi3VConfig has no default pad id (Phi-3.5's config.json sets 32000, Phi-3-vision-128k's sets none,
+    # so its <|endoftext|> embedding row trains like any other); transformers' Phi3Config would default to 32000.
+    pad_token_id: int | None = None
     embd_layer: dict | None = None
     img_processor: dict | None = None
     vision_config: dict | CLIPVisionConfig | None = None
@@ -121,9 +130,11 @@ class Phi3VConfig(Phi3Config):
         return out
 
     @classmethod
-    def official(cls, **overrides) -> Phi3VConfig:
-        """The Phi-3.5-vision-instruct config.json (full size), optionally with fields overridden."""
-        return cls(**{**json.loads(OFFICIAL_CONFIG.read_text()), **overrides})
+    def official(cls, variant: str = "phi-3.5-vision-instruct", **overrides) -> Phi3VConfig:
+        """An official config.json (full size; `variant` is a key of OFFICIAL_CONFIGS), with fields overridden."""
+        if variant not in OFFICIAL_CONFIGS:
+            raise ValueError(f"unknown variant {variant!r}; known: {', '.join(OFFICIAL_CONFIGS)}")
+        return cls(**{**json.loads(OFFICIAL_CONFIGS[variant].read_text()), **overrides})
 
 
 # ------------------------------------------------------------------------------------------------- image embedding
@@ -382,7 +393,8 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
                 raise
             raise OSError(offline_message(str(pretrained_model_name_or_path), error)) from error
         model.generation_config.eos_token_id = stop_token_ids(model.generation_config.eos_token_id)
-        model.generation_config.pad_token_id = model.config.pad_token_id
+        if model.config.pad_token_id is not None:  # Phi-3-vision-128k has none: generation_config's 32000 stays
+            model.generation_config.pad_token_id = model.config.pad_token_id
         return model
 
     def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,

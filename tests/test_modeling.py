@@ -50,15 +50,6 @@ def test_official_config_fields():
     assert Phi3VConfig(**saved).to_dict() == saved
 
 
-def test_phi3_vision_128k_style_config_loads():
-    # the predecessor's config.json lacks pad_token_id / embd_pdrop / resid_pdrop and has a 131072 window
-    fields = json.loads(Path("phi3v/configs/phi-3.5-vision-instruct.json").read_text())
-    for key in ["pad_token_id", "embd_pdrop", "resid_pdrop"]:
-        del fields[key]
-    config = Phi3VConfig(**{**fields, "sliding_window": 131072})
-    assert (config.pad_token_id, config.embd_pdrop, config.sliding_window) == (32000, 0.0, 131072)
-
-
 def test_language_model_weights_load_into_transformers_phi3(tiny_model, processor):
     config = tiny_model.config
     text_config = Phi3Config(
