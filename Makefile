@@ -2,6 +2,7 @@
 #   make demo   fine-tune a tiny model on a small video dataset this repo makes itself (offline, CPU, minutes)
 #   make test   install into .venv and run the default test suite
 #   make bench  the CPU benchmarks of bench/ (~12 min on 2 cores), results in bench/results/
+#   make mutants  plant ~20 realistic defects one at a time and check the tests kill each (tests/mutants.py)
 # TORCH picks the PyTorch build: the default is the CPU wheel; for CUDA use e.g. TORCH="torch==2.13.0" with the
 # index of your CUDA version, or install torch yourself first and pass TORCH=torch.
 PYTHON ?= python3
@@ -29,7 +30,10 @@ demo: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/run_all.py
 
+mutants: $(VENV)/.installed
+	$(PY) tests/mutants.py
+
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 
-.PHONY: install test test-slow demo bench lint
+.PHONY: install test test-slow demo bench mutants lint
