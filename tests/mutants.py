@@ -43,8 +43,10 @@ def edit(old: str, new: str) -> list[tuple[str, str]]:
 MUTANTS = [
     # --- the 11 defects that survived the tests before (issue 14)
     Mutant("resize bicubic instead of bilinear", "phi3v/image_processing.py",
-           edit("image.resize((new_w, new_h), Image.Resampling.BILINEAR)",
-                "image.resize((new_w, new_h), Image.Resampling.BICUBIC)"),
+           [("image.resize((image.width, new_h), Image.Resampling.BILINEAR)",
+             "image.resize((image.width, new_h), Image.Resampling.BICUBIC)"),
+            ("return image.resize((new_w, new_h), Image.Resampling.BILINEAR)",
+             "return image.resize((new_w, new_h), Image.Resampling.BICUBIC)")],
            ["tests/test_image_processing.py"]),
     Mutant("LongRoPE switch at 4095 tokens", "phi3v/modeling.py",
            edit("is_long = (position_ids.amax(-1, keepdim=True) + 1 > original)",
@@ -107,7 +109,7 @@ MUTANTS = [
                 '                "long_factor": list(rope_scaling["short_factor"]),'),
            ["tests/test_phi3_vision_128k.py"]),
     Mutant("padding at the top instead of centred", "phi3v/image_processing.py",
-           edit("canvas.paste(image, (0, (padded_h - new_h) // 2))", "canvas.paste(image, (0, 0))"),
+           edit("top, left = (padded_h - new_h) // 2, (padded_w - new_w) // 2", "top, left = 0, 0"),
            ["tests/test_image_processing.py"]),
     Mutant("newline count by columns", "phi3v/image_processing.py",
            edit("return (rows * cols + 1) * TOKENS_PER_CROP + 1 + (rows + 1) * 12",
