@@ -9,6 +9,8 @@ Every flag of the original scripts keeps its meaning and default (--use_flash_at
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import socket
 import sys
@@ -19,7 +21,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.integrations import is_deepspeed_available
 
-from phi3v.errors import BadValue, MissingFile
+from phi3v.errors import BadValue, MissingFile, UserError
 
 TUNING_MODES = ("full", "frozen_vision", "lora", "qlora")
 DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
@@ -46,8 +48,9 @@ class ModelArguments:
         "help": "full | frozen_vision | lora | qlora; the same as the flags above (which it overrides).",
         "choices": TUNING_MODES})
     lora_rank: int = field(default=64, metadata={"help": "LoRA rank r."})
-    lora_alpha_ratio: float = field(default=2.0, metadata={
-        "help": "LoRA alpha / rank (alpha = round(rank * ratio)); rank 32 with alpha 16 is --lora_alpha_ratio 0.5."})
+    lora_alpha_ratio: float | None = field(default=None, metadata={
+        "help": "LoRA alpha / rank (default 2: alpha = round(rank * ratio)); rank 32 with alpha 16 is "
+                "--lora_alpha_ratio 0.5, or --lora_alpha 16."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
     num_crops: int | None = field(default=None, metadata={
         "help": "Maximum 336px crops per image (<= 16); each script sets its default (16 images, 4 video)."})
@@ -56,6 +59,36 @@ class ModelArguments:
                 "float32, bfloat16 or float16.", "choices": ("auto", "float32", "bfloat16", "float16")})
     save_merged_model: bool = field(default=False, metadata={
         "help": "LoRA/QLoRA: also write the adapter merged into the base model to OUTPUT_DIR/merged."})
+    # Which parts train and how. Each part (vision tower = CLIP, projector = img_projection + separators, language
+    # model = decoder + text embeddings + lm_head) is trained in full, carries LoRA adapters (--use_lora), or is
+    # frozen. --freeze_vision_model is --freeze_vision_tower --freeze_projector.
+    freeze_vision_tower: bool = field(default=False, metadata={
+        "help": "Freeze CLIP (the projector still trains unless --freeze_projector)."})
+    freeze_projector: bool = field(default=False, metadata={
+        "help": "Freeze the image projector (img_projection and the glb_GN/sub_GN separators)."})
+    freeze_llm: bool = field(default=False, metadata={
+        "help": "Freeze the language model (decoder, text embeddings, lm_head): train the vision side only."})
+    lora_target_modules: list[str] | None = field(default=None, metadata={
+        "help": "LoRA targets, only inside the parts not frozen: module names (matched at the end of the module "
+                "path, e.g. qkv_proj o_proj fc1), one regular expression (matched against the whole path), or "
+                "all-linear (every Linear but lm_head). Default, the original's: the decoder's qkv_proj o_proj "
+                "gate_up_proj down_proj and lm_head; CLIP attention/MLP and the projector."})
+    lora_exclude_modules: list[str] | None = field(default=None, metadata={
+        "help": "Module names (or one regular expression) taken out of the LoRA targets."})
+    lora_modules_to_save: list[str] | None = field(default=None, metadata={
+        "help": "Modules trained in full next to LoRA and saved with the adapter, e.g. img_projection (LoRA on the "
+                "LM + full projector), lm_head, embed_tokens."})
+    lora_alpha: int | None = field(default=None, metadata={
+        "help": "LoRA alpha as a number (default: rank x --lora_alpha_ratio = 128)."})
+    use_dora: bool = field(default=False, metadata={"help": "DoRA: weight-decomposed LoRA (peft use_dora)."})
+    use_rslora: bool = field(default=False, metadata={"help": "rsLoRA: scale adapters by alpha / sqrt(rank)."})
+    quant_bits: int | None = field(default=None, metadata={
+        "help": "QLoRA base weights: 4 (NF4, the default and the original) or 8 (LLM.int8).", "choices": (4, 8)})
+    double_quant: bool = field(default=False, metadata={
+        "help": "QLoRA 4-bit: also quantize the quantization constants (~0.4 bits per weight less)."})
+    quantize_vision: bool = field(default=True, metadata={
+        "help": "QLoRA: quantize CLIP and the projector too, as the original does; --no_quantize_vision keeps them "
+                "in --torch_dtype (more memory, the image features unchanged)."})
 
     def __post_init__(self):
         if self.tuning_mode is None:
@@ -76,14 +109,47 @@ class ModelArguments:
             raise ValueError(f"--num_crops must be between 1 and 16, got {self.num_crops}")
         if self.lora_rank < 1:
             raise ValueError(f"--lora_rank must be >= 1, got {self.lora_rank}")
+        self.resolve_parts()
 
-    @property
-    def lora_alpha(self) -> int:
-        return round(self.lora_rank * self.lora_alpha_ratio)
+    def resolve_parts(self) -> None:
+        """The freeze flags, LoRA and quantization knobs: derived values filled, combinations that would be ignored
+        refused (a knob that silently does nothing is the worst kind)."""
+        if self.freeze_vision_model:
+            self.freeze_vision_tower = self.freeze_projector = True
+        self.freeze_vision_model = self.freeze_vision_tower and self.freeze_projector
+        if self.tuning_mode == "full" and self.freeze_vision_model:
+            self.tuning_mode = "frozen_vision"
+        if self.freeze_vision_model and self.freeze_llm and not self.lora_modules_to_save:
+            raise ValueError("--freeze_llm with a frozen vision tower and projector leaves nothing to train")
+        if self.lora_alpha is not None and self.lora_alpha_ratio is not None and \
+                self.lora_alpha != round(self.lora_rank * self.lora_alpha_ratio):
+            raise ValueError(f"--lora_alpha {self.lora_alpha} disagrees with --lora_rank {self.lora_rank} x "
+                             f"--lora_alpha_ratio {self.lora_alpha_ratio}: give one of them")
+        self.lora_alpha_ratio = 2.0 if self.lora_alpha_ratio is None else self.lora_alpha_ratio  # the original's
+        self.lora_alpha = round(self.lora_rank * self.lora_alpha_ratio) if self.lora_alpha is None else self.lora_alpha
+        if not self.use_lora:
+            lora_only = [flag for flag, value in (
+                ("--lora_target_modules", self.lora_target_modules), ("--lora_exclude_modules",
+                 self.lora_exclude_modules), ("--lora_modules_to_save", self.lora_modules_to_save),
+                ("--use_dora", self.use_dora), ("--use_rslora", self.use_rslora)) if value]
+            if lora_only:
+                raise ValueError(f"{', '.join(lora_only)} need(s) --use_lora (or --use_qlora)")
+        if not self.use_qlora and (self.quant_bits is not None or self.double_quant):
+            raise ValueError("--quant_bits and --double_quant need --use_qlora")
+        if self.use_qlora:
+            self.quant_bits = self.quant_bits or 4
+            if self.double_quant and self.quant_bits != 4:
+                raise ValueError("--double_quant applies to 4-bit weights only (--quant_bits 4)")
 
     @property
     def vision_frozen(self) -> bool:
-        return self.freeze_vision_model or self.tuning_mode == "frozen_vision"
+        return self.freeze_vision_tower and self.freeze_projector
+
+    @property
+    def frozen_parts(self) -> set[str]:
+        """Of "vision", "projector", "language" (phi3v.model_loading.part_of names them)."""
+        return {part for part, frozen in (("vision", self.freeze_vision_tower), ("projector", self.freeze_projector),
+                                          ("language", self.freeze_llm)) if frozen}
 
 
 @dataclass
@@ -159,6 +225,11 @@ class RecipeTrainingArguments(TrainingArguments):
     train_sampling_strategy: str = field(default="group_by_length", metadata={
         "help": "group_by_length (default: batches of similar token counts, computed without decoding images), "
                 "random or sequential."})
+    vision_lr: float | None = field(default=None, metadata={
+        "help": "Learning rate of the vision tower (CLIP, its LoRA adapters included); default --learning_rate. "
+                "5-10x below it is a common choice."})
+    projector_lr: float | None = field(default=None, metadata={
+        "help": "Learning rate of the projector (img_projection, separators); default --learning_rate."})
 
     def __post_init__(self):
         if self.wd is not None:
@@ -223,8 +294,8 @@ class RecipeTrainingArguments(TrainingArguments):
             self.batch_size = 16 if self.batch_size is None else self.batch_size  # the original default
             if self.batch_size % (per_gpu * world):
                 raise ValueError(
-                    f"--batch_size {self.batch_size} is the global batch: it must be a multiple of --batch_size_per_gpu"
-                    f" ({per_gpu}) x the number of processes ({world}) = {per_gpu * world}"
+                    f"--batch_size {self.batch_size} is the global batch: it must be a multiple of "
+                    f"--batch_size_per_gpu ({per_gpu}) x the number of processes ({world}) = {per_gpu * world}"
                 )
             self.gradient_accumulation_steps = self.batch_size // (per_gpu * world)
         self.batch_size_per_gpu = self.per_device_train_batch_size = per_gpu
@@ -248,11 +319,13 @@ def single_process_launch_env(environ) -> dict[str, str]:
 def parse_args(data_class: type, argv: list[str] | None = None, **defaults):
     """Parse (ModelArguments, DataArguments, RecipeTrainingArguments); `defaults` are the script's own.
 
+    `argv` may start with a YAML or JSON file of settings, or name one with --config (see `with_config_file`).
     Two defaults follow the original recipe and depend on the model flags, so those are read first:
     flash attention implies --bf16 (as the original nlvr2/ucf101 scripts), and full fine-tuning on GPUs runs under
     DeepSpeed ZeRO-2 (ds_configs/zero2.json) unless --deepspeed is given (--deepspeed none: plain DDP).
     """
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = with_config_file(sys.argv[1:] if argv is None else list(argv),
+                            (ModelArguments, data_class, RecipeTrainingArguments))
     try:
         model_args, data_args, training_args = _parse(data_class, argv, defaults)
     except ValueError as error:  # a __post_init__ check of any group: the user's flags, said in one line
@@ -293,3 +366,72 @@ def _parse(data_class: type, argv: list[str], defaults: dict):
             parser.set_defaults(deepspeed=str(DS_CONFIGS / "zero2.json"))
     return parser.parse_args_into_dataclasses(args=argv)
 
+
+# ------------------------------------------------------------------------------------------------- config files
+
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def with_config_file(argv: list[str], groups: tuple[type, ...]) -> list[str]:
+    """`script.py run.yaml [flags]` or `script.py --config run.yaml [flags]` (as transformers' examples and TRL):
+    the file's settings become flags placed before the command line's, so flags given on the command line win."""
+    argv = list(argv)
+    path = None
+    if argv and not argv[0].startswith("-") and argv[0].lower().endswith(CONFIG_SUFFIXES):
+        path = argv.pop(0)
+    for i, arg in enumerate(argv):
+        if arg == "--config" or arg.startswith("--config="):
+            if path is not None:
+                raise UserError("give one config file (as the first argument or with --config), not two")
+            path = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
+            if not path:
+                raise UserError("--config needs a file: --config run.yaml")
+            del argv[i: i + (1 if "=" in arg else 2)]
+            break
+    if path is None:
+        return argv
+    return config_flags(read_config(path), path, groups) + argv
+
+
+def read_config(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"config file {path}: no such file")
+    text = file.read_text()
+    try:
+        if file.suffix.lower() == ".json":
+            settings = json.loads(text)
+        else:
+            import yaml
+
+            settings = yaml.safe_load(text)
+    except Exception as error:  # json.JSONDecodeError, yaml.YAMLError
+        raise UserError(f"config file {path} could not be read: {str(error).splitlines()[0]}") from None
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        raise UserError(f"config file {path} must hold a mapping of flag names to values, "
+                        f"got {type(settings).__name__}")
+    return settings
+
+
+def config_flags(settings: dict, path: str, groups: tuple[type, ...]) -> list[str]:
+    """{name: value} -> ["--name", "value", ...]: booleans as true/false, lists as several values, null left out
+    (the default applies). Names are the flags' (a leading "--" and dashes are accepted); unknown names are an error
+    with the list of them, before anything runs."""
+    known = {f.name for group in groups for f in dataclasses.fields(group) if f.init}
+    flags, unknown = [], []
+    for key, value in settings.items():
+        name = str(key).removeprefix("--").replace("-", "_")
+        if name not in known:
+            unknown.append(str(key))
+            continue
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        flags += [f"--{name}", *(json.dumps(v) if isinstance(v, dict) else str(v).lower() if isinstance(v, bool)
+                                 else str(v) for v in values)]
+    if unknown:
+        raise UserError(f"config file {path}: unknown setting(s) {', '.join(unknown)} (names are the flags of "
+                        "--help, without the dashes)")
+    return flags

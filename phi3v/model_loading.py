@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
-from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModelForCausalLM, prepare_model_for_kbit_training
 from transformers import BitsAndBytesConfig
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from phi3v.args import ModelArguments, RecipeTrainingArguments
-from phi3v.errors import BadValue
+from phi3v.errors import BadValue, UserError
 from phi3v.modeling import Phi3VForCausalLM
 from phi3v.processing import Phi3VProcessor
 
@@ -55,16 +56,22 @@ def compute_dtype(training_args: RecipeTrainingArguments) -> torch.dtype:
 
 
 def get_quantization_config(model_args: ModelArguments, training_args: RecipeTrainingArguments):
-    """4-bit NF4 base weights for QLoRA (as the original: no double quantization), else None."""
+    """QLoRA base weights, else None. The default is the original's: 4-bit NF4 without double quantization, every
+    Linear but lm_head quantized (CLIP and the projector included; --no_quantize_vision keeps those)."""
     if model_args.tuning_mode != "qlora":
         return None
+    skip = None if model_args.quantize_vision else ["lm_head", "model.vision_embed_tokens"]  # None: lm_head only
+    if model_args.quant_bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_compute_dtype=compute_dtype(training_args))
+                              bnb_4bit_compute_dtype=compute_dtype(training_args),
+                              bnb_4bit_use_double_quant=model_args.double_quant, llm_int8_skip_modules=skip)
 
 
 def lora_target_modules(model: Phi3VForCausalLM, include_vision: bool) -> list[str]:
-    """Full module paths (no suffix matching, so nothing is picked up by accident): the decoder's fused
-    projections and lm_head; with the vision tower, CLIP attention/MLP of the layers in use and the projector."""
+    """The original's targets as full module paths (no suffix matching, so nothing is picked up by accident): the
+    decoder's fused projections and lm_head; with the vision tower, CLIP attention/MLP of the layers in use and the
+    projector."""
     embedding = model.model.vision_embed_tokens
     clip_layers = embedding.img_processor.vision_model.encoder.layers[: embedding.num_layers_used]
     clip_prefix = "model.vision_embed_tokens.img_processor.vision_model.encoder.layers"
@@ -75,15 +82,78 @@ def lora_target_modules(model: Phi3VForCausalLM, include_vision: bool) -> list[s
     return targets
 
 
+def name_matcher(spec: list[str], flag: str):
+    """Module-path predicate for a flag's value: `all-linear`, one regular expression (full match), or names
+    matched at the end of the path on a "." boundary ("qkv_proj", "self_attn.o_proj", "lm_head")."""
+    if spec == ["all-linear"]:
+        return lambda path: path != "lm_head"
+    if len(spec) == 1 and re.search(r"[\\^$*+?()\[\]{}|]", spec[0]):
+        try:
+            pattern = re.compile(spec[0])
+        except re.error as error:
+            raise UserError(f"{flag} {spec[0]!r} is not a valid regular expression: {error}") from None
+        return lambda path: pattern.fullmatch(path) is not None
+    return lambda path: any(path == name or path.endswith("." + name) for name in spec)
+
+
+def used_linear_modules(model: Phi3VForCausalLM) -> list[str]:
+    """Paths of the Linear layers that take part in the computation (not the CLIP layers after the feature layer)."""
+    unused = {id(p) for p in model.model.vision_embed_tokens.unused_parameters()}
+    return [path for path, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+            and not any(id(p) in unused for p in module.parameters())]
+
+
+def modules_to_save(model: Phi3VForCausalLM, model_args: ModelArguments) -> list[str]:
+    """Full paths of --lora_modules_to_save, each matching at least one module, none in a frozen part."""
+    paths = []
+    for name in model_args.lora_modules_to_save or []:
+        found = [path for path, _ in model.named_modules() if path == name or path.endswith("." + name)]
+        if not found:
+            raise UserError(f"--lora_modules_to_save {name}: no module of the model is called that (e.g. "
+                            "img_projection, lm_head, embed_tokens)")
+        frozen = [path for path in found if part_of(path + ".") in model_args.frozen_parts]
+        if frozen:
+            raise UserError(f"--lora_modules_to_save {name}: {frozen[0]} is in a frozen part "
+                            f"({part_of(frozen[0] + '.')}); unfreeze it or leave it out")
+        paths += found
+    return paths
+
+
+def select_lora_targets(model: Phi3VForCausalLM, model_args: ModelArguments, saved: list[str]) -> list[str]:
+    """Full paths of the Linear layers that get adapters: --lora_target_modules (default: the original's targets)
+    minus --lora_exclude_modules, inside the parts not frozen."""
+    linear = used_linear_modules(model)
+    if model_args.lora_target_modules:
+        chosen = name_matcher(model_args.lora_target_modules, "--lora_target_modules")
+        targets = [path for path in linear if chosen(path)]
+        if not targets:
+            raise UserError(f"--lora_target_modules {' '.join(model_args.lora_target_modules)} matches no Linear "
+                            "layer of the model (e.g. qkv_proj o_proj gate_up_proj down_proj lm_head; q_proj k_proj "
+                            "v_proj out_proj fc1 fc2 in CLIP; img_projection.0 img_projection.2; or all-linear)")
+    else:
+        targets = [path for path in lora_target_modules(model, include_vision=True) if path in linear]
+    if model_args.lora_exclude_modules:
+        excluded = name_matcher(model_args.lora_exclude_modules, "--lora_exclude_modules")
+        targets = [path for path in targets if not excluded(path)]
+    # (PEFT itself leaves out targets inside the modules trained in full)
+    targets = [path for path in targets if part_of(path + ".") not in model_args.frozen_parts]
+    if not targets and not saved:
+        raise UserError("LoRA has no target left: every module named by --lora_target_modules is frozen or "
+                        "excluded, and --lora_modules_to_save is empty")
+    return targets
+
+
 def get_peft_config(model_args: ModelArguments, model: Phi3VForCausalLM) -> LoraConfig | None:
     if not model_args.use_lora:
         return None
+    saved = modules_to_save(model, model_args)
     return LoraConfig(r=model_args.lora_rank, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
-                      init_lora_weights="gaussian",
-                      target_modules=lora_target_modules(model, include_vision=not model_args.vision_frozen))
+                      init_lora_weights="gaussian", target_modules=select_lora_targets(model, model_args, saved),
+                      modules_to_save=saved or None, use_dora=model_args.use_dora, use_rslora=model_args.use_rslora,
+                      task_type="CAUSAL_LM")  # so AutoPeftModelForCausalLM loads the adapter (phi3v imported)
 
 
-class AdapterModel(PeftModel):
+class AdapterModel(PeftModelForCausalLM):
     """A PeftModel whose saves hold the adapter only. LoRA leaves every base weight untouched, lm_head included;
     because lm_head is a target, PEFT would otherwise copy embed_tokens and lm_head (~400 MB) into each save."""
 
@@ -108,6 +178,13 @@ def weights_device_map(quantized: bool, training_args: RecipeTrainingArguments, 
     return None
 
 
+def freeze_parts(model: torch.nn.Module, model_args: ModelArguments) -> None:
+    """requires_grad off for the frozen parts (--freeze_vision_tower, --freeze_projector, --freeze_llm)."""
+    for name, param in model.named_parameters():
+        if part_of(name) in model_args.frozen_parts:
+            param.requires_grad_(False)
+
+
 def load_model(model_args: ModelArguments, training_args: RecipeTrainingArguments):
     """The model for `model_args.tuning_mode`, with exactly the parameters that should train left trainable."""
     if training_args.deepspeed and not torch.cuda.is_available():
@@ -126,8 +203,7 @@ def load_model(model_args: ModelArguments, training_args: RecipeTrainingArgument
     model.config.use_cache = False  # training; generation turns it back on
     for param in model.model.vision_embed_tokens.unused_parameters():
         param.requires_grad_(False)  # in the checkpoint, never in the computation: DDP needs no unused-param search
-    if model_args.vision_frozen:
-        model.model.vision_embed_tokens.requires_grad_(False)  # CLIP + projector + separators; embed_tokens trains
+    freeze_parts(model, model_args)  # --freeze_vision_model: CLIP + projector + separators; embed_tokens trains
     if quantization_config is not None:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=training_args.gradient_checkpointing,
@@ -153,23 +229,27 @@ def count_parameters(model: torch.nn.Module, predicate=lambda name: True) -> tup
     return trainable, total
 
 
-def tower_of(name: str) -> str:
+def part_of(name: str) -> str:
+    """"vision" (CLIP), "projector" (the rest of the image embedding: img_projection, glb_GN, sub_GN) or "language"
+    for a parameter or module path (PEFT's prefixes and adapter names included)."""
     if ".img_processor." in name:
         return "vision"
     return "projector" if ".vision_embed_tokens." in name else "language"
 
 
 def log_parameter_counts(model: torch.nn.Module, model_args: ModelArguments) -> dict[str, tuple[int, int]]:
-    """Log trainable/total parameters per tower and check them against the mode (a mis-targeted LoRA or a freeze
+    """Log trainable/total parameters per part and check them against the flags (a mis-targeted LoRA or a freeze
     that froze nothing is a common silent failure)."""
-    counts = {tower: count_parameters(model, lambda n, t=tower: tower_of(n) == t)
-              for tower in ("language", "vision", "projector")}
+    counts = {part: count_parameters(model, lambda n, t=part: part_of(n) == t)
+              for part in ("language", "vision", "projector")}
     trainable, total = count_parameters(model)
     logger.info(f"mode {model_args.tuning_mode}: trainable parameters {trainable:,} of {total:,} "
                 f"({100 * trainable / total:.2f}%); " + ", ".join(f"{k} {a:,}/{b:,}" for k, (a, b) in counts.items()))
-    if counts["language"][0] == 0:
-        raise RuntimeError("no language-model parameter is trainable")
-    if model_args.vision_frozen != (counts["vision"][0] == 0 and counts["projector"][0] == 0):
-        raise RuntimeError(f"vision trainable parameters {counts['vision'][0]} / projector {counts['projector'][0]} "
-                           f"do not match --freeze_vision_model={model_args.vision_frozen}")
+    if trainable == 0:
+        raise RuntimeError("no parameter is trainable")
+    for part, (part_trainable, _) in counts.items():
+        if part in model_args.frozen_parts and part_trainable:
+            raise RuntimeError(f"{part} is frozen but {part_trainable:,} of its parameters are trainable")
+        if not model_args.use_lora and part not in model_args.frozen_parts and not part_trainable:
+            raise RuntimeError(f"{part} should train in full but none of its parameters is trainable")
     return counts

@@ -28,6 +28,7 @@ from phi3v.generation import (
     kv_cache_budget_bytes,
     prompt_lengths,
 )
+from phi3v.model_loading import part_of
 from phi3v.plotting import save_training_curves
 
 logger = logging.getLogger(__name__)
@@ -276,6 +277,30 @@ class Phi3VTrainer(Trainer):
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
             return LengthGroupedSampler(dataset.lengths, self.args.per_device_train_batch_size, seed)
         return super()._get_train_sampler(train_dataset)
+
+    # --- optimizer: one learning rate per part
+    def create_optimizer(self, model=None):
+        """The Trainer's AdamW (decay / no-decay groups), with the vision tower's and the projector's parameters in
+        groups of their own when --vision_lr / --projector_lr is set. The schedule scales every group alike."""
+        rates = {part: getattr(self.args, f"{part}_lr", None) for part in ("vision", "projector")}
+        if self.optimizer is None and any(rate is not None for rate in rates.values()):
+            opt_model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(opt_model))
+            groups: dict[tuple[float, float], list] = {}
+            for name, param in opt_model.named_parameters():
+                if param.requires_grad:
+                    rate = rates.get(part_of(name))
+                    key = (self.args.learning_rate if rate is None else rate,
+                           self.args.weight_decay if name in decay else 0.0)
+                    groups.setdefault(key, []).append(param)
+            for part, rate in rates.items():
+                if rate is not None and not any(p.requires_grad and part_of(n) == part
+                                                for n, p in opt_model.named_parameters()):
+                    raise UserError(f"--{part}_lr {rate:g} applies to no parameter: the {part} part does not train")
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = optimizer_cls([{"params": params, "lr": lr, "weight_decay": wd}
+                                            for (lr, wd), params in groups.items()], **optimizer_kwargs)
+        return super().create_optimizer(model)
 
     # --- loss with health checks
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
