@@ -167,6 +167,9 @@ class BaseDataArguments:
     validate_only: bool = field(default=False, metadata={"help": "Validate the datasets, print a summary, exit."})
     max_image_pixels: int = field(default=89_478_485, metadata={
         "help": "Images with more pixels are rejected (decompression-bomb guard; PIL's default limit)."})
+    cache_dir: str | None = field(default=None, metadata={
+        "help": "Where validation results are kept between starts, so a restart re-checks only changed files "
+                "(default: --output_dir; 'none' turns it off)."})
     eval_before_training: bool = field(default=True, metadata={"help": "Evaluate the base model before training."})
     eval_after_training: bool = field(default=True, metadata={"help": "Evaluate the fine-tuned model."})
     eval_batch_size: int | None = field(default=None, metadata={

@@ -196,6 +196,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.max_image_pixels = max_image_pixels
         self.load_problems = load_problems or []
         self.lengths: list[int] | None = None  # token counts, set by validation
+        self.sources: list[str] = []  # files the items come from (keys the validation cache), set by the loaders
 
     def __len__(self) -> int:
         return len(self.items)
@@ -317,12 +318,14 @@ def jsonl_dataset(path: str | os.PathLike, image_root: str | os.PathLike, proces
     records, errors = read_jsonl(path)
     records = records[:limit] if limit is not None else records
     name = Path(path).name
-    return ConversationDataset(
+    dataset = ConversationDataset(
         records, functools.partial(jsonl_item_conversation, image_root=image_root, num_frames=num_frames), processor,
         where=[f"{name}:{line}" for line, _ in records], for_generation=for_generation,
         max_image_pixels=max_image_pixels,
         load_problems=[Problem(f"{name}:{line}", None, message) for line, message in errors],
     )
+    dataset.sources = [str(path)]
+    return dataset
 
 
 # ------------------------------------------------------------------------------------------------- hub datasets

@@ -262,18 +262,22 @@ def load_data(path: str | os.PathLike, processor, image_root: str | os.PathLike 
     if data_format == "hf":
         rows = hf_rows(path, split, config)
         indices = list(range(len(rows)))[:limit]
-        return ConversationDataset(indices, functools.partial(hf_row_conversation, rows=rows), processor,
-                                   where=[f"{Path(path).name} {split} row {i}" for i in indices],
-                                   for_generation=for_generation, max_image_pixels=max_image_pixels)
+        dataset = ConversationDataset(indices, functools.partial(hf_row_conversation, rows=rows), processor,
+                                      where=[f"{Path(path).name} {split} row {i}" for i in indices],
+                                      for_generation=for_generation, max_image_pixels=max_image_pixels)
+        dataset.sources = [file["filename"] for file in rows.cache_files]
+        return dataset
     if not Path(path).is_file():
         raise UserError(f"{path}: no such file")
     records, problems = read_records(path)
     records = records[:limit]
     root = Path(image_root) if image_root is not None else Path(path).parent
     reader = functools.partial(READERS[data_format], image_root=root, num_frames=num_frames)
-    return ConversationDataset(records, reader, processor, where=[where for where, _ in records],
-                               for_generation=for_generation, max_image_pixels=max_image_pixels,
-                               load_problems=problems)
+    dataset = ConversationDataset(records, reader, processor, where=[where for where, _ in records],
+                                  for_generation=for_generation, max_image_pixels=max_image_pixels,
+                                  load_problems=problems)
+    dataset.sources = [path]
+    return dataset
 
 
 def hf_rows(path: str, split: str, config: str | None):

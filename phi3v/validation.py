@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from phi3v.data import ConversationDataset, Problem, image_size, open_image, render
 from phi3v.errors import UserError
+from phi3v.validation_cache import FILE_NAME, ValidationCache, image_key
 
 logger = logging.getLogger(__name__)
 
@@ -50,22 +51,32 @@ def image_problem(ref, max_pixels: int | None) -> str | None:
     return None
 
 
+def check_image(ref, max_pixels: int | None) -> tuple[str | None, tuple[int, int] | None]:
+    """(problem, None) or (None, (width, height)) for one image."""
+    problem = image_problem(ref, max_pixels)
+    return problem, None if problem else image_size(ref)
+
+
 def validate(dataset: ConversationDataset, max_length: int | None = None, workers: int = 8,
-             disable_tqdm: bool = False, desc: str = "validating", chunk: int = 256
+             disable_tqdm: bool = False, desc: str = "validating", chunk: int = 256,
+             indices: list[int] | None = None, cache: ValidationCache | None = None
              ) -> tuple[list[int | None], list[Problem]]:
-    """(token length per item (None if invalid), problems) for every item of `dataset`.
+    """(token length per item (None if invalid or not checked), problems) for the items `indices` (default: all,
+    and then the problems of unreadable lines too).
 
     Items are checked `chunk` at a time, so a hub dataset's image bytes are never all in memory at once; an image
-    shared by several items (a page with many questions) is decoded once.
+    shared by several items (a page with many questions) is decoded once, and an image `cache` knows (unchanged
+    since an earlier start) not at all.
     """
+    order = list(range(len(dataset))) if indices is None else list(indices)
     lengths: list[int | None] = [None] * len(dataset)
-    problems = list(dataset.load_problems)
-    verdicts: dict = {}  # image key -> problem message or None
-    progress = tqdm(total=len(dataset), desc=desc, disable=disable_tqdm)
+    problems = list(dataset.load_problems) if indices is None else []
+    verdicts: dict = {}  # image key -> (problem message or None, size)
+    progress = tqdm(total=len(order), desc=desc, disable=disable_tqdm, unit="sample")
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        for first in range(0, len(dataset), chunk):
+        for first in range(0, len(order), chunk):
             renders = {}
-            for index in range(first, min(first + chunk, len(dataset))):
+            for index in order[first:first + chunk]:
                 sample_id = None
                 try:
                     conversation = dataset.conversation(index)
@@ -74,16 +85,25 @@ def validate(dataset: ConversationDataset, max_length: int | None = None, worker
                 except ValueError as error:
                     problems.append(Problem(dataset.where(index), getattr(error, "sample_id", sample_id), str(error)))
             new = {_key(ref): ref for _, (_, images, _) in renders.values() for ref in images}
+            if cache is not None:  # every file the split names, bad ones included, keys its cache entry
+                cache.used.update(key[0] for key in map(image_key, new.values()) if key)
             new = {key: ref for key, ref in new.items() if key not in verdicts}
-            checked = pool.map(lambda ref: image_problem(ref, dataset.max_image_pixels), new.values())
+            if cache is not None:
+                known = {key: cache.image(ref, dataset.max_image_pixels) for key, ref in new.items()}
+                verdicts.update((key, verdict) for key, verdict in known.items() if verdict is not None)
+                new = {key: ref for key, ref in new.items() if known[key] is None}
+            checked = list(pool.map(lambda ref: check_image(ref, dataset.max_image_pixels), new.values()))
             verdicts.update(zip(new, checked))
+            if cache is not None:
+                for ref, (problem, size) in zip(new.values(), checked):
+                    cache.store_image(ref, dataset.max_image_pixels, problem, size)
             for index, (sample_id, (text, images, _)) in renders.items():
                 # a video's frames share one verdict: reported once
-                bad = list(dict.fromkeys(verdicts[_key(ref)] for ref in images if verdicts[_key(ref)]))
+                bad = list(dict.fromkeys(verdicts[_key(ref)][0] for ref in images if verdicts[_key(ref)][0]))
                 if bad:
                     problems.extend(Problem(dataset.where(index), sample_id, message) for message in bad)
                     continue
-                length = dataset.processor.num_tokens(text, [image_size(ref) for ref in images])
+                length = dataset.processor.num_tokens(text, [verdicts[_key(ref)][1] for ref in images])
                 if max_length is not None and length > max_length:
                     problems.append(Problem(
                         dataset.where(index), sample_id,
@@ -91,10 +111,38 @@ def validate(dataset: ConversationDataset, max_length: int | None = None, worker
                         "inside an image: raise --max_length, lower --num_crops, or drop it with --skip_bad_samples"))
                     continue
                 lengths[index] = length
-            progress.update(min(chunk, len(dataset) - first))
+            progress.update(len(order[first:first + chunk]))
     progress.close()
     problems.sort(key=lambda p: _order(p.where))
     return lengths, problems
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather(dataset: ConversationDataset, lengths, problems, shard, cache: ValidationCache):
+    """Every rank's (lengths, problems, new cache entries) put together, on every rank, in the order one process
+    would have found them."""
+    _, world = _world()
+    part = ({i: lengths[i] for i in shard}, problems, cache.new_images, sorted(cache.used))
+    parts = [part]
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, part)
+    merged = [None] * len(dataset)
+    found = list(dataset.load_problems)
+    cache.used = set()
+    for shard_lengths, shard_problems, new_images, shard_images in parts:
+        for index, length in shard_lengths.items():
+            merged[index] = length
+        found += shard_problems
+        cache.merge_images(new_images)
+        cache.used.update(shard_images)
+    found.sort(key=lambda p: _order(p.where))
+    return merged, found
 
 
 def _key(ref):
@@ -110,19 +158,30 @@ def _order(where: str):
 
 
 def prepare_dataset(dataset: ConversationDataset, split: str, max_length: int | None, skip_bad_samples: bool,
-                    output_dir: str | Path, workers: int = 8, disable_tqdm: bool = False) -> ConversationDataset:
-    """Validate on rank 0, share the verdict with all ranks; stop on problems unless they may be skipped.
+                    output_dir: str | Path, workers: int = 8, disable_tqdm: bool = False,
+                    cache_dir: str | Path | None = None) -> ConversationDataset:
+    """Validate (each rank its share of the items, results gathered; what an earlier start found is reused from
+    the cache in `cache_dir`), then stop on problems unless they may be skipped.
 
     Returns the dataset (without the bad items when skipping) with `.lengths` set for length grouping.
     """
-    verdict = [None]
-    rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-    if rank0:
-        lengths, problems = validate(dataset, max_length, workers, disable_tqdm, desc=f"validating {split}")
-        verdict = [(lengths, problems)]
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast_object_list(verdict, src=0)
-    lengths, problems = verdict[0]
+    rank, world = _world()
+    rank0 = rank == 0
+    cache = ValidationCache(Path(cache_dir) / FILE_NAME if cache_dir is not None else None)
+    fingerprint = cache.split_fingerprint(dataset, max_length)
+    known = cache.split(split, fingerprint)
+    if known is not None:
+        lengths, problems = known[0], [Problem(**p) for p in known[1]]
+        logger.info(f"{split}: validation results reused from {cache.path} (no file changed)")
+    else:
+        shard = list(range(rank, len(dataset), world))  # interleaved: every rank gets a fair mix of items
+        lengths, problems = validate(dataset, max_length, workers, disable_tqdm or not rank0,
+                                     desc=f"validating {split}" + (f" (rank 0 of {world})" if world > 1 else ""),
+                                     indices=shard, cache=cache)
+        lengths, problems = _gather(dataset, lengths, problems, shard, cache)
+        if rank0:
+            cache.store_split(split, fingerprint, lengths, [asdict(p) for p in problems], cache.used)
+            cache.save()
     good = [i for i, length in enumerate(lengths) if length is not None]
     if problems:
         listing = "\n  ".join(str(p) for p in problems)
@@ -155,6 +214,12 @@ def summarize(split: str, dataset: ConversationDataset) -> str:
             f" / max {lengths[-1]}, total {sum(lengths):,}")
 
 
+def cache_dir(data_args, training_args) -> str | None:
+    """--cache_dir, else --output_dir; `--cache_dir none` turns the validation cache off."""
+    chosen = getattr(data_args, "cache_dir", None) or training_args.output_dir
+    return None if str(chosen).lower() == "none" else chosen
+
+
 def prepare_splits(splits: dict[str, ConversationDataset], data_args, training_args) -> dict[str, ConversationDataset]:
     """`prepare_dataset` for every split (the length limit applies to training sequences only); with
     --validate_only, also print a summary of each."""
@@ -163,6 +228,7 @@ def prepare_splits(splits: dict[str, ConversationDataset], data_args, training_a
         prepared[split] = prepare_dataset(
             dataset, split, data_args.max_length if split == "train" else None, data_args.skip_bad_samples,
             training_args.output_dir, training_args.dataloader_num_workers or 4, training_args.disable_tqdm,
+            cache_dir(data_args, training_args),
         )
         if data_args.validate_only:
             print(summarize(split, prepared[split]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -323,3 +324,91 @@ def test_a_parquet_folder_of_several_configs_is_refused(tmp_path):
     assert parquet_files(tmp_path / "cauldron", "train", "nlvr2") == expected
     assert parquet_files(tmp_path / "cauldron" / "nlvr2", "train", None) == expected  # one config's folder
     assert parquet_files(tmp_path / "cauldron" / "nlvr2", "train", "nlvr2") == expected
+
+
+# ------------------------------------------------------------------------------------------------- validation cache
+
+
+def image_dataset(root: Path, count: int, missing: int | None = None) -> Path:
+    from tests.conftest import make_image
+
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(count):
+        if i != missing:
+            make_image(40 + 10 * (i % 5), 30, seed=i).save(root / "images" / f"{i}.png")
+        records.append({"id": str(i), "conversations": [{"images": [f"{i}.png"], "user": "Which?", "assistant": "a"}]})
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root / "data.jsonl"
+
+
+def test_a_restart_rechecks_only_changed_files(processor, tmp_path, monkeypatch):
+    import phi3v.validation as validation
+    from phi3v.data import jsonl_dataset
+    from tests.conftest import make_image
+
+    calls = {"decode": 0, "render": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(validation, "open_image", counted("decode", validation.open_image))
+    monkeypatch.setattr(validation, "render", counted("render", validation.render))
+    path = image_dataset(tmp_path, 12, missing=7)
+
+    def start():
+        calls.update(decode=0, render=0)
+        dataset = validation.prepare_dataset(jsonl_dataset(path, tmp_path / "images", processor), "train", None,
+                                             True, tmp_path / "out", workers=2, disable_tqdm=True,
+                                             cache_dir=tmp_path / "cache")
+        skipped = (tmp_path / "out" / "skipped_samples_train.jsonl").read_text()
+        return dataset.lengths, skipped, dict(calls)
+
+    def uncached():
+        return validation.validate(jsonl_dataset(path, tmp_path / "images", processor), disable_tqdm=True)
+
+    first = start()
+    assert first[2] == {"decode": 12, "render": 12} and "7.png: file not found" in first[1]
+    assert start() == (first[0], first[1], {"decode": 0, "render": 0})  # nothing changed: nothing re-checked
+    make_image(300, 200, seed=99).save(tmp_path / "images" / "3.png")  # a changed file: new size, new length
+    changed = start()
+    assert changed[2] == {"decode": 1, "render": 12}
+    assert changed[0] == [n for n in uncached()[0] if n is not None] and changed[0][3] > first[0][3]
+    (tmp_path / "images" / "5.png").write_bytes(b"\x89PNG broken")  # a file turned bad is found
+    make_image(40, 30).save(tmp_path / "images" / "7.png")  # and one made good is accepted
+    fixed = start()
+    assert fixed[2] == {"decode": 2, "render": 12}
+    assert "5.png: not an image file" in fixed[1] and "7.png" not in fixed[1]
+    assert (fixed[0], fixed[1]) == start()[:2]
+    data = json.loads((tmp_path / "cache" / "validation_cache.json").read_text())
+    assert len(data["images"]) == 12 and list(data["splits"]) == ["train"]
+
+
+@pytest.mark.slow
+def test_validation_split_across_two_ranks_reports_as_one_process(tiny_dir, tmp_path):
+    from tests.test_distributed import free_port
+
+    path = image_dataset(tmp_path, 11, missing=4)
+    lines = path.read_text().splitlines()
+    lines[6] = "{broken"
+    lines[8] = json.dumps({"id": "long", "conversations": [{"user": "word " * 2000, "assistant": "a"}]})
+    path.write_text("\n".join(lines) + "\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    script = [str(REPO / "tests" / "distributed_validation.py"), str(tiny_dir), str(path)]
+    one = subprocess.run([sys.executable, *script, str(tmp_path / "one")], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={free_port()}", *script, str(tmp_path / "two")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    reference = json.loads((tmp_path / "one" / "report-0.json").read_text())
+    assert "3 problem(s) in 3 of 11 samples" in reference["error"] and len(reference["lengths"]) == 8
+    reference["error"] = reference["error"].replace(str(tmp_path / "one"), str(tmp_path / "two"))
+    for rank in (0, 1):
+        assert json.loads((tmp_path / "two" / f"report-{rank}.json").read_text()) == reference, rank
+    assert (tmp_path / "two" / "skipped_samples_train.jsonl").read_text() == \
+        (tmp_path / "one" / "skipped_samples_train.jsonl").read_text()
