@@ -349,11 +349,15 @@ def test_generation_across_the_4096_token_rope_switch(tiny_model, processor):
     length = inputs["input_ids"].shape[1]
     assert 4080 < length < 4096, length
     steps = 4098 - length + 2  # the sequence passes 4096 during generation
-    vision_calls = []
+    vision_calls, fed = [], []
     hook = tiny_model.model.vision_embed_tokens.register_forward_hook(lambda *args: vision_calls.append(1))
+    feed_hook = tiny_model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: fed.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
     cached = tiny_model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
     hook.remove()
-    assert len(vision_calls) == 2  # the prefill, and the recomputation with long factors at 4097 tokens
+    feed_hook.remove()
+    assert [n for n in fed if n > 1] == [length, 4097]  # the prefill, and the recomputation with long factors
+    assert len(vision_calls) == 1  # CLIP once per prompt: the recomputation reuses the prefill's image features
     ids = inputs["input_ids"]
     with torch.no_grad():
         for _ in range(steps):

@@ -1,0 +1,57 @@
+"""Generation does the image work once per prompt and uses a preallocated KV cache (bench/generation.py measures
+the speed); the tokens are those of a plain greedy loop without any cache."""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache, StaticCache
+
+from tests.conftest import make_image
+
+
+def prompt(processor, images):
+    tags = "".join(f"<|image_{k}|>\n" for k in range(1, len(images) + 1))
+    return processor(f"<|user|>\n{tags}What is it?<|end|>\n<|assistant|>\n", images)
+
+
+def test_decoding_never_runs_clip_again(tiny_model, processor):
+    inputs = prompt(processor, [make_image(500, 300), make_image(200, 400, seed=1)])
+    vision_calls, caches = [], []
+    hook = tiny_model.model.vision_embed_tokens.register_forward_hook(lambda *args: vision_calls.append(1))
+    cache_hook = tiny_model.register_forward_pre_hook(
+        lambda module, args, kwargs: caches.append(type(kwargs.get("cache"))), with_kwargs=True)
+    try:
+        out = tiny_model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    finally:
+        hook.remove()
+        cache_hook.remove()
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 6
+    assert len(vision_calls) == 1  # before the prefill; never during the 6 steps
+    assert len(caches) == 6 and all(cache is StaticCache for cache in caches)
+
+
+def test_generate_equals_a_plain_greedy_loop(tiny_model, processor):
+    inputs = prompt(processor, [make_image(700, 350)])
+    steps = 5
+    out = tiny_model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        for _ in range(steps):  # no cache, CLIP every step: the definition
+            logits = tiny_model(input_ids=ids, pixel_values=inputs["pixel_values"],
+                                image_sizes=inputs["image_sizes"]).logits[:, -1]
+            logits[:, tiny_model.generation_config.eos_token_id] = -float("inf")
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ids)
+
+
+def test_a_cache_the_caller_chooses_is_kept(tiny_model, processor):
+    inputs = prompt(processor, [make_image(300, 300)])
+    caches = []
+    hook = tiny_model.register_forward_pre_hook(
+        lambda module, args, kwargs: caches.append(type(kwargs.get("cache"))), with_kwargs=True)
+    try:
+        tiny_model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                            cache_implementation="dynamic")
+    finally:
+        hook.remove()
+    assert caches and all(cache is DynamicCache for cache in caches)
