@@ -5,8 +5,8 @@
                                     "conversations": [{"from": "system"|"human"|"gpt", "value": "<image>\\n..."}]}
     messages  jsonl  {"id"?, "messages": [{"role": "system"|"user"|"assistant", "content": str | [parts]}],
                       "images": [...], "videos"?: [...]}   (TRL, ms-swift; parts are {"type": "text"|"image"|"video"})
-    hf        a Hugging Face dataset with `messages` and `images` columns: a hub id, a `save_to_disk` folder, a folder
-              of parquet files or one parquet file (images embedded, as the hub stores them)
+    hf        a Hugging Face dataset with `messages` (or the Cauldron's `texts`) and `images` columns: a hub id, a
+              `save_to_disk` folder, a folder of parquet files or one parquet file (images embedded, as on the hub)
 
 The format is recognised from the content (the first record), or forced with `data_format`. Everything becomes a
 Conversation: `<image>` tags (and `<video>` tags, each `num_frames` frames) become <|image_k|> tags numbered within
@@ -234,7 +234,13 @@ def ours_conversation(item: tuple[str, dict], image_root: str | os.PathLike, num
 
 
 def hf_row_conversation(index: int, rows) -> Conversation:
-    return messages_conversation((f"row {index}", rows[index]), None)
+    """A row with `messages`, or with the Cauldron's `texts` ([{"user", "assistant"}]), and `images`."""
+    row = rows[index]
+    if "messages" not in row and isinstance(row.get("texts"), list):
+        turns = [t if isinstance(t, dict) else {} for t in row["texts"]]
+        messages = [{"role": role, "content": t.get(role)} for t in turns for role in ("user", "assistant")]
+        row = {**row, "messages": messages}
+    return messages_conversation((f"row {index}", row), None)
 
 
 READERS = {"ours": ours_conversation, "llava": llava_conversation, "messages": messages_conversation}
@@ -290,10 +296,10 @@ def hf_rows(path: str, split: str, config: str | None):
                         + f": {str(error).split('. Offline?')[0][:300]}. Offline? Save a copy where the hub is "
                         "reachable (datasets.load_dataset(...).save_to_disk(DIR), or its parquet files) and pass "
                         "DIR instead of the hub id.") from error
-    missing = {"messages", "images"} - set(rows.column_names)
-    if missing:
-        raise UserError(f"{path}: the dataset has columns {rows.column_names}, not {sorted(missing)}; a Hugging Face "
-                        "dataset is read with a `messages` column (role/content) and an `images` column")
+    if "images" not in rows.column_names or not {"messages", "texts"} & set(rows.column_names):
+        raise UserError(f"{path}: the dataset has columns {rows.column_names}; a Hugging Face dataset is read from "
+                        "an `images` column and a `messages` column (role/content), or the Cauldron's `texts` "
+                        "(user/assistant)")
     return rows
 
 

@@ -412,3 +412,43 @@ def test_validation_split_across_two_ranks_reports_as_one_process(tiny_dir, tmp_
         assert json.loads((tmp_path / "two" / f"report-{rank}.json").read_text()) == reference, rank
     assert (tmp_path / "two" / "skipped_samples_train.jsonl").read_text() == \
         (tmp_path / "one" / "skipped_samples_train.jsonl").read_text()
+
+
+def test_cauldron_texts_from_a_folder_of_configs(processor, tmp_path):
+    import datasets
+
+    from phi3v.formats import load_data
+    from tests.conftest import make_image
+
+    features = datasets.Features({"images": [datasets.Image()], "texts": [{
+        "user": datasets.Value("string"), "assistant": datasets.Value("string"), "source": datasets.Value("string")}]})
+    for config, question in (("docvqa", "What is the date?"), ("nlvr2", "Is it true?")):
+        (tmp_path / "cauldron" / config).mkdir(parents=True)
+        rows = {"images": [[make_image(60, 40)]], "texts": [[{"user": question, "assistant": "yes", "source": config},
+                                                             {"user": "Sure?", "assistant": "no", "source": config}]]}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(
+            str(tmp_path / "cauldron" / config / "train-00000-of-00001.parquet"))
+    dataset = load_data(tmp_path / "cauldron", processor, config="nlvr2")
+    conversation = dataset.conversation(0)
+    assert [(t.user, t.assistant, len(t.images)) for t in conversation.turns] == [
+        ("<|image_1|>\nIs it true?", "yes", 1), ("Sure?", "no", 0)]
+    assert dataset[0]["pixel_values"].shape[0] == 1
+    with pytest.raises(UserError, match=r"several configs \(docvqa, nlvr2\)"):
+        load_data(tmp_path / "cauldron", processor)
+
+
+def test_validation_cache_bench_runs(capsys):
+    from bench.validation_cache import main
+
+    results = main(["--images", "6", "--rounds", "1", "--size", "80x60"])
+    assert results["restart_s"][0] < results["first_start_s"][0]
+    assert "first / restart = " in capsys.readouterr().out
+
+
+def test_a_hub_id_offline_fails_clearly(processor, monkeypatch):
+    from phi3v.formats import load_data
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"could not load the Hugging Face dataset someone/absent-dataset: .*Offline\? "
+                                        r"Save a copy .*save_to_disk\(DIR\).* and pass DIR instead of the hub id"):
+        load_data("someone/absent-dataset", processor)

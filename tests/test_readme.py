@@ -82,12 +82,18 @@ def test_readme_python_example_runs(tiny_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_readme_jsonl_example_is_valid_for_our_reader(tmp_path):
-    from phi3v.data import conversation_from_record, read_jsonl
+def test_readme_data_examples_are_valid_for_our_readers(tmp_path):
+    from phi3v.formats import READERS, detect_format, read_records
 
-    (example,) = code_blocks("json")
-    (tmp_path / "d.jsonl").write_text(example)
-    records, errors = read_jsonl(tmp_path / "d.jsonl")
-    assert errors == [] and len(records) == 1
-    conversation = conversation_from_record(records[0][1], tmp_path)
-    assert conversation.turns[0].assistant == "BabyCrawling" and len(conversation.turns[0].images) == 2
+    examples = code_blocks("json")
+    assert len(examples) >= 4  # ours, LLaVA, messages, a video record
+    formats = []
+    for number, example in enumerate(examples):
+        path = tmp_path / f"example{number}.{'json' if example.startswith('[') else 'jsonl'}"
+        path.write_text(example)
+        records, problems = read_records(path)
+        assert problems == [] and len(records) == 1, example
+        formats.append(detect_format(path))
+        conversation = READERS[formats[-1]](records[0], image_root=tmp_path, num_frames=2)
+        assert conversation.turns and all(isinstance(t.assistant, str) for t in conversation.turns), example
+    assert {"ours", "llava", "messages"} <= set(formats)
