@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -367,7 +368,19 @@ def _parse(data_class: type, argv: list[str], defaults: dict):
         if model_args.tuning_mode in ("full", "frozen_vision") and torch.cuda.is_available() and \
                 is_deepspeed_available():
             parser.set_defaults(deepspeed=str(DS_CONFIGS / "zero2.json"))
-    return parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    training_args.run_record = run_record(data_class, argv, model_args, data_args)
+    return model_args, data_args, training_args
+
+
+def run_record(data_class: type, argv: list[str], model_args: ModelArguments, data_args) -> dict:
+    """What the model card says about a run: base model, mode, data flags given, and the command line."""
+    module = data_class.__module__
+    script = Path(sys.argv[0]).name if module == "__main__" else f"{module.replace('.', '/')}.py"
+    data = {f.name: getattr(data_args, f.name) for f in dataclasses.fields(data_args)
+            if f.init and getattr(data_args, f.name) != f.default}
+    return {"base_model": model_args.model_name_or_path, "mode": model_args.tuning_mode, "data": data,
+            "command": shlex.join(["python", script, *argv])}
 
 
 # ------------------------------------------------------------------------------------------------- config files

@@ -1,18 +1,23 @@
 """Merge a LoRA adapter into its base model and write a standalone checkpoint in the official layout.
 
     python -m phi3v.export OUTPUT_DIR MERGED_DIR [--base BASE_DIR] [--dtype bfloat16]
+    python -m phi3v.export OUTPUT_DIR MERGED_DIR --push_to_hub you/phi35v-ucf101 [--private]
 
-The result has config.json, model*.safetensors with the official tensor names, the processor and tokenizer files
-with the chat template: it loads with `Phi3VForCausalLM.from_pretrained` here and in tools that read the official
-format (vLLM serves it; it cannot serve LoRA adapters for this model). The merge happens in fp32 on CPU, also
-after QLoRA (the adapter is applied to the unquantized base, then the result is cast to --dtype).
+The result is the hub repo's layout (see phi3v.serving): config.json and preprocessor/processor configs with the
+official auto_map, the official *.py remote code (copied from a local --base, or fetched from the Hub, *.py only),
+5 GB weight shards with the official tensor names, generation_config.json with the chat stop ids, the tokenizer
+files with the chat template, and a model card (README.md). It loads with `Phi3VForCausalLM.from_pretrained` here,
+with transformers 4.x (with trust_remote_code), and in vLLM (`vllm serve MERGED_DIR --trust-remote-code`; vLLM
+cannot serve LoRA adapters for this model). The merge happens in fp32 on CPU, also after QLoRA (the adapter is
+applied to the unquantized base, then the result is cast to --dtype).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -21,6 +26,7 @@ from peft import PeftModel
 from phi3v.errors import UserError, run_main
 from phi3v.modeling import Phi3VForCausalLM
 from phi3v.processing import Phi3VProcessor
+from phi3v.serving import complete_layout, model_card, push_folder, read_run, remote_code_dir
 
 
 def adapter_base(adapter_dir: str | Path) -> str:
@@ -38,31 +44,32 @@ def merge_adapter(adapter_dir: str | Path, base: str | None = None) -> Phi3VForC
 
 
 def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
-                  dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write base + adapter, merged and cast to `dtype`, with the processor files, to `out_dir`."""
+                  dtype: torch.dtype = torch.bfloat16, remote_code_files: bool = True,
+                  command: str | None = None) -> Path:
+    """Write base + adapter, merged and cast to `dtype`, in the complete official layout, to `out_dir`.
+
+    Args:
+        remote_code_files: False: no *.py files (auto_map then points at the base's code on the Hub).
+        command: the export command line, for the model card.
+    Raises:
+        UserError: no adapter in `adapter_dir`, or the base's remote code cannot be fetched (checked before the
+            merge, which takes minutes at full size).
+    """
     base = base or adapter_base(adapter_dir)
+    if remote_code_files:
+        remote_code_dir(base)  # fail now, not after the merge
     model = merge_adapter(adapter_dir, base).to(dtype)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     Phi3VProcessor.from_pretrained(adapter_dir).save_pretrained(out_dir)
-    copy_remote_code(base, out_dir)
+    complete_layout(out_dir, base, remote_code_files)
+    run, metrics = read_run(adapter_dir)
+    mode = f"{run.get('mode', 'lora')}, adapter merged into the base by phi3v.export ({str(dtype).split('.')[-1]})"
+    commands = [c for c in (run.get("command"), command) if c]
+    (out_dir / "README.md").write_text(model_card(str(base), mode, run.get("data", {}), metrics, commands))
+    if (Path(adapter_dir) / "all_results.json").is_file():
+        (out_dir / "all_results.json").write_text((Path(adapter_dir) / "all_results.json").read_text())
     return out_dir
-
-
-def copy_remote_code(base: str | Path, out_dir: Path) -> None:
-    """Tools that still load Phi-3.5-vision through its hub remote code (trust_remote_code) need the base model's
-    *.py files and auto_map beside the weights; carry them over from a local base directory when present."""
-    base = Path(base)
-    if not base.is_dir():
-        return
-    for source in base.glob("*.py"):
-        shutil.copy2(source, out_dir / source.name)
-    base_config = json.loads((base / "config.json").read_text())
-    if "auto_map" in base_config:
-        config_file = out_dir / "config.json"
-        config = json.loads(config_file.read_text())
-        config["auto_map"] = base_config["auto_map"]
-        config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,13 +78,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("out_dir", help="where to write the merged model")
     parser.add_argument("--base", help="base model directory or hub id (default: the one the adapter was trained on)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--no_remote_code_files", dest="remote_code_files", action="store_false",
+                        help="do not copy or fetch the base's *.py files (offline); auto_map then names the code "
+                             "in the base's hub repo, which transformers 4.x and vLLM fetch when loading")
+    parser.add_argument("--push_to_hub", metavar="REPO", help="also upload the result to this Hub model repo")
+    parser.add_argument("--private", action="store_true", help="with --push_to_hub: create the repo private")
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> Path:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    out = export_merged(args.adapter_dir, args.out_dir, args.base, getattr(torch, args.dtype))
+    command = shlex.join(["python", "-m", "phi3v.export", *argv])
+    out = export_merged(args.adapter_dir, args.out_dir, args.base, getattr(torch, args.dtype),
+                        args.remote_code_files, command)
     print(f"merged model written to {out}")
+    if args.push_to_hub:
+        print(f"uploaded to {push_folder(out, args.push_to_hub, private=args.private or None)}")
+    return out
 
 
 if __name__ == "__main__":

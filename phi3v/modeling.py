@@ -59,6 +59,7 @@ OFFICIAL_CONFIGS = {
     "phi-3-vision-128k-instruct": OFFICIAL_CONFIG.parent / "phi-3-vision-128k-instruct.json",
 }
 PLACEHOLDER_MIN = -1_000_000_000  # official: ids in (-1e9, 0) are image placeholders
+MAX_SHARD_SIZE = "5GB"  # the official repo: 4.94 GB + 3.35 GB shards
 
 
 # ------------------------------------------------------------------------------------------------- config
@@ -404,6 +405,12 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         if model.config.pad_token_id is not None:  # Phi-3-vision-128k has none: generation_config's 32000 stays
             model.generation_config.pad_token_id = model.config.pad_token_id
         return model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As the hub repo: shards of at most 5 GB named model-0000k-of-0000n.safetensors, with
+        model.safetensors.index.json (transformers 5 would write one file of up to 50 GB)."""
+        kwargs.setdefault("max_shard_size", MAX_SHARD_SIZE)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
                 cache=None, inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):

@@ -65,10 +65,14 @@ class Phi3VProcessor:
         return cls(image_processor, tokenizer)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write the official file set: preprocessor_config.json, processor_config.json, tokenizer files.
+        """Write preprocessor_config.json and the tokenizer files in a form transformers 4.x and 5.x both read.
 
-        tokenizer_config.json gets the official `tokenizer_class` and `chat_template` keys, which transformers 4.x
-        and other tools read (transformers 5 also writes chat_template.jinja and reads either).
+        tokenizer_config.json gets the official `tokenizer_class` and `chat_template` keys (transformers 5 also
+        writes chat_template.jinja and reads either), and `additional_special_tokens` instead of transformers 5's
+        list-valued `extra_special_tokens`, which 4.x releases that expect a dict there crash on (vLLM servers).
+        special_tokens_map.json is written as in the official repo. processor_config.json is left to
+        phi3v.serving, which writes it with the auto_map 4.x needs (without one, 4.x AutoProcessor silently
+        returns the tokenizer).
         """
         directory = Path(directory)
         self.image_processor.save_pretrained(directory)
@@ -79,8 +83,15 @@ class Phi3VProcessor:
             config["tokenizer_class"] = "LlamaTokenizer"
         if self.tokenizer.chat_template:
             config["chat_template"] = self.tokenizer.chat_template
+        extra = config.pop("extra_special_tokens", None) or {}
+        extra = list(extra.values()) if isinstance(extra, dict) else list(extra)
+        known = list(config.get("additional_special_tokens") or [])
+        config["additional_special_tokens"] = known + [token for token in extra if token not in known]
         config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        (directory / "processor_config.json").write_text('{\n  "processor_class": "Phi3VProcessor"\n}\n')
+        special = {key: config[key] for key in ("bos_token", "eos_token", "pad_token", "unk_token") if key in config}
+        special["additional_special_tokens"] = config["additional_special_tokens"]
+        (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
+        (directory / "processor_config.json").unlink(missing_ok=True)  # a stale one without auto_map misleads 4.x
 
     @property
     def num_crops(self) -> int:

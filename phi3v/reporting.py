@@ -132,4 +132,7 @@ def finish(trainer, metrics: dict, started: float) -> None:
         trainer.save_metrics("eval", metrics)
     if trainer.args.should_save:
         save_training_curves(trainer.state.log_history, trainer.args.output_dir)
+        trainer.write_run_info()  # run_info.json, and the model card of a servable output
         end_summary(metrics, trainer.args, started)
+    if trainer.args.push_to_hub:
+        trainer.push_to_hub()

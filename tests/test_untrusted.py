@@ -11,7 +11,8 @@ import torch
 from phi3v import Phi3VForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = [p for p in REPO.rglob("*.py") if ".venv" not in p.parts and "tests" not in p.parts]
+SOURCES = [p for p in REPO.rglob("*.py")
+           if not any(part.startswith(".venv") for part in p.parts) and "tests" not in p.parts]  # .venv-compat too
 
 
 def test_pickled_weights_are_refused(tiny_dir, tmp_path):

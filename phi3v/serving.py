@@ -1,0 +1,188 @@
+"""The official layout, complete: what vLLM and transformers 4.x (trust_remote_code) need beside our weights.
+
+Both load Phi-3.5-vision through the hub's remote code, so a model directory we write must carry it:
+
+    config.json               auto_map -> configuration_phi3_v.Phi3VConfig, modeling_phi3_v.Phi3VForCausalLM
+    preprocessor_config.json  auto_map -> processing_phi3_v.Phi3VImageProcessor / Phi3VProcessor
+    processor_config.json     auto_map + processor_class: 4.x reads this file first and, finding a class name it
+                              does not know and no auto_map, silently falls back to the tokenizer
+    *.py                      the official remote code, from a local base folder or fetched from the Hub (*.py only)
+    generation_config.json    eos [2, 32000, 32007]: the official 2 (`</s>`) never ends a chat turn; <|end|> does
+    model*.safetensors        5 GB shards + model.safetensors.index.json (phi3v.modeling), as the hub repo
+    tokenizer_config.json     additional_special_tokens (phi3v.processing), a form every 4.x and 5.x release reads
+
+Without the *.py files (`--no_remote_code_files`, or a local base that has none) auto_map names the code in its hub
+repo (`microsoft/Phi-3.5-vision-instruct--modeling_phi3_v.Phi3VForCausalLM`), which 4.x downloads at load time.
+This project ignores auto_map: phi3v.modeling registers `phi3_v` natively.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from phi3v.errors import UserError
+
+OFFICIAL_REPO = "microsoft/Phi-3.5-vision-instruct"
+CONFIG_AUTO_MAP = {"AutoConfig": "configuration_phi3_v.Phi3VConfig",
+                   "AutoModelForCausalLM": "modeling_phi3_v.Phi3VForCausalLM"}
+PROCESSOR_AUTO_MAP = {"AutoImageProcessor": "processing_phi3_v.Phi3VImageProcessor",
+                      "AutoProcessor": "processing_phi3_v.Phi3VProcessor"}
+STOP_TOKEN_IDS = [2, 32000, 32007]  # </s> (official generation_config), <|endoftext|>, <|end|>
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def is_local(base: str | Path) -> bool:
+    return Path(base).is_dir()
+
+
+def remote_code_dir(base: str | Path) -> Path | None:
+    """The folder holding the base model's official *.py files: the base itself when it is a local folder with
+    them (None when it has none), or a download of only the *.py files of hub repo `base`.
+
+    Raises:
+        UserError: `base` is a hub id and the Hub cannot be reached (offline, unknown or gated repo).
+    """
+    if is_local(base):
+        return Path(base) if list(Path(base).glob("*.py")) else None
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(str(base), allow_patterns=["*.py"]))
+    except Exception as error:  # offline, unknown or gated repo: all need the same choice from the user
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(
+            f"could not fetch the remote code (*.py) of {base} from the Hugging Face Hub ({first}). vLLM and "
+            "transformers 4.x load Phi-3.5-vision through that code. Pass --base with a local copy of the base "
+            f"model that holds its *.py files, or --no_remote_code_files to write the model without them "
+            f"(config.json then names the code in {base} on the Hub, fetched when the model is loaded)."
+        ) from error
+    return folder if list(folder.glob("*.py")) else None
+
+
+def hub_qualified(auto_map: dict, repo: str) -> dict:
+    """`module.Class` -> `repo--module.Class`: transformers 4.x then takes the module from that hub repo."""
+    return {key: ref if "--" in ref else f"{repo}--{ref}" for key, ref in auto_map.items()}
+
+
+def complete_layout(out_dir: str | Path, base: str | Path, remote_code_files: bool = True) -> list[str]:
+    """Add the remote code, auto_map, processor_config.json and the stop ids of generation_config.json to a model
+    directory written by `save_pretrained` (weights, config, processor files).
+
+    Args:
+        out_dir: the model directory.
+        base: the base model (local folder or hub id) whose *.py files and auto_map the directory gets.
+        remote_code_files: False: copy no *.py; auto_map then points into the base's hub repo.
+    Returns:
+        The *.py file names copied.
+    Raises:
+        UserError: the base is a hub id, its code cannot be fetched, and remote_code_files is True.
+    """
+    out_dir = Path(out_dir)
+    code = remote_code_dir(base) if remote_code_files else None
+    copied = []
+    for source in sorted(code.glob("*.py")) if code else []:
+        shutil.copy2(source, out_dir / source.name)
+        copied.append(source.name)
+    # the base's own auto_map when it has one (another release may name other modules), else the official one
+    base_config = read_json(Path(base) / "config.json") if is_local(base) else {}
+    base_preprocessor = read_json(Path(base) / "preprocessor_config.json") if is_local(base) else {}
+    config_map = base_config.get("auto_map") or CONFIG_AUTO_MAP
+    processor_map = base_preprocessor.get("auto_map") or PROCESSOR_AUTO_MAP
+    if not copied:
+        repo = OFFICIAL_REPO if is_local(base) else str(base)
+        config_map, processor_map = hub_qualified(config_map, repo), hub_qualified(processor_map, repo)
+
+    config = read_json(out_dir / "config.json")
+    write_json(out_dir / "config.json", {**config, "auto_map": config_map})
+    preprocessor = read_json(out_dir / "preprocessor_config.json")
+    write_json(out_dir / "preprocessor_config.json", {**preprocessor, "auto_map": processor_map})
+    write_json(out_dir / "processor_config.json",
+               {"auto_map": {"AutoProcessor": processor_map["AutoProcessor"]}, "processor_class": "Phi3VProcessor"})
+    generation = read_json(out_dir / "generation_config.json")
+    configured = generation.get("eos_token_id", [])
+    configured = [configured] if isinstance(configured, int) else list(configured)
+    generation.setdefault("bos_token_id", 1)
+    generation.setdefault("pad_token_id", 32000)
+    generation["eos_token_id"] = configured + [i for i in STOP_TOKEN_IDS if i not in configured]
+    write_json(out_dir / "generation_config.json", generation)
+    return copied
+
+
+# ------------------------------------------------------------------------------------------------- model card, Hub
+
+RUN_INFO = "run_info.json"  # written by every training run: base model, mode, data, command
+UPLOADED = ("config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+            "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+            "model.safetensors", "model.safetensors.index.json", "README.md", "all_results.json",
+            "training_curves.png")
+
+
+def model_card(base_model: str, mode: str, data: dict, metrics: dict, commands: list[str]) -> str:
+    """README.md of a model repo: hub metadata, then base model, data, mode, metrics before/after, commands, and
+    how to serve it.
+
+    Args:
+        data: what was trained and evaluated on, e.g. {"data_dir": ..., "train examples": 300}.
+        metrics: all_results.json of the run (`eval_before_X`, `eval_after_X`, `test_X`, `train_loss`, ...).
+        commands: the command lines that produced the model, in order (training, then export).
+    """
+    names = sorted({k.removeprefix("eval_after_") for k in metrics if k.startswith("eval_after_")}
+                   | {k.removeprefix("eval_before_") for k in metrics if k.startswith("eval_before_")})
+    names = [n for n in names if not n.endswith(("runtime", "samples"))]
+
+    def value(key):
+        return f"{metrics[key]:.4f}" if isinstance(metrics.get(key), (int, float)) else "-"
+
+    lines = ["---", f"base_model: {base_model}", "library_name: transformers", "pipeline_tag: image-text-to-text",
+             "tags:", "- phi3_v", "- vision", "- fine-tuned", "---", "",
+             f"# Fine-tuned from {base_model}", "",
+             f"- **Base model**: {base_model}", f"- **Tuning mode**: {mode}"]
+    lines += ["- **Data**: " + (", ".join(f"{k} {v}" for k, v in data.items()) if data else "not recorded")]
+    lines += ["", "## Evaluation", ""]
+    if names:
+        lines += ["| metric | before training | after training |", "|---|---|---|"]
+        lines += [f"| {n} | {value('eval_before_' + n)} | {value('eval_after_' + n)} |" for n in names]
+    tests = [k for k in sorted(metrics) if k.startswith("test_") and not k.endswith(("runtime", "samples"))]
+    lines += [""] + [f"- {k}: {value(k)}" for k in tests] if tests else []
+    if not names and not tests:
+        lines += ["No evaluation was recorded."]
+    lines += ["", "## How it was made", "", "```bash", *commands, "```", "",
+              "## Serving", "", "Official Phi-3.5-vision layout with its remote code, for vLLM and transformers 4.x:",
+              "", "```bash", "vllm serve REPO_OR_DIR --trust-remote-code", "```", ""]
+    return "\n".join(lines)
+
+
+def read_run(output_dir: str | Path) -> tuple[dict, dict]:
+    """(run_info.json, all_results.json) of a training output; empty where missing."""
+    return read_json(Path(output_dir) / RUN_INFO), read_json(Path(output_dir) / "all_results.json")
+
+
+def hub_api(token: str | None = None):
+    from huggingface_hub import HfApi
+
+    return HfApi(token=token)
+
+
+def push_folder(folder: str | Path, repo_id: str, private: bool | None = None, token: str | None = None,
+                commit_message: str = "Upload fine-tuned Phi-3.5-vision") -> str:
+    """Create `repo_id` if needed and upload the model files of `folder` (the UPLOADED names, *.py, the weight
+    shards; never checkpoints, predictions or logs). Returns the repo URL."""
+    folder = Path(folder)
+    files = sorted(p.name for p in folder.iterdir() if p.is_file() and (
+        p.name in UPLOADED or p.suffix == ".py" or (p.name.startswith("model-") and p.suffix == ".safetensors")))
+    if "config.json" not in files:
+        raise UserError(f"{folder} holds no model (config.json is missing): nothing to push")
+    api = hub_api(token)
+    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(repo_id=getattr(url, "repo_id", repo_id), folder_path=str(folder), allow_patterns=files,
+                      commit_message=commit_message, repo_type="model")
+    return str(url)

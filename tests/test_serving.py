@@ -1,0 +1,255 @@
+"""Outputs that tools reading the official layout load: every file phi3v.export writes, checked at the JSON level
+against the spec; shards + index; auto_map with and without remote code; the model card and the Hub upload."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from phi3v import Phi3VForCausalLM, Phi3VProcessor
+from phi3v.errors import UserError, run_main
+from phi3v.export import main as export_main
+from phi3v.serving import complete_layout, model_card
+
+# Stand-ins for the official remote code, which may not be copied into this repository: the class names and
+# structure of the official files (the processor a ProcessorMixin of an image processor and a Llama tokenizer),
+# enough for transformers 4.x to resolve auto_map and import them, without the model itself.
+STAND_IN_CODE = {
+    "configuration_phi3_v.py": '''
+from transformers import PretrainedConfig
+
+
+class Phi3VConfig(PretrainedConfig):
+    model_type = "phi3_v"
+''',
+    "processing_phi3_v.py": '''
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.processing_utils import ProcessorMixin
+
+
+class Phi3VImageProcessor(BaseImageProcessor):
+    model_input_names = ["pixel_values"]
+
+    def __init__(self, num_crops=1, num_img_tokens=144, **kwargs):
+        super().__init__(**kwargs)
+        self.num_crops = num_crops
+        self.num_img_tokens = num_img_tokens
+
+
+class Phi3VProcessor(ProcessorMixin):
+    attributes = ["image_processor", "tokenizer"]
+    image_processor_class = "Phi3VImageProcessor"
+    tokenizer_class = ("LlamaTokenizer", "LlamaTokenizerFast")
+''',
+    "modeling_phi3_v.py": "# stand-in: the official modeling code is not part of this repository\n",
+}
+OFFICIAL_CONFIG_MAP = {"AutoConfig": "configuration_phi3_v.Phi3VConfig",
+                       "AutoModelForCausalLM": "modeling_phi3_v.Phi3VForCausalLM"}
+OFFICIAL_PROCESSOR_MAP = {"AutoImageProcessor": "processing_phi3_v.Phi3VImageProcessor",
+                          "AutoProcessor": "processing_phi3_v.Phi3VProcessor"}
+
+
+def base_with_code(tiny_dir, folder):
+    """A copy of the tiny checkpoint laid out as the hub repo: stand-in *.py files and the official auto_map."""
+    shutil.copytree(tiny_dir, folder)
+    for name, code in STAND_IN_CODE.items():
+        (folder / name).write_text(code)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "auto_map": OFFICIAL_CONFIG_MAP}))
+    return folder
+
+
+def make_adapter(tiny_dir, folder):
+    """A LoRA adapter (rank 4 on qkv_proj and lm_head, non-zero) with the processor files and a run record."""
+    model = Phi3VForCausalLM.from_pretrained(tiny_dir)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["model.layers.0.self_attn.qkv_proj", "lm_head"],
+                        init_lora_weights=False)
+    torch.manual_seed(0)
+    PeftModel(model, config).save_pretrained(folder, save_embedding_layers=False)
+    Phi3VProcessor.from_pretrained(tiny_dir).save_pretrained(folder)
+    (folder / "run_info.json").write_text(json.dumps({
+        "base_model": str(tiny_dir), "mode": "lora", "data": {"data_dir": "/data/ucf101"},
+        "command": "python finetune_hf_trainer_ucf101.py --data_dir /data/ucf101 --use_lora"}))
+    (folder / "all_results.json").write_text(json.dumps({
+        "eval_before_accuracy": 0.25, "eval_after_accuracy": 0.875, "eval_after_runtime": 3.0, "test_accuracy": 0.8,
+        "train_loss": 1.5}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_dir, tmp_path_factory):
+    """A LoRA adapter exported with a local base that holds the (stand-in) remote code."""
+    root = tmp_path_factory.mktemp("export")
+    base = base_with_code(tiny_dir, root / "base")
+    adapter = make_adapter(tiny_dir, root / "adapter")
+    out = export_main([str(adapter), str(root / "merged"), "--base", str(base), "--dtype", "float32"])
+    return base, adapter, out
+
+
+def read(folder, name):
+    return json.loads((folder / name).read_text())
+
+
+def test_every_file_of_the_export(exported, tiny_dir):
+    base, _, out = exported
+    assert sorted(p.name for p in out.iterdir()) == sorted([
+        "README.md", "all_results.json", "chat_template.jinja", "config.json", "configuration_phi3_v.py",
+        "generation_config.json", "model.safetensors", "modeling_phi3_v.py", "preprocessor_config.json",
+        "processing_phi3_v.py", "processor_config.json", "special_tokens_map.json", "tokenizer.json",
+        "tokenizer_config.json"])
+    for name in STAND_IN_CODE:
+        assert (out / name).read_text() == (base / name).read_text()
+    config = read(out, "config.json")
+    assert config["auto_map"] == OFFICIAL_CONFIG_MAP
+    assert config["model_type"] == "phi3_v" and config["architectures"] == ["Phi3VForCausalLM"]
+    assert config["rope_scaling"]["type"] == "su" and "rope_parameters" not in config
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, 32000)  # spec 1
+    preprocessor = read(out, "preprocessor_config.json")
+    assert preprocessor["auto_map"] == OFFICIAL_PROCESSOR_MAP
+    assert preprocessor["processor_class"] == "Phi3VProcessor" and preprocessor["num_crops"] == 4
+    assert read(out, "processor_config.json") == {"auto_map": {"AutoProcessor": "processing_phi3_v.Phi3VProcessor"},
+                                                  "processor_class": "Phi3VProcessor"}  # as the official file
+    generation = read(out, "generation_config.json")
+    assert (generation["bos_token_id"], generation["pad_token_id"]) == (1, 32000)
+    assert generation["eos_token_id"] == [2, 32000, 32007]  # official 2, then <|endoftext|> and <|end|> (spec 5)
+    tokenizer = read(out, "tokenizer_config.json")
+    assert "extra_special_tokens" not in tokenizer
+    assert tokenizer["additional_special_tokens"] == ["<|system|>", "<|end|>", "<|user|>"]
+    assert tokenizer["tokenizer_class"] == "LlamaTokenizer" and "<|assistant|>" in tokenizer["chat_template"]
+    assert (tokenizer["bos_token"], tokenizer["eos_token"], tokenizer["pad_token"]) == ("<s>", "<|endoftext|>",
+                                                                                         "<|endoftext|>")
+    assert read(out, "special_tokens_map.json") == {
+        "bos_token": "<s>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>",
+        "additional_special_tokens": ["<|system|>", "<|end|>", "<|user|>"]}
+    assert set(load_file(out / "model.safetensors")) == set(load_file(tiny_dir / "model.safetensors"))
+
+
+def test_export_loads_here_with_the_adapter_merged(exported, tiny_dir):
+    _, adapter, out = exported
+    processor = Phi3VProcessor.from_pretrained(out)
+    assert processor.tokenizer.convert_tokens_to_ids(["<|end|>", "<|user|>"]) == [32007, 32010]
+    assert processor.tokenizer.extra_special_tokens == ["<|system|>", "<|end|>", "<|user|>"]
+    merged = Phi3VForCausalLM.from_pretrained(out).eval()
+    unmerged = PeftModel.from_pretrained(Phi3VForCausalLM.from_pretrained(tiny_dir), adapter).eval()
+    base = Phi3VForCausalLM.from_pretrained(tiny_dir).eval()
+    inputs = processor("<|user|>\nWhat?<|end|>\n<|assistant|>\n")
+    with torch.no_grad():
+        assert torch.allclose(merged(**inputs).logits, unmerged(**inputs).logits, atol=1e-5)
+        assert not torch.allclose(merged(**inputs).logits, base(**inputs).logits, atol=1e-3)  # the adapter counts
+
+
+def test_auto_map_without_remote_code_points_at_the_hub_repo(tiny_dir, tmp_path):
+    adapter = make_adapter(tiny_dir, tmp_path / "adapter")
+    out = export_main([str(adapter), str(tmp_path / "merged"), "--dtype", "float32"])  # the base has no *.py
+    assert not list(out.glob("*.py"))
+    assert read(out, "config.json")["auto_map"] == {
+        "AutoConfig": "microsoft/Phi-3.5-vision-instruct--configuration_phi3_v.Phi3VConfig",
+        "AutoModelForCausalLM": "microsoft/Phi-3.5-vision-instruct--modeling_phi3_v.Phi3VForCausalLM"}
+    assert read(out, "preprocessor_config.json")["auto_map"]["AutoProcessor"] == \
+        "microsoft/Phi-3.5-vision-instruct--processing_phi3_v.Phi3VProcessor"
+    assert read(out, "processor_config.json")["auto_map"] == {
+        "AutoProcessor": "microsoft/Phi-3.5-vision-instruct--processing_phi3_v.Phi3VProcessor"}
+
+
+def test_hub_base_offline_says_what_to_do(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="--no_remote_code_files") as caught:
+        complete_layout(tmp_path, "microsoft/Phi-3.5-vision-instruct")
+    assert "could not fetch the remote code (*.py) of microsoft/Phi-3.5-vision-instruct" in str(caught.value)
+    assert not (tmp_path / "processor_config.json").exists()  # nothing half-written
+    complete_layout(tmp_path, "someone/phi35v-base", remote_code_files=False)  # the escape: code named on the Hub
+    assert read(tmp_path, "config.json")["auto_map"]["AutoConfig"] == "someone/phi35v-base--configuration_phi3_v" \
+                                                                      ".Phi3VConfig"
+
+
+def test_export_command_line_offline_is_one_line(tiny_dir, tmp_path, capsys):
+    adapter = make_adapter(tiny_dir, tmp_path / "adapter")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:  # what `python -m phi3v.export` runs
+        run_main(export_main, [str(adapter), str(tmp_path / "m"), "--base", "microsoft/Phi-3.5-vision-instruct"])
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: could not fetch the remote code")
+    assert "--no_remote_code_files" in lines[0]
+    assert not (tmp_path / "m").exists()  # failed before the merge
+
+
+def test_weights_shard_with_an_index(tiny_model, tmp_path, monkeypatch):
+    import phi3v.modeling
+
+    assert phi3v.modeling.MAX_SHARD_SIZE == "5GB"  # the official repo's shards: 4.94 GB + 3.35 GB
+    monkeypatch.setattr(phi3v.modeling, "MAX_SHARD_SIZE", "5MB")  # the tiny model is 17 MB in fp32
+    tiny_model.save_pretrained(tmp_path)
+    shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert len(shards) >= 3 and shards == [f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+                                           for k in range(1, len(shards) + 1)]
+    index = read(tmp_path, "model.safetensors.index.json")
+    expected = {name: tuple(t.shape) for name, t in tiny_model.state_dict().items()}
+    assert set(index["weight_map"]) == set(expected)
+    assert set(index["weight_map"].values()) == set(shards)
+    total = 0
+    for name, shard in index["weight_map"].items():
+        with safe_open(tmp_path / shard, "pt") as f:
+            assert name in f.keys() and tuple(f.get_slice(name).get_shape()) == expected[name]
+            total += f.get_tensor(name).numel() * 4
+    assert index["metadata"]["total_size"] == total
+    reloaded = Phi3VForCausalLM.from_pretrained(tmp_path)
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in tiny_model.state_dict().items())
+
+
+def test_model_card():
+    card = model_card("microsoft/Phi-3.5-vision-instruct", "lora", {"data_dir": "/d", "train examples": 300},
+                      {"eval_before_accuracy": 0.25, "eval_after_accuracy": 0.875, "eval_after_runtime": 9.0,
+                       "test_accuracy": 0.8, "test_runtime": 1.0},
+                      ["python finetune_hf_trainer_ucf101.py --use_lora", "python -m phi3v.export out m"])
+    front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
+    assert "base_model: microsoft/Phi-3.5-vision-instruct\n" in front and "pipeline_tag: image-text-to-text" in front
+    assert "- **Tuning mode**: lora" in body and "- **Data**: data_dir /d, train examples 300" in body
+    assert "| accuracy | 0.2500 | 0.8750 |" in body and "runtime" not in body
+    assert "- test_accuracy: 0.8000" in body
+    assert "python finetune_hf_trainer_ucf101.py --use_lora\npython -m phi3v.export out m\n" in body
+    assert "vllm serve REPO_OR_DIR --trust-remote-code" in body
+
+
+class FakeHub:
+    """Records what HfApi would have been asked; nothing leaves the machine."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, token=None):
+        return self
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+
+
+def test_export_push_to_hub(tiny_dir, tmp_path, monkeypatch):
+    import phi3v.serving
+
+    hub = FakeHub()
+    monkeypatch.setattr(phi3v.serving, "hub_api", hub)
+    adapter = make_adapter(tiny_dir, tmp_path / "adapter")
+    (adapter / "eval_after.json").write_text("{}")  # predictions stay private
+    out = export_main([str(adapter), str(tmp_path / "merged"), "--push_to_hub", "me/phi35v-ucf", "--private"])
+    assert [c[0] for c in hub.calls] == ["create_repo", "upload_folder"]
+    assert hub.calls[0][1:] == ("me/phi35v-ucf", {"private": True, "exist_ok": True, "repo_type": "model"})
+    upload = hub.calls[1][2]
+    assert upload["folder_path"] == str(out) and upload["repo_id"] == "me/phi35v-ucf"
+    assert upload["allow_patterns"] == sorted(p.name for p in out.iterdir())  # the whole export, nothing else
+    assert "README.md" in upload["allow_patterns"] and "eval_after.json" not in upload["allow_patterns"]
+    card = (out / "README.md").read_text()
+    assert f"base_model: {tiny_dir}" in card and "| accuracy | 0.2500 | 0.8750 |" in card
+    assert "python finetune_hf_trainer_ucf101.py --data_dir /data/ucf101 --use_lora\n" in card
+    assert f"python -m phi3v.export {adapter} {tmp_path / 'merged'} --push_to_hub me/phi35v-ucf --private" in card
+    assert "- **Tuning mode**: lora, adapter merged into the base by phi3v.export (bfloat16)" in card
