@@ -5,24 +5,34 @@
     python predict.py OUTPUT_DIR --video clip.avi --num_frames 8 --question "Classify the video ..."
     python predict.py OUTPUT_DIR --jsonl data/ucf101_test.jsonl --image_root data/images --out answers.jsonl
 
+    torchrun --nproc_per_node 4 predict.py OUTPUT_DIR --jsonl test.jsonl --out answers.jsonl      # one GPU each
+    python predict.py OUTPUT_DIR --question "Describe it." --image a.png --do_sample --temperature 0.7 --seed 1
+    python predict.py OUTPUT_DIR --jsonl test.jsonl --device_map auto --load_in_4bit --system "Answer briefly."
+
 OUTPUT_DIR is any training output: a full model, a merged model (python -m phi3v.export), or a LoRA adapter (its
-base model is read from adapter_config.json, or given with --base). The prompt is built exactly as in training
-(images first as <|image_1|>..., then the question, in the chat template), decoding is greedy and stops at <|end|>.
-The jsonl mode takes the training format; when the records have answers it also prints the accuracy.
+base model is read from adapter_config.json, or given with --base; --merge_lora merges it after loading). The
+prompt is built exactly as in training (images first as <|image_1|>..., then the question, in the chat template,
+after the --system message if one is given); decoding stops at <|end|>, greedy unless --do_sample or --num_beams
+say otherwise, and sampling repeats itself with the same --seed. The jsonl mode takes the training format; under
+torchrun (or accelerate launch) each process answers a share of the records and the answers come back in input
+order; when the records have answers it also prints the accuracy. For serving, see the README (vLLM).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
-from transformers import TextStreamer
+import torch.distributed as dist
+from transformers import BitsAndBytesConfig, TextStreamer, set_seed
 
 from phi3v.data import Conversation, Turn, jsonl_dataset, open_image, render
 from phi3v.errors import UserError, run_main
-from phi3v.generation import generate_predictions
+from phi3v.export import adapter_base
+from phi3v.generation import decoding, generate_predictions
 from phi3v.metrics import accuracy
 from phi3v.modeling import Phi3VForCausalLM
 from phi3v.processing import Phi3VProcessor
@@ -30,21 +40,45 @@ from phi3v.video import describe_error, read_frames
 
 
 def load_for_inference(output_dir: str | Path, base: str | None = None, dtype: torch.dtype = torch.float32,
-                       attn_implementation: str = "sdpa", device: str = "cpu"):
-    """(model, processor) from a full/merged model directory or a LoRA adapter directory."""
+                       attn_implementation: str = "sdpa", device: str = "cpu", device_map: str | None = None,
+                       load_in_4bit: bool = False, merge_lora: bool = False):
+    """(model, processor) from a full/merged model directory or a LoRA adapter directory.
+
+    Args:
+        device_map: "auto": spread the layers over the GPUs (and CPU) that are there, instead of `device`.
+        load_in_4bit: NF4 weights (bitsandbytes), computing in `dtype`.
+        merge_lora: merge a LoRA adapter into the weights after loading (faster generation, same answers).
+    """
     output_dir = Path(output_dir)
     processor = Phi3VProcessor.from_pretrained(output_dir)
-    if (output_dir / "adapter_config.json").exists():
+    adapter = (output_dir / "adapter_config.json").exists()
+    if merge_lora and load_in_4bit and adapter:
+        raise UserError("--merge_lora with --load_in_4bit would merge into rounded 4-bit weights: merge in full "
+                        "precision with `python -m phi3v.export OUTPUT_DIR MERGED_DIR`, then load MERGED_DIR in 4 bit")
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype) \
+        if load_in_4bit else None
+    placement = device_map or ({"": device} if load_in_4bit else None)  # bitsandbytes places while quantizing
+    weights = (base or adapter_base(output_dir)) if adapter else output_dir
+    model = Phi3VForCausalLM.from_pretrained(weights, dtype=dtype, attn_implementation=attn_implementation,
+                                             quantization_config=quantization, device_map=placement)
+    if adapter:
         from peft import PeftModel
 
-        from phi3v.export import adapter_base
-
-        model = Phi3VForCausalLM.from_pretrained(base or adapter_base(output_dir), dtype=dtype,
-                                                 attn_implementation=attn_implementation)
         model = PeftModel.from_pretrained(model, output_dir)
-    else:
-        model = Phi3VForCausalLM.from_pretrained(output_dir, dtype=dtype, attn_implementation=attn_implementation)
-    return model.to(device).eval(), processor
+        model = model.merge_and_unload() if merge_lora else model
+    return (model if placement else model.to(device)).eval(), processor
+
+
+class WithSystemMessage(Phi3VProcessor):
+    """The processor, with a system message rendered before every conversation (<|system|>\n...<|end|>\n)."""
+
+    def __init__(self, processor: Phi3VProcessor, system: str):
+        super().__init__(processor.image_processor, processor.tokenizer)
+        self.system = system
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return super().apply_chat_template([{"role": "system", "content": self.system}, *messages],
+                                           add_generation_prompt)
 
 
 def video_frames(path: str | Path, count: int):
@@ -56,15 +90,44 @@ def video_frames(path: str | Path, count: int):
 
 
 @torch.no_grad()
-def answer(model, processor, question: str, images: list, max_new_tokens: int = 256, stream: bool = False) -> str:
-    """Greedy answer to one question about `images` (PIL images), optionally printed token by token."""
+def answer(model, processor, question: str, images: list, max_new_tokens: int = 256, stream: bool = False,
+           generation_kwargs: dict | None = None) -> str:
+    """Answer to one question about `images` (PIL images), optionally printed token by token; greedy unless
+    `generation_kwargs` (do_sample, temperature, top_p, top_k, repetition_penalty, num_beams) say otherwise."""
     prompt, images, _ = render(processor, Conversation("question", [Turn(question, None, images)]),
                                for_generation=True)
     inputs = processor(prompt, images or None).to(next(model.parameters()).device)
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
-                            eos_token_id=processor.end_token_ids(), pad_token_id=processor.tokenizer.pad_token_id)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer,
+                            eos_token_id=processor.end_token_ids(), pad_token_id=processor.tokenizer.pad_token_id,
+                            **decoding(generation_kwargs))
     return processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def generation_settings(args: argparse.Namespace) -> dict:
+    """The decoding flags given, as generate() arguments (sampling ones only with --do_sample)."""
+    settings = {"do_sample": args.do_sample, "num_beams": args.num_beams,
+                "repetition_penalty": args.repetition_penalty}
+    if args.do_sample:
+        settings.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def start_processes(args: argparse.Namespace) -> tuple[int, int]:
+    """(rank, world size). Under torchrun / accelerate launch (WORLD_SIZE > 1): join the process group, one GPU
+    per process (gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1
+    if args.question or args.device_map:
+        raise UserError("several processes answer a --jsonl file, one GPU each: run --question, or --device_map, "
+                        "in a single process (python predict.py ...)")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(args.device)
+    return dist.get_rank(), world
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     parser.add_argument("--no-stream", dest="stream", action="store_false", help="print the answer at the end")
+    parser.add_argument("--system", help="a system message before the question (e.g. 'Answer in one word.')")
+    group = parser.add_argument_group("decoding (default: greedy, as in evaluation)")
+    group.add_argument("--do_sample", action="store_true", help="sample instead of taking the likeliest token")
+    group.add_argument("--temperature", type=float, help="with --do_sample (transformers' default 1.0)")
+    group.add_argument("--top_p", type=float, help="with --do_sample: nucleus sampling")
+    group.add_argument("--top_k", type=int, help="with --do_sample: sample among the k likeliest tokens")
+    group.add_argument("--repetition_penalty", type=float, help="> 1 discourages repeating tokens")
+    group.add_argument("--num_beams", type=int, help="beam search with this many beams")
+    group.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same samples")
+    group = parser.add_argument_group("memory")
+    group.add_argument("--device_map", choices=["auto"], help="auto: spread the model over the GPUs (and CPU)")
+    group.add_argument("--load_in_4bit", action="store_true", help="NF4 4-bit weights (bitsandbytes, CUDA)")
+    group.add_argument("--merge_lora", action="store_true", help="merge a LoRA adapter into the weights on load")
     return parser
 
 
@@ -95,14 +171,21 @@ def main(argv: list[str] | None = None) -> list[dict] | str:
     if bool(args.jsonl) == bool(args.question):
         parser.error("pass either --question (with --image/--video) or --jsonl")
 
+    if (args.temperature or args.top_p or args.top_k) and not args.do_sample:
+        raise UserError("--temperature, --top_p and --top_k apply to sampling: add --do_sample")
+    rank, world = start_processes(args)
     model, processor = load_for_inference(args.output_dir, args.base, getattr(torch, args.dtype),
-                                          args.attn_implementation, args.device)
+                                          args.attn_implementation, args.device, args.device_map,
+                                          args.load_in_4bit, args.merge_lora)
+    processor = WithSystemMessage(processor, args.system) if args.system else processor
     if args.num_crops:
         processor.image_processor.num_crops = args.num_crops
+    set_seed(args.seed)
+    settings = generation_settings(args)
     if args.question:
         images = [open_image(p) for p in args.image]
         images += video_frames(args.video, args.num_frames) if args.video else []
-        text = answer(model, processor, args.question, images, args.max_new_tokens, stream=args.stream)
+        text = answer(model, processor, args.question, images, args.max_new_tokens, args.stream, settings)
         if not args.stream:
             print(text)
         return text
@@ -111,7 +194,12 @@ def main(argv: list[str] | None = None) -> list[dict] | str:
     if dataset.load_problems:
         raise UserError(f"{args.jsonl}: {len(dataset.load_problems)} unreadable line(s)",
                         [str(problem) for problem in dataset.load_problems])
-    results = generate_predictions(model, dataset, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    results = generate_predictions(model, dataset, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                   generation_kwargs=settings)
+    if world > 1:
+        dist.destroy_process_group()
+    if rank != 0:
+        return []  # rank 0 holds every answer, in input order
     lines = [json.dumps({"id": r["id"], "prediction": r["prediction"].strip(), "reference": r["reference"]},
                         ensure_ascii=False) for r in results]
     if args.out:

@@ -13,6 +13,7 @@ import logging
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
+from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from phi3v.collator import Phi3VCollator
 from phi3v.data import ConversationDataset
@@ -132,14 +133,35 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
+class RepetitionPenalty(RepetitionPenaltyLogitsProcessor):
+    """transformers' repetition penalty, which indexes the scores with every input id and fails on the image
+    placeholders (negative ids): they are replaced by the row's largest id, a text token already in the row, so the
+    result is that of penalizing the text tokens alone."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        text_ids = torch.where(input_ids < 0, input_ids.max(dim=1, keepdim=True).values, input_ids)
+        return super().__call__(text_ids, scores)
+
+
+def decoding(settings: dict | None) -> dict:
+    """generate() arguments for decoding settings: greedy by default, repetition_penalty made placeholder-safe."""
+    settings = {"do_sample": False, **(settings or {})}
+    penalty = settings.pop("repetition_penalty", None)
+    if penalty is not None and penalty != 1.0:
+        settings["logits_processor"] = LogitsProcessorList([RepetitionPenalty(penalty)])
+    return settings
+
+
 @torch.no_grad()
 def generate_predictions(model, dataset: ConversationDataset, batch_size: int = 8, max_new_tokens: int = 64,
                          num_workers: int = 0, score_token_ids: list[int] | None = None, desc: str = "evaluating",
                          disable_tqdm: bool = False, synced_gpus: bool = False,
-                         autocast_dtype: torch.dtype | None = None) -> list[dict] | None:
-    """Greedy answers for every prompt of `dataset` (built with for_generation=True).
+                         autocast_dtype: torch.dtype | None = None,
+                         generation_kwargs: dict | None = None) -> list[dict] | None:
+    """Answers (greedy unless `generation_kwargs` say otherwise) for every prompt of `dataset` (for generation).
 
     Args:
+        generation_kwargs: other decoding settings for `generate` (do_sample, temperature, num_beams, ...).
         score_token_ids: also return, per prompt, the softmax probabilities of these token ids at the first
             generated position (e.g. "yes"/"no" for ROC AUC).
         synced_gpus: DeepSpeed ZeRO-3 and FSDP: all ranks must run the same number of forward passes (a rank whose
@@ -166,10 +188,10 @@ def generate_predictions(model, dataset: ConversationDataset, batch_size: int = 
     for batch in tqdm(loader, desc=desc, disable=disable_tqdm or rank != 0):
         inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         with autocast(device, autocast_dtype):
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, use_cache=True,
                                  eos_token_id=end_ids, pad_token_id=processor.tokenizer.pad_token_id,
                                  output_scores=score_token_ids is not None, return_dict_in_generate=True,
-                                 synced_gpus=synced_gpus)
+                                 synced_gpus=synced_gpus, **decoding(generation_kwargs))
         new_tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
         texts = processor.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         probs = out.scores[0].float().softmax(-1)[:, score_token_ids].tolist() if score_token_ids else None
