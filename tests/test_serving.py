@@ -253,3 +253,61 @@ def test_export_push_to_hub(tiny_dir, tmp_path, monkeypatch):
     assert "python finetune_hf_trainer_ucf101.py --data_dir /data/ucf101 --use_lora\n" in card
     assert f"python -m phi3v.export {adapter} {tmp_path / 'merged'} --push_to_hub me/phi35v-ucf --private" in card
     assert "- **Tuning mode**: lora, adapter merged into the base by phi3v.export (bfloat16)" in card
+
+
+@pytest.mark.slow
+def test_training_outputs_and_trainer_push_to_hub(tiny_dir, ucf_data, tmp_path, monkeypatch):
+    """Full mode: the output and each checkpoint in the serving layout; --push_to_hub creates the repo before
+    training and uploads the model files once, at the end, with the evaluation in the card."""
+    import finetune_hf_trainer_ucf101 as ucf101
+    import phi3v.serving
+    from tests.conftest import ucf_args
+
+    hub = FakeHub()
+    monkeypatch.setattr(phi3v.serving, "hub_api", hub)
+    monkeypatch.setattr("phi3v.training.hub_api", hub)
+    base = base_with_code(tiny_dir, tmp_path / "base")
+    out = tmp_path / "full"
+    ucf101.main(ucf_args(base, ucf_data, out, "--max_steps", "1", "--save_steps", "1", "--eval_samples", "2",
+                         "--push_to_hub", "--hub_model_id", "me/phi35v-full", "--hub_private_repo", "true"))
+    for folder in (out, out / "checkpoint-1"):
+        assert read(folder, "config.json")["auto_map"] == OFFICIAL_CONFIG_MAP
+        assert read(folder, "processor_config.json")["auto_map"] == {"AutoProcessor": OFFICIAL_PROCESSOR_MAP[
+            "AutoProcessor"]}
+        assert read(folder, "generation_config.json")["eos_token_id"] == [2, 32000, 32007]
+        assert all((folder / name).read_text() == code for name, code in STAND_IN_CODE.items())
+    # the repo is created when the Trainer starts (exist_ok at upload time); no push per checkpoint
+    assert [c[0] for c in hub.calls] == ["create_repo", "create_repo", "upload_folder"]
+    assert hub.calls[0][1] == "me/phi35v-full" and hub.calls[0][2]["private"] is True
+    uploaded = hub.calls[2][2]["allow_patterns"]
+    assert {"README.md", "config.json", "model.safetensors", "processor_config.json", "modeling_phi3_v.py",
+            "all_results.json"} <= set(uploaded)
+    assert not [name for name in uploaded if name.startswith(("checkpoint", "eval", "trainer_state", "training_args"))]
+    card = (out / "README.md").read_text()
+    metrics = read(out, "all_results.json")
+    assert f"| accuracy | {metrics['eval_before_accuracy']:.4f} | {metrics['eval_after_accuracy']:.4f} |" in card
+    assert f"base_model: {base}" in card and "- **Tuning mode**: full" in card
+    assert "python finetune_hf_trainer_ucf101.py --model_name_or_path" in card and "--push_to_hub" in card
+    assert "train examples 12" in card and f"data_dir {ucf_data}" in card
+    assert read(out, "run_info.json")["mode"] == "full"
+
+
+@pytest.mark.slow
+def test_trainer_push_to_hub_of_a_lora_run_uploads_the_merged_model(tiny_dir, ucf_data, tmp_path, monkeypatch):
+    import finetune_hf_trainer_ucf101 as ucf101
+    import phi3v.serving
+    from tests.conftest import ucf_args
+
+    hub = FakeHub()
+    monkeypatch.setattr(phi3v.serving, "hub_api", hub)
+    monkeypatch.setattr("phi3v.training.hub_api", hub)
+    out = tmp_path / "lora"
+    ucf101.main(ucf_args(tiny_dir, ucf_data, out, "--use_lora", "--lora_rank", "4", "--max_steps", "1",
+                         "--no_eval_before_training", "--no_eval_after_training", "--push_to_hub"))
+    upload = hub.calls[-1][2]
+    assert upload["folder_path"] == str(out / "merged") and hub.calls[0][1] == "lora"  # repo named after the dir
+    assert "model.safetensors" in upload["allow_patterns"] and "adapter_config.json" not in upload["allow_patterns"]
+    assert read(out / "merged", "processor_config.json")["auto_map"]["AutoProcessor"].startswith(
+        "microsoft/Phi-3.5-vision-instruct--")  # the tiny base has no *.py: the official code on the Hub
+    card = (out / "merged" / "README.md").read_text()
+    assert "- **Tuning mode**: lora, adapter merged into the base" in card and "No evaluation was recorded." in card
