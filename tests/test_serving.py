@@ -29,6 +29,7 @@ class Phi3VConfig(PretrainedConfig):
     model_type = "phi3_v"
 ''',
     "processing_phi3_v.py": '''
+import transformers
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ProcessorMixin
 
@@ -46,6 +47,9 @@ class Phi3VProcessor(ProcessorMixin):
     attributes = ["image_processor", "tokenizer"]
     image_processor_class = "Phi3VImageProcessor"
     tokenizer_class = ("LlamaTokenizer", "LlamaTokenizerFast")
+
+
+transformers.Phi3VImageProcessor = Phi3VImageProcessor  # ProcessorMixin (4.x) looks the class up by name there
 ''',
     "modeling_phi3_v.py": "# stand-in: the official modeling code is not part of this repository\n",
 }
@@ -201,6 +205,23 @@ def test_weights_shard_with_an_index(tiny_model, tmp_path, monkeypatch):
     assert index["metadata"]["total_size"] == total
     reloaded = Phi3VForCausalLM.from_pretrained(tmp_path)
     assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in tiny_model.state_dict().items())
+
+
+def test_full_size_shards_as_the_hub_repo():
+    """At full size, the 5 GB limit gives the official repo's two shards (4.94 GB + 3.35 GB on the hub page)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    from phi3v.modeling import MAX_SHARD_SIZE, Phi3VConfig
+    from tests.test_modeling import official_keys
+
+    with torch.device("meta"):
+        state = Phi3VForCausalLM(Phi3VConfig.official()).to(torch.bfloat16).state_dict()
+    split = split_torch_state_dict_into_shards(state, max_shard_size=MAX_SHARD_SIZE,
+                                               filename_pattern="model{suffix}.safetensors")
+    sizes = {name: sum(state[key].numel() * 2 for key in keys) for name, keys in split.filename_to_tensors.items()}
+    assert sorted(sizes) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert [round(size / 1e9, 1) for size in sizes.values()] == [5.0, 3.3] and sum(sizes.values()) == 8_293_242_880
+    assert set(split.tensor_to_filename) == set(official_keys())
 
 
 def test_model_card():
