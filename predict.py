@@ -70,15 +70,17 @@ def load_for_inference(output_dir: str | Path, base: str | None = None, dtype: t
 
 
 class WithSystemMessage(Phi3VProcessor):
-    """The processor, with a system message rendered before every conversation (<|system|>\n...<|end|>\n)."""
+    """The processor, with a system message rendered before every conversation that has none of its own (a jsonl
+    record's "system" wins): <|system|>\n...<|end|>\n, as the chat template renders it."""
 
     def __init__(self, processor: Phi3VProcessor, system: str):
         super().__init__(processor.image_processor, processor.tokenizer)
         self.system = system
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return super().apply_chat_template([{"role": "system", "content": self.system}, *messages],
-                                           add_generation_prompt)
+        if not messages or messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.system}, *messages]
+        return super().apply_chat_template(messages, add_generation_prompt)
 
 
 def video_frames(path: str | Path, count: int):

@@ -82,6 +82,8 @@ def test_system_message_prompt(processor):
     with_system = predict.WithSystemMessage(processor, "Be brief.")
     prompt, _, _ = render(with_system, Conversation("q", [Turn("What?", None, [make_image(40, 30)])]), True)
     assert prompt == "<|system|>\nBe brief.<|end|>\n<|user|>\n<|image_1|>\nWhat?<|end|>\n<|assistant|>\n"
+    own, _, _ = render(with_system, Conversation("q", [Turn("What?", None, [])], system="Be long."), True)
+    assert own == "<|system|>\nBe long.<|end|>\n<|user|>\nWhat?<|end|>\n<|assistant|>\n"  # a record's own wins
 
 
 def test_merge_lora_and_device_map(tiny_dir, tmp_path):
