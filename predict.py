@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> list[dict] | str:
     if args.question:
         images = [open_image(p) for p in args.image]
         images += video_frames(args.video, args.num_frames) if args.video else []
-        text = answer(model, processor, args.question, images, args.max_new_tokens, args.stream, settings)
+        text = answer(model, processor, args.question, images, args.max_new_tokens, stream=args.stream,
+                      generation_kwargs=settings)
         if not args.stream:
             print(text)
         return text

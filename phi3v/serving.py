@@ -19,6 +19,7 @@ This project ignores auto_map: phi3v.modeling registers `phi3_v` natively.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -142,7 +143,9 @@ def model_card(base_model: str, mode: str, data: dict, metrics: dict, commands: 
     def value(key):
         return f"{metrics[key]:.4f}" if isinstance(metrics.get(key), (int, float)) else "-"
 
-    lines = ["---", f"base_model: {base_model}", "library_name: transformers", "pipeline_tag: image-text-to-text",
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", base_model) and not Path(base_model).exists()
+    lines = ["---", *([f"base_model: {base_model}"] if hub_id else []),  # the Hub links base models by id only
+             "library_name: transformers", "pipeline_tag: image-text-to-text",
              "tags:", "- phi3_v", "- vision", "- fine-tuned", "---", "",
              f"# Fine-tuned from {base_model}", "",
              f"- **Base model**: {base_model}", f"- **Tuning mode**: {mode}"]

@@ -21,7 +21,7 @@ import pytest
 
 from phi3v import Phi3VForCausalLM, Phi3VProcessor
 from phi3v.export import main as export_main
-from tests.test_serving import base_with_code, make_adapter
+from tests.test_serving import base_with_code, make_adapter, serving_snippet
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -61,6 +61,9 @@ if __import__("os").path.exists(index):
 shutil.copytree(with_code, with_code + "-old")
 open(with_code + "-old/processor_config.json", "w").write('{"processor_class": "Phi3VProcessor"}')
 out["old_processor_config"] = type(AutoProcessor.from_pretrained(with_code + "-old", trust_remote_code=True)).__name__
+snippet = json.loads(sys.argv[4])  # the README's 4.x snippet, less its model line (the modeling code is a stand-in)
+exec(snippet.replace('"output/merged"', repr(with_code)), scope := {})
+out["readme_processor"] = [type(scope["processor"]).__name__, scope["processor"].image_processor.num_crops]
 try:  # no *.py files: auto_map names the official hub repo, which 4.x then asks for the module (offline here)
     AutoConfig.from_pretrained(without_code, trust_remote_code=True)
     out["without_code"] = "loaded"
@@ -92,7 +95,11 @@ def test_export_loads_with_transformers_4(tiny_dir, tmp_path):
     for shard in [*(tmp_path / "resharded").glob("model-*.safetensors"), tmp_path / "resharded" / INDEX]:
         shutil.move(shard, with_code / shard.name)
     without_code = export_main([str(adapter), str(tmp_path / "without-code"), "--dtype", "float32"])
-    done = subprocess.run([str(python), "-c", CHECK, str(with_code), str(without_code), json.dumps(TEXTS)],
+    snippet = serving_snippet("trust_remote_code=True")
+    model_line = snippet[snippet.index("model = "):snippet.index("processor = ")]
+    assert "AutoModelForCausalLM.from_pretrained" in model_line
+    done = subprocess.run([str(python), "-c", CHECK, str(with_code), str(without_code), json.dumps(TEXTS),
+                           json.dumps(snippet.replace(model_line, ""))],
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -119,4 +126,5 @@ def test_export_loads_with_transformers_4(tiny_dir, tmp_path):
     index = json.loads((with_code / INDEX).read_text())
     assert result["shards"]["files"] == sorted(set(index["weight_map"].values()))
     assert result["shards"]["names"] == sorted(index["weight_map"])
+    assert result["readme_processor"] == ["Phi3VProcessor", 4]
     assert "microsoft/Phi-3.5-vision-instruct" in result["without_code"]  # resolved to the official repo's code

@@ -57,6 +57,8 @@ def test_readme_command(command):
         for i, word in enumerate(args):
             if word == "-r":
                 assert (REPO / args[i + 1]).is_file(), command
+    elif program == "vllm":  # not installed here: the serving command of the official layout (tests/test_serving.py)
+        assert args[:2] == ["serve", "output/merged"] and "--trust-remote-code" in args, command
     elif program.startswith("finetune_hf_trainer_"):
         script = importlib.import_module(program.removesuffix(".py"))
         model_args, data_args, training_args = script.parse_args(script.DataArguments, args)

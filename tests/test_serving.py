@@ -16,6 +16,7 @@ from phi3v import Phi3VForCausalLM, Phi3VProcessor
 from phi3v.errors import UserError, run_main
 from phi3v.export import main as export_main
 from phi3v.serving import complete_layout, model_card
+from tests.conftest import make_image
 
 # Stand-ins for the official remote code, which may not be copied into this repository: the class names and
 # structure of the official files (the processor a ProcessorMixin of an image processor and a Llama tokenizer),
@@ -270,7 +271,8 @@ def test_export_push_to_hub(tiny_dir, tmp_path, monkeypatch):
     assert upload["allow_patterns"] == sorted(p.name for p in out.iterdir())  # the whole export, nothing else
     assert "README.md" in upload["allow_patterns"] and "eval_after.json" not in upload["allow_patterns"]
     card = (out / "README.md").read_text()
-    assert f"base_model: {tiny_dir}" in card and "| accuracy | 0.2500 | 0.8750 |" in card
+    assert f"- **Base model**: {tiny_dir}" in card and "| accuracy | 0.2500 | 0.8750 |" in card
+    assert "base_model:" not in card  # a local folder is no Hub id
     assert "python finetune_hf_trainer_ucf101.py --data_dir /data/ucf101 --use_lora\n" in card
     assert f"python -m phi3v.export {adapter} {tmp_path / 'merged'} --push_to_hub me/phi35v-ucf --private" in card
     assert "- **Tuning mode**: lora, adapter merged into the base by phi3v.export (bfloat16)" in card
@@ -307,7 +309,7 @@ def test_training_outputs_and_trainer_push_to_hub(tiny_dir, ucf_data, tmp_path, 
     card = (out / "README.md").read_text()
     metrics = read(out, "all_results.json")
     assert f"| accuracy | {metrics['eval_before_accuracy']:.4f} | {metrics['eval_after_accuracy']:.4f} |" in card
-    assert f"base_model: {base}" in card and "- **Tuning mode**: full" in card
+    assert f"- **Base model**: {base}" in card and "- **Tuning mode**: full" in card
     assert "python finetune_hf_trainer_ucf101.py --model_name_or_path" in card and "--push_to_hub" in card
     assert "train examples 12" in card and f"data_dir {ucf_data}" in card
     assert read(out, "run_info.json")["mode"] == "full"
@@ -332,3 +334,22 @@ def test_trainer_push_to_hub_of_a_lora_run_uploads_the_merged_model(tiny_dir, uc
         "microsoft/Phi-3.5-vision-instruct--")  # the tiny base has no *.py: the official code on the Hub
     card = (out / "merged" / "README.md").read_text()
     assert "- **Tuning mode**: lora, adapter merged into the base" in card and "No evaluation was recorded." in card
+
+
+def serving_snippet(marker: str) -> str:
+    """The ```py block of the README's Serving section that contains `marker`."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Serving\n", 1)[1].split("\n## ", 1)[0]
+    (block,) = [b for b in re.findall(r"```py\n(.*?)```", section, flags=re.S) if marker in b]
+    return block
+
+
+def test_readme_serving_snippet_for_transformers_5(exported, tmp_path, capsys):
+    _, _, out = exported
+    make_image(320, 240).save(tmp_path / "photo.jpg")
+    code = serving_snippet("from phi3v import").replace('"output/merged"', repr(str(out)))
+    exec(code.replace('"photo.jpg"', repr(str(tmp_path / "photo.jpg"))), {})
+    assert capsys.readouterr().out.strip()  # an answer was printed
