@@ -168,7 +168,10 @@ def test_hub_base_offline_says_what_to_do(tmp_path):
         complete_layout(tmp_path, "microsoft/Phi-3.5-vision-instruct")
     assert "could not fetch the remote code (*.py) of microsoft/Phi-3.5-vision-instruct" in str(caught.value)
     assert not (tmp_path / "processor_config.json").exists()  # nothing half-written
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": 2}')  # the official file's stale eos
     complete_layout(tmp_path, "someone/phi35v-base", remote_code_files=False)  # the escape: code named on the Hub
+    assert read(tmp_path, "generation_config.json") == {"eos_token_id": [2, 32000, 32007], "bos_token_id": 1,
+                                                        "pad_token_id": 32000}
     assert read(tmp_path, "config.json")["auto_map"]["AutoConfig"] == "someone/phi35v-base--configuration_phi3_v" \
                                                                       ".Phi3VConfig"
 
