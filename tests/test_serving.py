@@ -265,13 +265,14 @@ def test_export_push_to_hub(tiny_dir, tmp_path, monkeypatch):
     hub = FakeHub()
     monkeypatch.setattr(phi3v.serving, "hub_api", hub)
     adapter = make_adapter(tiny_dir, tmp_path / "adapter")
-    (adapter / "eval_after.json").write_text("{}")  # predictions stay private
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "eval_after.json").write_text("{}")  # predictions stay private
     out = export_main([str(adapter), str(tmp_path / "merged"), "--push_to_hub", "me/phi35v-ucf", "--private"])
     assert [c[0] for c in hub.calls] == ["create_repo", "upload_folder"]
     assert hub.calls[0][1:] == ("me/phi35v-ucf", {"private": True, "exist_ok": True, "repo_type": "model"})
     upload = hub.calls[1][2]
     assert upload["folder_path"] == str(out) and upload["repo_id"] == "me/phi35v-ucf"
-    assert upload["allow_patterns"] == sorted(p.name for p in out.iterdir())  # the whole export, nothing else
+    assert upload["allow_patterns"] == sorted(p.name for p in out.iterdir() if p.name != "eval_after.json")
     assert "README.md" in upload["allow_patterns"] and "eval_after.json" not in upload["allow_patterns"]
     card = (out / "README.md").read_text()
     assert f"- **Base model**: {tiny_dir}" in card and "| accuracy | 0.2500 | 0.8750 |" in card
