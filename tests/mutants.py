@@ -63,7 +63,7 @@ MUTANTS = [
                 "self.gradient_accumulation_steps = self.batch_size // per_gpu"),
            ["tests/test_args.py"]),
     Mutant("no fsync before the checkpoint-complete marker", "phi3v/training.py",
-           edit('        with open(path, "rb") as f:\n            os.fsync(f.fileno())\n', ""),
+           edit('        with open(path, "rb") as f:\n            os.fsync(f.fileno())\n', "        pass\n"),
            ["tests/test_training.py"]),
     Mutant("ANLS <= at the threshold", "phi3v/metrics.py",
            edit("1 - distance if distance < threshold else 0.0", "1 - distance if distance <= threshold else 0.0"),
@@ -179,12 +179,19 @@ def run(mutant: Mutant, timeout: int) -> str:
         shutil.rmtree(BACKUP, ignore_errors=True)
 
 
+def interrupted(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-k", nargs="*", default=[], help="only defects whose name contains one of these words")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per defect")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Ctrl-C and kill both unwind through run()'s finally; SIGINT explicitly, since a shell starts background jobs
+    # with SIGINT ignored, and Python would keep ignoring it.
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
     restore_leftovers()
     chosen = [m for m in MUTANTS if not args.k or any(word.lower() in m.name.lower() for word in args.k)]
     killed = 0
@@ -199,4 +206,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit("interrupted: the planted defect was removed, the tree is as before")
