@@ -1,4 +1,4 @@
-"""Plant realistic defects one at a time and check that the tests catch each: `make mutants` (or python tests/mutants.py).
+"""Plant realistic defects one at a time and check that the tests catch each: `make mutants`.
 
 For each defect below: the text `old` of `file` is replaced by `new` (it must occur exactly once), the listed test
 files run (`-m "not slow" -x`), and the file is restored. A defect is *killed* when the tests fail. It prints one line
@@ -53,7 +53,8 @@ MUTANTS = [
                 "is_long = (position_ids.amax(-1, keepdim=True) + 1 >= original)"),
            ["tests/test_modeling.py"]),
     Mutant("image features one position late", "phi3v/modeling.py",
-           edit("inputs_embeds.masked_scatter(mask[..., None]", "inputs_embeds.masked_scatter(mask.roll(1, 1)[..., None]"),
+           edit("inputs_embeds.masked_scatter(mask[..., None]",
+                "inputs_embeds.masked_scatter(mask.roll(1, 1)[..., None]"),
            ["tests/test_modeling.py"]),
     Mutant("LoRA without mlp.down_proj", "phi3v/model_loading.py",
            edit('"mlp.gate_up_proj", "mlp.down_proj")', '"mlp.gate_up_proj")'),
