@@ -13,9 +13,10 @@ OUTPUT_DIR is any training output: a full model, a merged model (python -m phi3v
 base model is read from adapter_config.json, or given with --base; --merge_lora merges it after loading). The
 prompt is built exactly as in training (images first as <|image_1|>..., then the question, in the chat template,
 after the --system message if one is given); decoding stops at <|end|>, greedy unless --do_sample or --num_beams
-say otherwise, and sampling repeats itself with the same --seed. The jsonl mode takes the training format; under
-torchrun (or accelerate launch) each process answers a share of the records and the answers come back in input
-order; when the records have answers it also prints the accuracy. For serving, see the README (vLLM).
+say otherwise, and sampling repeats itself with the same --seed. The jsonl mode takes any training data format
+(ours, LLaVA, messages); under torchrun (or accelerate launch) each process answers a share of the records and the
+answers come back in input order; when the records have answers it also prints the accuracy. For serving, see the
+README (vLLM).
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ import torch
 import torch.distributed as dist
 from transformers import BitsAndBytesConfig, TextStreamer, set_seed
 
-from phi3v.data import Conversation, Turn, jsonl_dataset, open_image, render
+from phi3v.data import Conversation, Turn, open_image, render
 from phi3v.errors import UserError, run_main
 from phi3v.export import adapter_base
+from phi3v.formats import load_data
 from phi3v.generation import decoding, generate_predictions
 from phi3v.metrics import accuracy
 from phi3v.modeling import Phi3VForCausalLM
@@ -139,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
     parser.add_argument("--video", help="a video file: --num_frames evenly spaced frames become the images")
     parser.add_argument("--num_frames", type=int, default=8)
-    parser.add_argument("--jsonl", help="answer every record of a jsonl file in the training format")
+    parser.add_argument("--jsonl", help="answer every record of a data file in any training format (ours, LLaVA, "
+                                        "messages; see the README)")
     parser.add_argument("--image_root", help="folder the jsonl image paths are relative to (default: beside it)")
     parser.add_argument("--out", help="write the jsonl answers here (default: print them)")
     parser.add_argument("--batch_size", type=int, default=8)
@@ -193,7 +196,7 @@ def main(argv: list[str] | None = None) -> list[dict] | str:
             print(text)
         return text
 
-    dataset = jsonl_dataset(args.jsonl, args.image_root or Path(args.jsonl).parent, processor, for_generation=True)
+    dataset = load_data(args.jsonl, processor, args.image_root, for_generation=True, num_frames=args.num_frames)
     if dataset.load_problems:
         raise UserError(f"{args.jsonl}: {len(dataset.load_problems)} unreadable line(s)",
                         [str(problem) for problem in dataset.load_problems])

@@ -175,7 +175,7 @@ def batch_of(dataset):
 
 
 def test_the_same_samples_in_every_format_give_identical_batches(processor, tmp_path):
-    from phi3v.data import render
+    from phi3v.data import SampleError, render
     from phi3v.formats import detect_format, load_data
 
     files = write_three_formats(tmp_path)
@@ -188,6 +188,12 @@ def test_the_same_samples_in_every_format_give_identical_batches(processor, tmp_
         assert batch["sample_ids"] == reference["sample_ids"], name
         for key in ("input_ids", "labels", "attention_mask", "pixel_values", "image_sizes"):
             assert torch.equal(batch[key], reference[key]), (name, key)
+    forced = batch_of(load_data(files["llava"], processor, data_format="llava"))
+    assert torch.equal(forced["input_ids"], reference["input_ids"])
+    with pytest.raises(SampleError, match='"messages" must be a list'):
+        load_data(files["llava"], processor, data_format="messages").conversation(0)
+    with pytest.raises(UserError, match="--data_format must be one of auto, ours, llava, messages, hf"):
+        load_data(files["ours"], processor, data_format="sharegpt")
     # the system message as the chat template renders it (spec: "<|role|>\n" + content + "<|end|>\n"), never trained
     dataset = load_data(files["llava"], processor)
     text, _, _ = render(processor, dataset.conversation(0))
