@@ -121,7 +121,10 @@ def run(batch_sizes, new_tokens: int, repeats: int, device: str, full_size: bool
     if device == "cpu":
         torch.set_num_threads(1)
     model = build_model(full_size, device, torch.bfloat16 if device != "cpu" else torch.float32)
-    rows = [measure(model, b, new_tokens, repeats, device, prefill=b == batch_sizes[0]) for b in batch_sizes]
+    rows = []
+    for batch_size in batch_sizes:
+        rows.append(measure(model, batch_size, new_tokens, repeats, device, prefill=batch_size == batch_sizes[0]))
+        print(f"batch {batch_size}: {rows[-1]}", flush=True)  # progress: the larger batches take minutes
     return {"rows": rows, "full_size": full_size, "device": device, "repeats": repeats}
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import socket
+import threading
 from pathlib import Path
+from urllib.parse import urlparse
 
 from phi3v.errors import MissingFile, Unavailable
 
@@ -17,6 +21,49 @@ def offline_message(name: str, error: BaseException | str) -> str:
     )
 
 
+PROBE_SECONDS = 1.5
+UNREACHABLE = f"the Hugging Face Hub did not answer within {PROBE_SECONDS} s"
+
+
+@functools.cache
+def hub_reachable(timeout: float = PROBE_SECONDS) -> bool:
+    """Whether a TCP connection to the Hub (HF_ENDPOINT) opens within `timeout` seconds; asked once per process.
+
+    Offline, huggingface_hub retries every request for ~25 s before it gives up; this probe lets a run fall back to
+    the local cache, or fail with its message, within 2 s. HF_HUB_OFFLINE=1: False without asking. Behind a proxy
+    (HTTPS_PROXY / ALL_PROXY) only the proxy knows: True, and huggingface_hub decides.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    opened = []
+
+    def connect():  # in a thread: name resolution has no timeout of its own
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            opened.append(True)
+        except OSError:
+            pass
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return bool(opened)
+
+
+def hub_kwargs(path: str | os.PathLike) -> dict:
+    """from_pretrained keywords for `path`: local_files_only=True for a hub id while the Hub is unreachable (so the
+    local cache is used, or the load fails at once), nothing otherwise."""
+    if Path(path).exists() or hub_reachable():
+        return {}
+    return {"local_files_only": True}
+
+
 def resolve_file(path: str | os.PathLike, filename: str) -> Path:
     """Path of `filename` inside a local checkpoint directory, or downloaded from the hub repo `path`."""
     if Path(path).is_dir():
@@ -26,7 +73,8 @@ def resolve_file(path: str | os.PathLike, filename: str) -> Path:
         return file
     from huggingface_hub import hf_hub_download
 
+    offline = hub_kwargs(path)
     try:
-        return Path(hf_hub_download(str(path), filename))
+        return Path(hf_hub_download(str(path), filename, **offline))
     except Exception as error:  # offline, unknown repo, gated repo: all need the same action from the user
-        raise Unavailable(offline_message(str(path), error)) from error
+        raise Unavailable(offline_message(str(path), UNREACHABLE if offline else error)) from error

@@ -42,7 +42,7 @@ from transformers.models.phi3.modeling_phi3 import (
 )
 from transformers.utils import is_flash_attn_2_available
 
-from phi3v.hub import offline_message
+from phi3v.hub import UNREACHABLE, hub_kwargs, offline_message
 
 # The official code hard-codes this CLIP; config.json only names it in img_processor.model_name.
 CLIP_VIT_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -395,12 +395,14 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
                 "newer): `pip install flash-attn --no-build-isolation`. Without it use 'sdpa' (the default) or "
                 "'eager'."
             )
+        offline = hub_kwargs(pretrained_model_name_or_path)
         try:
-            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **{**offline, **kwargs})
         except OSError as error:
             if Path(pretrained_model_name_or_path).exists():
                 raise
-            raise OSError(offline_message(str(pretrained_model_name_or_path), error)) from error
+            reason = UNREACHABLE if offline else error
+            raise OSError(offline_message(str(pretrained_model_name_or_path), reason)) from error
         model.generation_config.eos_token_id = stop_token_ids(model.generation_config.eos_token_id)
         if model.config.pad_token_id is not None:  # Phi-3-vision-128k has none: generation_config's 32000 stays
             model.generation_config.pad_token_id = model.config.pad_token_id

@@ -22,7 +22,7 @@ from PIL import Image
 from transformers import AutoTokenizer, BatchFeature
 
 from phi3v.errors import Unavailable
-from phi3v.hub import offline_message
+from phi3v.hub import UNREACHABLE, hub_kwargs, offline_message
 from phi3v.image_processing import Phi3VImageProcessor
 
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
@@ -56,12 +56,16 @@ class Phi3VProcessor:
     def from_pretrained(cls, path: str | os.PathLike, num_crops: int | None = None, **kwargs) -> Phi3VProcessor:
         """Load `preprocessor_config.json` and the tokenizer files; `num_crops` overrides the saved value."""
         image_processor = Phi3VImageProcessor.from_pretrained(path, num_crops=num_crops)
+        # The hub folder ships the official *.py files and its config.json an auto_map, so AutoTokenizer (which
+        # reads config.json) would ask "Do you wish to run the custom code?" and wait 15 s. We never run them.
+        kwargs.setdefault("trust_remote_code", False)
+        offline = hub_kwargs(path)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(path, **{**offline, **kwargs})
         except OSError as error:
             if Path(path).is_dir():
                 raise
-            raise Unavailable(offline_message(str(path), error)) from error
+            raise Unavailable(offline_message(str(path), UNREACHABLE if offline else error)) from error
         return cls(image_processor, tokenizer)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
