@@ -176,6 +176,29 @@ def test_hub_base_offline_says_what_to_do(tmp_path):
                                                                       ".Phi3VConfig"
 
 
+def test_hub_base_fetches_only_the_code(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    asked = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        asked.append((repo_id, allow_patterns, kwargs))
+        folder = tmp_path / "hub-cache"
+        folder.mkdir(exist_ok=True)
+        for name, code in STAND_IN_CODE.items():
+            (folder / name).write_text(code)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    copied = complete_layout(out, "microsoft/Phi-3.5-vision-instruct")
+    assert asked == [("microsoft/Phi-3.5-vision-instruct", ["*.py"], {})]  # the code, never the weights
+    assert copied == sorted(STAND_IN_CODE) and read(out, "config.json")["auto_map"] == OFFICIAL_CONFIG_MAP
+    assert read(out, "processor_config.json")["auto_map"]["AutoProcessor"] == "processing_phi3_v.Phi3VProcessor"
+
+
 def test_export_command_line_offline_is_one_line(tiny_dir, tmp_path, capsys):
     adapter = make_adapter(tiny_dir, tmp_path / "adapter")
     capsys.readouterr()
