@@ -81,6 +81,13 @@ def compute_task_metric(predictions: list[dict], data_args: DataArguments) -> di
     answers, references = [p["prediction"] for p in predictions], [p["reference"] for p in predictions]
     metrics = {"accuracy": accuracy(answers, references)}
     labels = [int(normalize_answer(r) == normalize_answer(data_args.positive_answer)) for r in references]
+    spelled_otherwise = sorted({r.strip() for r in references if normalize_answer(r) in (
+        normalize_answer(data_args.positive_answer), normalize_answer(data_args.negative_answer))
+        and r.strip() not in (data_args.positive_answer, data_args.negative_answer)})
+    if spelled_otherwise:  # accuracy ignores case; the ROC AUC scores exactly the spelled tokens
+        logger.warning(f"ROC AUC scores the first tokens of {data_args.positive_answer!r} / "
+                       f"{data_args.negative_answer!r}, but references are spelled {', '.join(spelled_otherwise)}: "
+                       "pass --positive_answer / --negative_answer spelled as the answers are")
     if "scores" in predictions[0] and 0 < sum(labels) < len(labels):
         p_positive, p_negative = zip(*(p["scores"] for p in predictions))
         metrics["roc_auc"] = roc_auc([a / (a + b) if a + b > 0 else 0.5 for a, b in zip(p_positive, p_negative)],

@@ -25,7 +25,10 @@ from transformers.integrations import is_deepspeed_available
 from phi3v.errors import BadValue, MissingFile, UserError
 
 TUNING_MODES = ("full", "frozen_vision", "lora", "qlora")
-DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
+# ds_configs/ of the checkout, or its copy installed as phi3v/ds_configs by `pip install .`
+DS_CONFIGS = next((p for p in (Path(__file__).resolve().parent.parent / "ds_configs",
+                               Path(__file__).resolve().parent / "ds_configs") if (p / "zero2.json").is_file()),
+                  Path(__file__).resolve().parent.parent / "ds_configs")
 
 
 @dataclass
@@ -163,8 +166,8 @@ class BaseDataArguments:
         "help": "Longest allowed sequence in tokens (image tokens included). Longer samples are an error, or are "
                 "skipped and recorded with --skip_bad_samples; a sample is never cut inside an image."})
     skip_bad_samples: bool = field(default=False, metadata={
-        "help": "Skip samples that fail validation (logged, counted and saved to OUTPUT_DIR/skipped_samples.jsonl) "
-                "instead of stopping before the first step."})
+        "help": "Skip samples that fail validation (logged, counted and saved to "
+                "OUTPUT_DIR/skipped_samples_<split>.jsonl) instead of stopping before the first step."})
     validate_only: bool = field(default=False, metadata={"help": "Validate the datasets, print a summary, exit."})
     max_image_pixels: int = field(default=89_478_485, metadata={
         "help": "Images with more pixels are rejected (decompression-bomb guard; PIL's default limit)."})
@@ -229,6 +232,9 @@ class RecipeTrainingArguments(TrainingArguments):
     train_sampling_strategy: str = field(default="group_by_length", metadata={
         "help": "group_by_length (default: batches of similar token counts, computed without decoding images), "
                 "random or sequential."})
+    compute_eval_loss: bool = field(default=True, metadata={
+        "help": "At each evaluation, also the loss on the evaluation set (one forward pass per batch of "
+                "--per_device_eval_batch_size; logged as eval_loss and plotted with the training loss)."})
     vision_lr: float | None = field(default=None, metadata={
         "help": "Learning rate of the vision tower (CLIP, its LoRA adapters included); default --learning_rate. "
                 "5-10x below it is a common choice."})

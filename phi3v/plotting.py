@@ -38,8 +38,9 @@ def save_training_curves(log_history: list[dict], directory: str | Path, name: s
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / f"{name}.json").write_text(json.dumps(curves, indent=1))
-    panels = [("loss", ["loss"]), ("learning rate", ["learning_rate"]),
-              ("evaluation", [k for k in curves if k.startswith(("eval", "test"))])]
+    evaluation_losses = [k for k in curves if k.startswith(("eval", "test")) and k.endswith("_loss")]
+    panels = [("loss", ["loss", *evaluation_losses]), ("learning rate", ["learning_rate"]),
+              ("evaluation", [k for k in curves if k.startswith(("eval", "test")) and k not in evaluation_losses])]
     panels = [(title, [k for k in keys if k in curves]) for title, keys in panels]
     panels = [p for p in panels if p[1]]
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)

@@ -83,10 +83,20 @@ def extension_is_built(name: str) -> bool:
 
 
 def log_config(*argument_groups) -> None:
-    """The resolved arguments, once, on the main process (non-default values only, to stay readable)."""
+    """The arguments that differ from a run with no flags at all (the script's own defaults and what follows from
+    the flags, such as the gradient accumulation, are compared alike), once, on the main process."""
     for args in argument_groups:
-        changed = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)
-                   if f.init and getattr(args, f.name) != f.default and not f.name.startswith("_")}
+        try:
+            baseline = type(args)()  # the defaults, derived fields filled the same way
+        except Exception:  # a group with required fields: compare with the declared defaults
+            baseline = None
+        changed = {}
+        for f in dataclasses.fields(args):
+            if not f.init or f.name.startswith("_"):
+                continue
+            default = getattr(baseline, f.name) if baseline is not None else f.default
+            if getattr(args, f.name) != default:
+                changed[f.name] = getattr(args, f.name)
         logger.info(f"{type(args).__name__}: {changed}")
 
 
@@ -112,15 +122,28 @@ def start_summary(model, model_args, training_args, datasets_by_split: dict) -> 
 
 
 def end_summary(metrics: dict, training_args, started: float) -> None:
-    befores = {k.removeprefix("eval_before_"): v for k, v in metrics.items() if k.startswith("eval_before_")}
-    afters = {k.removeprefix("eval_after_"): v for k, v in metrics.items() if k.startswith("eval_after_")}
-    lines = [f"{name:<12} before {befores.get(name, float('nan')):.4f}  after {value:.4f}"
-             for name, value in afters.items() if not name.endswith(("runtime", "samples"))]
-    lines += [f"{k:<12} {v:.4f}" for k, v in metrics.items() if k.startswith("test_") and isinstance(v, float)
-              and not k.endswith("runtime")]
+    """Each metric before and after training, aligned; "-" where an evaluation did not run (after a resume there is
+    none before; --no_eval_after_training, none after)."""
+    def by_name(prefix: str) -> dict:
+        return {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)
+                and isinstance(v, (int, float)) and not k.endswith(("runtime", "samples"))}
+
+    befores, afters, tests = by_name("eval_before_"), by_name("eval_after_"), by_name("test_")
+    names = list(dict.fromkeys([*afters, *befores]))
+    width = max([12, *(len(name) + 1 for name in names), *(len(f"test_{name}") + 1 for name in tests)])
+
+    def value(table: dict, name: str) -> str:
+        return f"{table[name]:.4f}" if name in table else "-"
+
+    lines = [f"{name:<{width}} before {value(befores, name):>7}  after {value(afters, name):>7}" for name in names]
+    lines += [f"{'test_' + name:<{width}} {v:.4f}" for name, v in tests.items()]
+    if not afters:
+        lines.append("(no evaluation after training: --no_eval_after_training)" if befores
+                     else "(no evaluation: --no_eval_before_training and --no_eval_after_training, or a resume)")
     out = training_args.output_dir
-    lines += [f"time         {time.time() - started:.0f} s",
-              f"results      {out}/all_results.json, predictions {out}/eval_*.json, curves {out}/training_curves.png"]
+    lines += [f"{'time':<{width}} {time.time() - started:.0f} s",
+              f"{'results':<{width}} {out}/all_results.json, predictions {out}/eval_*.json, curves "
+              f"{out}/training_curves.png"]
     logger.info("done\n  " + "\n  ".join(lines))
 
 

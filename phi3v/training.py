@@ -22,6 +22,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from phi3v.errors import BadValue, MissingFile, UserError
+from phi3v.eval_loss import evaluation_loss
 from phi3v.generation import (
     eval_batch_size,
     gathered_per_module,
@@ -242,6 +243,24 @@ def precision_dtype(args) -> torch.dtype | None:
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
 
 
+class LogFirstAndLastStep(TrainerCallback):
+    """Loss and learning rate logged at the first and the last optimizer step too, whatever --logging_steps: a
+    short run still gets its curves (a run of fewer than --logging_steps steps would otherwise log none)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in (1, state.max_steps):
+            control.should_log = True
+
+
+def warn_if_warmup_outlasts_the_run(args, planned: int) -> None:
+    warmup = args.get_warmup_steps(planned)
+    if warmup >= planned:
+        logger.warning(f"the linear warm-up lasts {warmup} steps and the run {planned}: the learning rate never "
+                       f"reaches --learning_rate {args.learning_rate:g} (it ends at "
+                       f"{args.learning_rate * planned / max(warmup, 1):.3g}). Lower --warmup_steps, or pass a "
+                       "fraction of the run (--warmup_steps 0.1 = 10%).")
+
+
 class Phi3VTrainer(Trainer):
     """Trainer + generation-based `evaluate`, deterministic length grouping, atomic-by-marker checkpoints and
     non-finite loss/gradient handling.
@@ -267,9 +286,11 @@ class Phi3VTrainer(Trainer):
         self._sample_ids = None
         self._earlier_logs: list[dict] = []
         self.add_callback(CarryEarlierLogs(self))
+        self.add_callback(LogFirstAndLastStep())
 
     def train(self, *args, **kwargs):
         self._earlier_logs = list(self.state.log_history)  # e.g. the evaluation before training
+        warn_if_warmup_outlasts_the_run(self.args, self.planned_steps())
         return super().train(*args, **kwargs)
 
     # --- data
@@ -376,9 +397,15 @@ class Phi3VTrainer(Trainer):
                 synced_gpus=(zero3 or self.is_fsdp_enabled) and self.args.world_size > 1,
                 autocast_dtype=autocast_dtype,
             )
+            loss = None
+            if getattr(self.args, "compute_eval_loss", False):  # teacher-forced, one forward pass per batch
+                loss = evaluation_loss(model, dataset, self.args.per_device_eval_batch_size,
+                                       self.args.dataloader_num_workers, autocast_dtype)
         metrics = {}
         if predictions is not None:  # rank 0
             metrics = {f"{metric_key_prefix}_{k}": v for k, v in self.task_metric(predictions).items()}
+            if loss is not None:
+                metrics[f"{metric_key_prefix}_loss"] = loss
             metrics[f"{metric_key_prefix}_samples"] = len(predictions)
             metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 2)
             Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)

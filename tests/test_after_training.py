@@ -19,7 +19,7 @@ from tests.conftest import make_image, ucf_args
 def lora_run(tiny_dir, ucf_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora-run")
     ucf101.main(ucf_args(tiny_dir, ucf_data, out, "--use_lora", "--lora_rank", "8", "--max_steps", "3",
-                         "--save_steps", "2", "--learning_rate", "5e-2", "--save_merged_model"))
+                         "--save_steps", "2", "--learning_rate", "5e-2", "--save_merged_model", "--logging_steps", "10"))
     merged = out / "merged-fp32"
     export_main([str(out), str(merged), "--dtype", "float32"])
     return out, merged
@@ -100,10 +100,13 @@ def test_question_about_a_video(lora_run, tmp_path, monkeypatch):
 def test_training_curves_data(lora_run):
     out, _ = lora_run
     curves = json.loads((out / "training_curves.json").read_text())
-    assert [step for step, _ in curves["loss"]] == [1, 2, 3]
-    assert [step for step, _ in curves["learning_rate"]] == [1, 2, 3]
+    # --logging_steps 10 in a run of 3 steps: the first and the last step are logged all the same
+    assert [step for step, _ in curves["loss"]] == [1, 3]
+    assert [step for step, _ in curves["learning_rate"]] == [1, 3]
     assert [step for step, _ in curves["eval_accuracy"]] == [0, 3]  # before and after training, one curve
     assert [step for step, _ in curves["test_accuracy"]] == [3]
+    assert [step for step, _ in curves["eval_loss"]] == [0, 3]  # the validation loss, before and after training
+    assert curves["eval_loss"][1][1] < curves["eval_loss"][0][1]  # learned
     assert (out / "training_curves.png").stat().st_size > 1000
     assert (out / "checkpoint-2" / "training_curves.json").exists()  # drawn at every checkpoint too
 

@@ -63,6 +63,12 @@ def test_readme_command(command):
         script = importlib.import_module(program.removesuffix(".py"))
         model_args, data_args, training_args = script.parse_args(script.DataArguments, args)
         assert training_args.output_dir
+    elif program == "phi3v-train":  # the installed command: --task picks the script
+        from phi3v.cli import task_and_rest
+
+        task, rest = task_and_rest(args)
+        script = importlib.import_module(f"finetune_hf_trainer_{task}")
+        assert script.parse_args(script.DataArguments, rest)[2].output_dir
     elif program.endswith(".py") or program.startswith("phi3v."):
         module = importlib.import_module(program.removesuffix(".py").replace("/", "."))
         module.build_parser().parse_args(args)

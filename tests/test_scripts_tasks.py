@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import datasets
 import pytest
@@ -195,3 +196,17 @@ def test_original_readme_commands_parse(script, command):
         assert model_args.attn_implementation == "flash_attention_2" and training_args.bf16
     if "--use_qlora" in command:
         assert model_args.tuning_mode == "qlora"
+
+
+def test_hateful_memes_warns_when_references_are_spelled_unlike_the_scored_answers(caplog):
+    predictions = [{"prediction": "Yes", "reference": "Yes", "scores": [0.6, 0.4]},
+                   {"prediction": "no", "reference": "No", "scores": [0.2, 0.8]}]
+    data_args = hateful_memes.DataArguments()
+    with caplog.at_level(logging.WARNING, logger="phi3v"):
+        metrics = hateful_memes.compute_task_metric(predictions, data_args)
+    assert metrics["accuracy"] == 1.0 and metrics["roc_auc"] == 1.0
+    assert "references are spelled No, Yes: pass --positive_answer / --negative_answer" in caplog.text
+    caplog.clear()
+    matching = hateful_memes.DataArguments(positive_answer="Yes", negative_answer="No")
+    hateful_memes.compute_task_metric(predictions, matching)
+    assert "spelled" not in caplog.text

@@ -1,0 +1,96 @@
+"""The loss on the evaluation set: the cheap signal every trainer logs, next to the generated-answer metric.
+
+The evaluation set holds prompts (the last answer left for the model to generate) with their references; for the
+loss, each conversation is taken whole with its first reference as the last answer, and labelled exactly as in
+training. One forward pass per batch, no generation; the LM head runs only on the answer tokens. The result is the
+mean over all answer tokens of the set (not a mean of batch means), the same on every process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+
+import torch
+import torch.distributed as dist
+
+from phi3v.collator import Phi3VCollator
+from phi3v.data import Conversation, ConversationDataset, Turn
+
+logger = logging.getLogger(__name__)
+
+
+def with_first_reference(item, to_conversation) -> Conversation:
+    """An evaluation conversation with its last answer set to the (first) reference."""
+    conversation = to_conversation(item)
+    last = conversation.turns[-1]
+    answer = last.assistant[0] if isinstance(last.assistant, (list, tuple)) and last.assistant else last.assistant
+    return Conversation(conversation.id, [*conversation.turns[:-1], Turn(last.user, answer, last.images)])
+
+
+class LossShard(torch.utils.data.Dataset):
+    """This process's share of the training-format examples of an evaluation dataset, padded by repeats to the same
+    length on every process (ranks stay in step); repeats are marked `counted=False`. An example that cannot be
+    built (no usable reference) is None and left out of the loss."""
+
+    def __init__(self, dataset: ConversationDataset, rank: int, size: int):
+        self.examples = ConversationDataset(
+            dataset.items, functools.partial(with_first_reference, to_conversation=dataset.to_conversation),
+            dataset.processor, dataset.names, for_generation=False, max_image_pixels=dataset.max_image_pixels,
+        )
+        real = list(range(len(dataset)))[rank::size]
+        per_rank = -(-len(dataset) // size)
+        self.order = real + (real[-1:] or [0]) * (per_rank - len(real)) if len(dataset) else []
+        self.real = len(real)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, position: int) -> dict | None:
+        try:
+            example = self.examples[self.order[position]]
+        except (ValueError, OSError):
+            return None
+        return {**example, "counted": position < self.real}
+
+
+class SkipNone(Phi3VCollator):
+    def __call__(self, examples: list[dict | None]) -> dict | None:
+        examples = [e for e in examples if e is not None]
+        if not examples:
+            return None
+        batch = super().__call__(examples)
+        batch["counted"] = torch.tensor([e["counted"] for e in examples])
+        return batch
+
+
+@torch.no_grad()
+def evaluation_loss(model, dataset: ConversationDataset, batch_size: int, num_workers: int = 0,
+                    autocast_dtype: torch.dtype | None = None) -> float | None:
+    """Mean next-token loss over every supervised token of `dataset` (built with for_generation=True), sharded
+    across processes; None if no example has a usable reference."""
+    rank, size = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    loader = torch.utils.data.DataLoader(LossShard(dataset, rank, size), batch_size=batch_size,
+                                         num_workers=num_workers,
+                                         collate_fn=SkipNone(dataset.processor.tokenizer.pad_token_id))
+    was_training = model.training
+    model.eval()
+    device = next(p for p in model.parameters()).device
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, supervised tokens)
+    for batch in loader:
+        if batch is None:
+            continue
+        labels = batch["labels"]
+        labels[~batch.pop("counted")] = -100  # padding repeats: in the forward pass, not in the loss
+        inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None \
+            else contextlib.nullcontext()
+        with autocast:
+            loss_sum = model(**inputs, num_items_in_batch=1).loss  # the sum over the batch's supervised tokens
+        tokens = (torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:] != -100).sum()
+        total += torch.stack([loss_sum.double(), tokens.to(device, torch.float64)])
+    model.train(was_training)
+    if size > 1:
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item() if total[1] > 0 else None
