@@ -19,7 +19,8 @@ from tests.conftest import make_image, ucf_args
 def lora_run(tiny_dir, ucf_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora-run")
     ucf101.main(ucf_args(tiny_dir, ucf_data, out, "--use_lora", "--lora_rank", "8", "--max_steps", "3",
-                         "--save_steps", "2", "--learning_rate", "5e-2", "--save_merged_model", "--logging_steps", "10"))
+                         "--save_steps", "2", "--learning_rate", "5e-2", "--save_merged_model",
+                         "--logging_steps", "10"))
     merged = out / "merged-fp32"
     export_main([str(out), str(merged), "--dtype", "float32"])
     return out, merged
