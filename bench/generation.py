@@ -9,7 +9,8 @@ number of steps), batch 1, 4 and 16, one torch thread per process. Two variants 
 - previous: transformers' `GenerationMixin.generate` with a dynamic KV cache and the pixels handed to the model,
   which is what `Phi3VForCausalLM.generate` was before it got its own (CLIP in the prefill forward, again at a
   LongRoPE re-feed; keys and values concatenated onto the cache at every step);
-- package: `Phi3VForCausalLM.generate`: image features computed once per prompt, static (preallocated) KV cache.
+- package: `Phi3VForCausalLM.generate`: image features computed once per prompt, a KV cache that appends in place
+  (`phi3v.kv_cache`).
 
 Both must give the same tokens (asserted). At batch 1 the prefill (1 new token) is also timed alone, so that the
 decode rate can be told apart: decode ms/token = (time for all tokens - prefill time) / (tokens - 1).

@@ -43,6 +43,7 @@ from transformers.models.phi3.modeling_phi3 import (
 from transformers.utils import is_flash_attn_2_available
 
 from phi3v.hub import UNREACHABLE, hub_kwargs, offline_message
+from phi3v.kv_cache import append_cache
 
 # The official code hard-codes this CLIP; config.json only names it in img_processor.model_name.
 CLIP_VIT_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -434,14 +435,13 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
 
         - CLIP runs once per prompt: the image features are computed here, before the first step, and reused
           whenever the prompt is fed again (the LongRoPE re-feed at 4,096 tokens), never recomputed.
-        - The KV cache is a static one (preallocated for prompt + max_new_tokens) unless the caller passes a cache
-          or a cache_implementation: a dynamic cache copies all keys and values of every layer at every step
-          (torch.cat), which at DocVQA's 2,400-token prompts costs about as much as the step's attention.
+        - Unless the caller passes a cache or a cache_implementation, the KV cache appends in place
+          (`phi3v.kv_cache`) instead of copying all keys and values of every layer at every step.
         """
         config = generation_config or self.generation_config
         if kwargs.get("cache") is None and kwargs.get("cache_implementation") is None and \
-                config.cache_implementation is None:
-            kwargs["cache_implementation"] = "static"
+                config.cache_implementation is None and kwargs.get("use_cache", config.use_cache) is not False:
+            kwargs["cache"] = append_cache(self.config)
         if pixel_values is not None and kwargs.get("image_features") is None:
             with torch.no_grad():
                 kwargs["image_features"] = self.model.vision_embed_tokens(pixel_values, image_sizes)

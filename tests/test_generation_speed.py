@@ -4,7 +4,9 @@ the speed); the tokens are those of a plain greedy loop without any cache."""
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache, StaticCache
+from transformers import DynamicCache
+
+from phi3v.kv_cache import AppendLayer
 
 from tests.conftest import make_image
 
@@ -27,7 +29,8 @@ def test_decoding_never_runs_clip_again(tiny_model, processor):
         cache_hook.remove()
     assert out.shape[1] == inputs["input_ids"].shape[1] + 6
     assert len(vision_calls) == 1  # before the prefill; never during the 6 steps
-    assert len(caches) == 6 and all(cache is StaticCache for cache in caches)
+    assert len(caches) == 6 and all(cache is DynamicCache for cache in caches)
+    assert all(type(layer) is AppendLayer for layer in out_cache(tiny_model, inputs).layers)
 
 
 def test_generate_equals_a_plain_greedy_loop(tiny_model, processor):
@@ -55,3 +58,24 @@ def test_a_cache_the_caller_chooses_is_kept(tiny_model, processor):
     finally:
         hook.remove()
     assert caches and all(cache is DynamicCache for cache in caches)
+    assert all(type(layer) is not AppendLayer for layer in out_cache(tiny_model, inputs, "dynamic").layers)
+
+
+def out_cache(model, inputs, cache_implementation=None):
+    extra = {"cache_implementation": cache_implementation} if cache_implementation else {}
+    return model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True, **extra).cache
+
+
+def test_append_layer_returns_what_concatenation_returns():
+    layer, keys, values = AppendLayer(), [], []
+    for step, length in enumerate([5, 1, 1, 300, 1]):  # 300: past the spare room, so the buffer grows
+        k, v = torch.randn(2, 3, length, 4), torch.randn(2, 3, length, 4)
+        keys.append(k)
+        values.append(v)
+        got_k, got_v = layer.update(k, v)
+        assert torch.equal(got_k, torch.cat(keys, dim=-2)) and torch.equal(got_v, torch.cat(values, dim=-2)), step
+    assert layer.get_seq_length() == 308
+    layer.crop(-8)  # crop replaces the view: the next update starts from the cropped length
+    keys[-1], keys[-2] = keys[-2][..., :-7, :], torch.zeros(2, 3, 0, 4)
+    k = torch.randn(2, 3, 1, 4)
+    assert torch.equal(layer.update(k, k)[0], torch.cat([*keys, k], dim=-2))
