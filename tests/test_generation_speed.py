@@ -7,7 +7,6 @@ import torch
 from transformers import DynamicCache
 
 from phi3v.kv_cache import AppendLayer
-
 from tests.conftest import make_image
 
 
