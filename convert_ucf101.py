@@ -36,10 +36,11 @@ SPLITS = ("train", "val", "test")
 HUB_REPO, HUB_FILE = "sayakpaul/ucf101-subset", "UCF101_subset.tar.gz"
 
 
-def convert_video(job: tuple[str, Path, list[Path]]) -> str | None:
-    """Write the frames of one video (atomically, skipping a video already done); the error message, or None."""
-    source, _, targets = job
-    if all(t.is_file() for t in targets):
+def convert_video(job: tuple[str, Path, list[Path], bool]) -> str | None:
+    """Write the frames of one video (atomically, skipping a video already done unless `redo`); the error message,
+    or None."""
+    source, _, targets, redo = job
+    if not redo and all(t.is_file() for t in targets):
         return None
     try:
         frames = read_frames(source, len(targets))
@@ -105,19 +106,33 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
 
+    if args.num_frames < 1:
+        raise UserError(f"--num_frames must be >= 1, got {args.num_frames}")
     out_dir = Path(args.out_dir)
     work_dir = Path(args.tmp_dir or tempfile.mkdtemp(prefix="ucf101-"))
     try:
         root = find_source(args.src, work_dir)
         videos = [(split, p) for split in SPLITS for p in sorted((root / split).glob("*/*"))
                   if p.suffix.lower() in VIDEO_EXTENSIONS]
+        if not videos:
+            raise UserError(f"--src {args.src or HUB_FILE}: no videos ({', '.join(VIDEO_EXTENSIONS)}) in "
+                            f"{root}/{{train,val,test}}/<class>/; nothing was written")
         classes = sorted({p.parent.name for _, p in videos})
         prompt = "Classify the video into one of the following classes: " + ", ".join(classes) + "."
+        # frames are named after the video's stem, or after its whole name where two videos share a stem
+        # (clip.avi and clip.mp4 in one class); frames of another --num_frames are never taken as done
+        stems = [(split, p.parent, p.stem) for split, p in videos]
+        settings = out_dir / "images" / "convert_settings.json"
+        fresh = settings.is_file() and json.loads(settings.read_text()).get("num_frames") != args.num_frames
         jobs = []
         for split, path in videos:
             folder = out_dir / "images" / split / path.parent.name
-            jobs.append((str(path), folder, [folder / f"{path.stem}.{k}.jpg" for k in range(args.num_frames)]))
-        done_before = sum(all(t.is_file() for t in targets) for _, _, targets in jobs)
+            stem = path.stem if stems.count((split, path.parent, path.stem)) == 1 else path.name.replace(".", "_")
+            jobs.append((str(path), folder, [folder / f"{stem}.{k}.jpg" for k in range(args.num_frames)], fresh))
+        done_before = 0 if fresh else sum(all(t.is_file() for t in targets) for _, _, targets, _ in jobs)
+        if not settings.is_file():  # the first run: what an interrupted run's frames were made with
+            settings.parent.mkdir(parents=True, exist_ok=True)
+            settings.write_text(json.dumps({"num_frames": args.num_frames}))
         from tqdm.auto import tqdm
 
         with ProcessPoolExecutor(max(1, args.num_workers)) as pool:
@@ -125,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
                                disable=not args.tqdm))
         failed = {}
         lines = {split: [] for split in SPLITS}
-        for index, ((split, path), (_, _, targets), error) in enumerate(zip(videos, jobs, errors)):
+        for index, ((split, path), (_, _, targets, _), error) in enumerate(zip(videos, jobs, errors)):
             if error:
                 failed[str(path.relative_to(root))] = error
                 continue
@@ -139,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
             temporary = out_dir / f".ucf101_{split}.jsonl.tmp"
             temporary.write_text("".join(json.dumps(r) + "\n" for r in records))
             os.replace(temporary, out_dir / f"ucf101_{split}.jsonl")
+        settings.write_text(json.dumps({"num_frames": args.num_frames}))  # every video now has these frames
     finally:
         if args.tmp_dir is None:
             shutil.rmtree(work_dir, ignore_errors=True)

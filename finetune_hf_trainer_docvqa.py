@@ -27,7 +27,7 @@ from transformers import set_seed
 
 from phi3v.args import BaseDataArguments, parse_args
 from phi3v.collator import Phi3VCollator
-from phi3v.data import Conversation, ConversationDataset, Turn, hub_image, load_hf_split
+from phi3v.data import Conversation, ConversationDataset, Turn, cauldron_texts, expect, hub_image, load_hf_split
 from phi3v.errors import run_main
 from phi3v.export import export_merged
 from phi3v.metrics import anls
@@ -58,25 +58,29 @@ def prompt(question: str) -> str:
 
 def mini_conversation(index: int, rows, for_generation: bool) -> Conversation:
     row = rows[index]
-    answers = row["answers"]  # several spellings of one answer; train on the first, score against all
+    answers = expect(row["answers"], "texts", '"answers"')  # several spellings; train on the first, score on all
     if not answers:
         raise ValueError("the row has no answers")
-    turn = Turn(prompt(row["query"]["en"]), answers if for_generation else answers[0], [hub_image(row["image"])])
+    question = expect(expect(row["query"], "dict", '"query"').get("en"), "text", '"query" "en"')
+    turn = Turn(prompt(question), answers if for_generation else answers[0], [hub_image(row["image"])])
     return Conversation(str(row.get("id", index)), [turn])
 
 
 def cauldron_conversation(item: tuple[int, int], rows) -> Conversation:
     index, qa = item
     row = rows[index]
-    text = row["texts"][qa]
-    turn = Turn(prompt(text["user"]), text["assistant"], [hub_image(row["images"][0])])
+    text = cauldron_texts(row)[qa]
+    images = expect(row["images"], "list", '"images"')
+    if not images:
+        raise ValueError("the row has no image")
+    turn = Turn(prompt(text["user"]), text["assistant"], [hub_image(images[0])])
     return Conversation(f"{index}-{qa}", [turn])
 
 
 def load_splits(data_args: DataArguments, processor) -> dict:
     """{"train", "val"}: the mini train split (or every Cauldron QA pair) and the 200-example test split."""
     def mini(split, limit, for_generation):
-        rows = load_hf_split(MINI, None, split, data_args.dataset_path)
+        rows = load_hf_split(MINI, None, split, data_args.dataset_path, columns=("query", "answers", "image"))
         indices = list(range(len(rows)))[:limit]
         return ConversationDataset(indices, functools.partial(mini_conversation, rows=rows,
                                                               for_generation=for_generation), processor,
@@ -84,8 +88,9 @@ def load_splits(data_args: DataArguments, processor) -> dict:
                                    data_args.max_image_pixels)
 
     if data_args.full_train:
-        rows = load_hf_split(CAULDRON, "docvqa", "train", data_args.full_train_dataset_path)
-        items = [(i, qa) for i, count in enumerate(len(t) for t in rows["texts"]) for qa in range(count)]
+        rows = load_hf_split(CAULDRON, "docvqa", "train", data_args.full_train_dataset_path, ("images", "texts"))
+        items = [(i, qa) for i, count in enumerate(len(t) if isinstance(t, list) else 1 for t in rows["texts"])
+                 for qa in range(count)]  # a row whose texts are not a list is one item, reported by validation
         items = items[:data_args.train_samples]
         train = ConversationDataset(items, functools.partial(cauldron_conversation, rows=rows), processor,
                                     [f"{CAULDRON}/docvqa[train] row {i} question {qa + 1}" for i, qa in items],

@@ -29,7 +29,7 @@ from transformers import set_seed
 
 from phi3v.args import BaseDataArguments, parse_args
 from phi3v.collator import Phi3VCollator
-from phi3v.data import Conversation, ConversationDataset, Turn, hub_image, load_hf_split
+from phi3v.data import Conversation, ConversationDataset, Turn, cauldron_texts, expect, hub_image, load_hf_split
 from phi3v.errors import run_main
 from phi3v.export import export_merged
 from phi3v.metrics import accuracy, normalize_answer, roc_auc
@@ -57,7 +57,7 @@ class DataArguments(BaseDataArguments):
 
 def meme_conversation(index: int, rows) -> Conversation:
     row = rows[index]
-    if not row["images"] or not row["texts"]:
+    if not expect(row["images"], "list", '"images"') or not cauldron_texts(row):
         raise ValueError("the row needs an image and a question")
     text = row["texts"][0]
     return Conversation(str(index), [Turn(text["user"], text["assistant"], [hub_image(row["images"][0])])])
@@ -66,7 +66,8 @@ def meme_conversation(index: int, rows) -> Conversation:
 def load_splits(data_args: DataArguments, processor) -> dict:
     """{"train", "val"}: rows eval_rows.. and the first eval_rows rows of the Cauldron's hateful_memes train split."""
     def split(rows_range, limit, for_generation):
-        rows = load_hf_split(CAULDRON, "hateful_memes", f"train[{rows_range}]", data_args.dataset_path)
+        rows = load_hf_split(CAULDRON, "hateful_memes", f"train[{rows_range}]", data_args.dataset_path,
+                             ("images", "texts"))
         indices = list(range(len(rows)))[:limit]
         offset = data_args.eval_rows if rows_range.startswith(str(data_args.eval_rows)) else 0
         return ConversationDataset(indices, functools.partial(meme_conversation, rows=rows), processor,

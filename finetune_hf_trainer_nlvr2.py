@@ -25,7 +25,7 @@ from transformers import set_seed
 
 from phi3v.args import BaseDataArguments, parse_args
 from phi3v.collator import Phi3VCollator
-from phi3v.data import Conversation, ConversationDataset, Turn, hub_image, load_hf_split
+from phi3v.data import Conversation, ConversationDataset, Turn, cauldron_texts, expect, hub_image, load_hf_split
 from phi3v.errors import run_main
 from phi3v.export import export_merged
 from phi3v.metrics import accuracy
@@ -49,9 +49,10 @@ class DataArguments(BaseDataArguments):
 
 def nlvr2_conversation(index: int, rows, for_generation: bool) -> Conversation:
     row = rows[index]
-    if len(row["images"]) != 2:
+    if len(expect(row["images"], "list", '"images"')) != 2:
         raise ValueError(f"expected 2 images, found {len(row['images'])}")
-    texts = row["texts"][:1] if for_generation else row["texts"]  # evaluation asks the first question only
+    texts = cauldron_texts(row)
+    texts = texts[:1] if for_generation else texts  # evaluation asks the first question only
     if not texts:
         raise ValueError("the row has no questions")
     images = [hub_image(image) for image in row["images"]]
@@ -62,7 +63,8 @@ def nlvr2_conversation(index: int, rows, for_generation: bool) -> Conversation:
 def load_splits(data_args: DataArguments, processor) -> dict:
     """{"train", "val"}: rows eval_rows.. and the first eval_rows rows of the Cauldron's nlvr2 train split."""
     def split(rows_range, limit, for_generation):
-        rows = load_hf_split(CAULDRON, "nlvr2", f"train[{rows_range}]", data_args.dataset_path)
+        rows = load_hf_split(CAULDRON, "nlvr2", f"train[{rows_range}]", data_args.dataset_path,
+                             ("images", "texts"))
         indices = list(range(len(rows)))[:limit]
         offset = data_args.eval_rows if rows_range.startswith(str(data_args.eval_rows)) else 0
         return ConversationDataset(indices, functools.partial(nlvr2_conversation, rows=rows,

@@ -170,11 +170,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_inputs(args: argparse.Namespace) -> None:
+    """Refuse unusable inputs before the model is loaded (a FIFO or device is refused, never opened)."""
+    from phi3v.formats import is_hub_id
+    from phi3v.validation import image_problem
+
+    for flag in ("num_frames", "batch_size", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    for path in args.image:
+        problem = image_problem(path, None)
+        if problem:
+            raise UserError(f"--{problem}")
+    if args.jsonl and not Path(args.jsonl).exists() and not is_hub_id(args.jsonl):
+        raise UserError(f"--jsonl {args.jsonl}: no such file")
+
+
 def main(argv: list[str] | None = None) -> list[dict] | str:
     parser = build_parser()
     args = parser.parse_args(argv)
     if bool(args.jsonl) == bool(args.question):
         parser.error("pass either --question (with --image/--video) or --jsonl")
+    check_inputs(args)
 
     if (args.temperature or args.top_p or args.top_k) and not args.do_sample:
         raise UserError("--temperature, --top_p and --top_k apply to sampling: add --do_sample")
@@ -197,9 +214,12 @@ def main(argv: list[str] | None = None) -> list[dict] | str:
         return text
 
     dataset = load_data(args.jsonl, processor, args.image_root, for_generation=True, num_frames=args.num_frames)
-    if dataset.load_problems:
-        raise UserError(f"{args.jsonl}: {len(dataset.load_problems)} unreadable line(s)",
-                        [str(problem) for problem in dataset.load_problems])
+    from phi3v.validation import validate
+
+    _, problems = validate(dataset, disable_tqdm=True)
+    if problems:
+        raise UserError(f"{args.jsonl}: {len(problems)} problem(s); nothing was answered",
+                        [str(problem) for problem in problems])
     results = generate_predictions(model, dataset, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                    generation_kwargs=settings)
     if world > 1:

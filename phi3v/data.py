@@ -18,20 +18,25 @@ from __future__ import annotations
 import functools
 import io
 import json
+import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from phi3v.errors import UserError
+from phi3v.errors import Unavailable, UserError, require_regular_file
 from phi3v.processing import IMAGE_TAG, Phi3VProcessor
 from phi3v.video import VideoFrame, frame_size, open_frame, video_frames
 
+logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|endoftext|>")  # never inside message text
+ANY_CASE_IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>", re.IGNORECASE)
 ImageRef = str | os.PathLike | bytes | Image.Image | VideoFrame  # a file, encoded bytes (hub datasets), a decoded
 # image, or one of the evenly spaced frames of a video file (decoded on access)
 
@@ -72,6 +77,8 @@ def open_image(ref: ImageRef, max_pixels: int | None = None, decode: bool = True
         return ref
     if isinstance(ref, VideoFrame):
         return open_frame(ref)
+    if not isinstance(ref, bytes):
+        require_regular_file(ref)
     image = Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref)
     if max_pixels is not None and image.width * image.height > max_pixels:
         raise ValueError(f"image of {image.width}x{image.height} pixels exceeds the limit of {max_pixels:,} pixels "
@@ -79,7 +86,15 @@ def open_image(ref: ImageRef, max_pixels: int | None = None, decode: bool = True
     if not decode:
         return image
     image.load()  # decode now: a truncated or corrupt file fails here, not deep inside a worker
-    return ImageOps.exif_transpose(image)
+    return to_8_bit(ImageOps.exif_transpose(image))
+
+
+def to_8_bit(image: Image.Image) -> Image.Image:
+    """16-bit grayscale (PNG "I;16", or "I") scaled to 8 bits: `convert("RGB")` would clip it to almost all white."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        pixels = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
+        return Image.fromarray(np.round(pixels / 257).astype(np.uint8), "L")
+    return image
 
 
 def image_size(ref: ImageRef) -> tuple[int, int]:
@@ -124,40 +139,107 @@ def user_content(turn: Turn, first_image: int) -> str:
     return IMAGE_TAG.sub(lambda m: f"<|image_{first_image + int(m.group(1)) - 1}|>", turn.user)
 
 
+@functools.lru_cache(maxsize=8)
+def special_tokens(tokenizer) -> tuple[str, ...]:
+    """Every special token of the tokenizer (<s>, </s>, <unk>, <|end|>, <|placeholder1|>, ...): in message text each
+    would become a control id instead of text."""
+    added = [token.content for token in tokenizer.added_tokens_decoder.values() if token.special]
+    return tuple(sorted({*CHAT_TOKENS, *tokenizer.all_special_tokens, *added}, key=lambda t: (-len(t), t)))
+
+
+def check_text(tokenizer, turn: int, role: str, text: str) -> None:
+    """Refuse message text that would not mean what it says: special tokens, an image tag in an answer, text that
+    is not valid Unicode, an empty answer."""
+    found = [token for token in special_tokens(tokenizer) if token in text]
+    if found:
+        raise ValueError(f"turn {turn}: the {role} text contains {', '.join(found)}, which would break the chat "
+                         "format; remove it from the data")
+    if role == "assistant" and IMAGE_TAG.search(text):
+        raise ValueError(f"turn {turn}: the assistant text contains {IMAGE_TAG.search(text).group(0)}: image tags "
+                         "belong in the user text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"turn {turn}: the {role} text holds a lone surrogate {text[error.start]!r} at character "
+                         f"{error.start} (not valid Unicode); fix the text's encoding") from None
+    if role == "assistant" and not text.strip():
+        raise ValueError(f"turn {turn}: the assistant answer is empty")
+
+
+def tag_warnings(conversation: Conversation) -> list[str]:
+    """Image tags in another case (<|Image_1|>): not tags, so they stay plain text; worth a warning."""
+    return [f"turn {i}: {m.group(0)} is plain text, not an image tag (tags are lower case: <|image_{m.group(1)}|>)"
+            for i, turn in enumerate(conversation.turns, start=1) if isinstance(turn.user, str)
+            for m in ANY_CASE_IMAGE_TAG.finditer(turn.user) if not IMAGE_TAG.fullmatch(m.group(0))]
+
+
 def render(processor: Phi3VProcessor, conversation: Conversation, for_generation: bool = False):
-    """(text, images, supervised character spans). For generation, the last answer is left for the model."""
-    messages, images, spans = [], [], []
+    """(text, images, supervised character spans). For generation, the last answer is left for the model.
+
+    Each turn is rendered on its own and the pieces joined, which one render of the whole conversation confirms
+    (linear in the number of turns); a template that does not render message by message is applied to each prefix.
+    """
+    messages, images, spans, pieces = [], [], [], []
     turns = conversation.turns
     if not turns:
         raise ValueError("the conversation has no turns")
     if conversation.system is not None:
         if not isinstance(conversation.system, str):
             raise ValueError(f"the system message must be a string, got {type(conversation.system).__name__}")
-        found = [t for t in CHAT_TOKENS if t in conversation.system]
+        found = [t for t in special_tokens(processor.tokenizer) if t in conversation.system]
         if found:
             raise ValueError(f"the system message contains {', '.join(found)}, which would break the chat format; "
                              "remove it from the data")
         messages.append({"role": "system", "content": conversation.system})
+        pieces.append(processor.apply_chat_template(messages))
+    template = processor.apply_chat_template
     for i, turn in enumerate(turns):
         for role, text in (("user", turn.user), ("assistant", turn.assistant)):
-            found = [t for t in CHAT_TOKENS if isinstance(text, str) and t in text]
-            if found:
-                raise ValueError(f"turn {i + 1}: the {role} text contains {', '.join(found)}, which would break the "
-                                 "chat format; remove it from the data")
-        messages.append({"role": "user", "content": user_content(turn, len(images) + 1)})
+            if isinstance(text, str):
+                check_text(processor.tokenizer, i + 1, role, text)
+        user = {"role": "user", "content": user_content(turn, len(images) + 1)}
+        messages.append(user)
         images += turn.images
         if for_generation and i == len(turns) - 1:
-            return processor.apply_chat_template(messages, add_generation_prompt=True), images, []
+            pieces.append(template([user], add_generation_prompt=True))
+            break
         if not isinstance(turn.assistant, str):
             raise ValueError(f"turn {i + 1} has no assistant answer")
+        messages.append({"role": "assistant", "content": turn.assistant})
+        prompt, pair = template([user], add_generation_prompt=True), template(messages[-2:])
+        if not pair.startswith(prompt):
+            raise ValueError("the chat template does not render the answer after the generation prompt")
+        start = sum(map(len, pieces))  # a sum of numbers per turn: cheap next to rendering
+        spans.append((start + len(prompt), start + len(pair)))
+        pieces.append(pair)
+    text = "".join(pieces)
+    if text != template(messages, add_generation_prompt=for_generation):
+        return render_by_prefixes(processor, conversation, for_generation)
+    if for_generation:
+        return text, images, []
+    text += processor.tokenizer.eos_token  # <|endoftext|> ends the document, as in the original targets
+    spans[-1] = (spans[-1][0], len(text))
+    return text, images, spans
+
+
+def render_by_prefixes(processor: Phi3VProcessor, conversation: Conversation, for_generation: bool):
+    """`render` for any chat template: each answer's span is found by rendering the conversation up to it."""
+    messages, images, spans = [], [], []
+    if conversation.system is not None:
+        messages.append({"role": "system", "content": conversation.system})
+    for i, turn in enumerate(conversation.turns):
+        messages.append({"role": "user", "content": user_content(turn, len(images) + 1)})
+        images += turn.images
+        if for_generation and i == len(conversation.turns) - 1:
+            return processor.apply_chat_template(messages, add_generation_prompt=True), images, []
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
         messages.append({"role": "assistant", "content": turn.assistant})
         text = processor.apply_chat_template(messages)
         if not text.startswith(prompt):
             raise ValueError("the chat template does not render the answer after the generation prompt")
         spans.append((len(prompt), len(text)))
-    text += processor.tokenizer.eos_token  # <|endoftext|> ends the document, as in the original targets
-    spans[-1] = (spans[-1][0], len(text))
+    text += processor.tokenizer.eos_token
+    spans[-1] = (spans[-1][0], len(text))  # the final <|endoftext|> is supervised too
     return text, images, spans
 
 
@@ -251,6 +333,9 @@ def read_jsonl(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], list[tu
             except json.JSONDecodeError as error:
                 errors.append((number, f"malformed JSON: {error.msg} at column {error.colno}"))
                 continue
+            except RecursionError:
+                errors.append((number, "JSON nested too deeply to read (thousands of [ or {)"))
+                continue
             if not isinstance(record, dict):
                 errors.append((number, f"a line must be a JSON object, got {type(record).__name__}"))
                 continue
@@ -274,12 +359,17 @@ def conversation_from_record(record: dict, image_root: str | os.PathLike, num_fr
     except SampleError:
         raise
     except ValueError as error:
-        raise SampleError(str(error), record.get("id")) from error
+        sample_id = record.get("id") if isinstance(record.get("id"), str) and record["id"].strip() else None
+        raise SampleError(str(error), sample_id) from error
 
 
 def parse_record(record: dict, image_root: str | os.PathLike, num_frames: int = 8) -> Conversation:
     if "id" not in record:
         raise ValueError('missing key "id"')
+    if not isinstance(record["id"], str) or not record["id"].strip():
+        shown = "empty" if isinstance(record["id"], str) else "null" if record["id"] is None else \
+            type(record["id"]).__name__
+        raise ValueError(f'"id" must be a non-empty string, got {shown}')
     if not isinstance(record.get("conversations"), list):
         raise ValueError('"conversations" must be a list of {"images", "user", "assistant"} objects')
     if not record["conversations"]:
@@ -331,12 +421,14 @@ def jsonl_dataset(path: str | os.PathLike, image_root: str | os.PathLike, proces
 # ------------------------------------------------------------------------------------------------- hub datasets
 
 
-def load_hf_split(hub_id: str, config: str | None, split: str, local_path: str | None = None):
+def load_hf_split(hub_id: str, config: str | None, split: str, local_path: str | None = None,
+                  columns: Sequence[str] = ()):
     """One split of a hub dataset, or of a local copy of it: a `save_to_disk` folder or a folder of parquet files in
     the hub layout (e.g. `data/train-00000-of-00001.parquet` or `docvqa/train-*.parquet`). Images stay encoded
     (`decode=False`) so that sizes can be read from headers and decoding happens in DataLoader workers.
 
-    `split` may carry a row range the way the hub does, e.g. "train[500:]" or "train[:500]".
+    `split` may carry a row range the way the hub does, e.g. "train[500:]" or "train[:500]"; the split must have
+    those rows, and every name in `columns`.
     """
     import datasets
 
@@ -345,24 +437,48 @@ def load_hf_split(hub_id: str, config: str | None, split: str, local_path: str |
         try:
             dataset = datasets.load_dataset(hub_id, config, split=base)
         except Exception as error:  # offline, or no such dataset: the user's way out is a local copy
-            raise OSError(f"could not load the hub dataset {hub_id}" + (f" ({config})" if config else "")
+            raise Unavailable(f"could not load the hub dataset {hub_id}" + (f" ({config})" if config else "")
                           + f": {str(error).splitlines()[0][:200]}. Offline? Save a copy where the hub is reachable "
                           "(datasets.load_dataset(...).save_to_disk(DIR), or download its parquet files) and pass "
                           "--dataset_path DIR.") from error
     elif (Path(local_path) / "dataset_dict.json").exists() or (Path(local_path) / "state.json").exists():
-        dataset = datasets.load_from_disk(local_path)
-        dataset = dataset[base] if isinstance(dataset, datasets.DatasetDict) else dataset
+        try:
+            dataset = datasets.load_from_disk(local_path)
+        except Exception as error:  # the datasets library's own errors on an empty or damaged copy
+            raise UserError(f"--dataset_path {local_path}: cannot be read as a save_to_disk dataset "
+                            f"({type(error).__name__}: {str(error).splitlines()[0][:150] if str(error) else ''}); "
+                            "is it empty or damaged? Save it again") from error
+        if isinstance(dataset, datasets.DatasetDict):
+            if base not in dataset:
+                raise UserError(f"--dataset_path {local_path}: no split {base!r} (it has {', '.join(dataset)})")
+            dataset = dataset[base]
     else:
-        dataset = datasets.load_dataset("parquet", data_files={base: parquet_files(local_path, base, config)},
-                                        split=base)
+        try:
+            dataset = datasets.load_dataset("parquet", data_files={base: parquet_files(local_path, base, config)},
+                                            split=base)
+        except UserError:
+            raise
+        except Exception as error:
+            raise UserError(f"--dataset_path {local_path}: its {base} parquet files cannot be read "
+                            f"({type(error).__name__}: {str(error).splitlines()[0][:150] if str(error) else ''}); "
+                            "are they damaged?") from error
+    where = f"--dataset_path {local_path}" if local_path else hub_id
+    missing = [column for column in columns if column not in dataset.column_names]
+    if missing:
+        raise UserError(f"{where}: the {base} split has no column {', '.join(map(repr, missing))} (its columns: "
+                        f"{', '.join(dataset.column_names)}); is it the right dataset?")
     if rows:
         start, stop = (int(x) if x else None for x in rows.strip("[]").split(":"))
+        needed = max(start or 0, stop or 0)
+        if needed > len(dataset) or (start is not None and start >= len(dataset)):
+            raise UserError(f"{where}: rows {rows} asked for, but the {base} split has only {len(dataset)} rows "
+                            "(lower --eval_rows, the rows held out for evaluation)")
         dataset = dataset.select(range(len(dataset))[slice(start, stop)])
     for column, feature in dataset.features.items():
         if isinstance(feature, datasets.Image):
             dataset = dataset.cast_column(column, datasets.Image(decode=False))
         elif isinstance(feature, (datasets.Sequence, datasets.List)) and isinstance(feature.feature, datasets.Image):
-            dataset = dataset.cast_column(column, type(feature)(datasets.Image(decode=False)))
+            dataset = undecoded_list(dataset, column, type(feature)(datasets.Image(decode=False)))
     return dataset
 
 
@@ -392,6 +508,22 @@ def parquet_files(path: str | os.PathLike, split: str, config: str | None) -> li
                     "configs are never merged into one training set")
 
 
+def undecoded_list(dataset, column: str, feature):
+    """`cast_column` for a list of images, done as `cast_column` does it for one image: only the feature changes.
+    (`cast_column` would rewrite the whole dataset, e.g. as a cache file inside the user's save_to_disk folder.)"""
+    import copy
+
+    from datasets.arrow_dataset import update_metadata_with_features
+
+    try:
+        copied = copy.deepcopy(dataset)
+        copied._info.features[column] = feature
+        copied._data = update_metadata_with_features(copied._data.cast(copied.features.arrow_schema), copied.features)
+        return copied
+    except (AttributeError, TypeError, ValueError):  # another datasets version: the public way
+        return dataset.cast_column(column, feature)
+
+
 def hub_image(value) -> ImageRef:
     """An image cell of a hub dataset (`{"bytes", "path"}` when not decoded, or a PIL image) as an ImageRef.
 
@@ -406,6 +538,30 @@ def hub_image(value) -> ImageRef:
     if isinstance(value, Image.Image):
         return value
     raise ValueError(f"image cell of type {type(value).__name__} is not an image")
+
+
+def expect(value, kind: str, what: str):
+    """`value` if it is of `kind` ("text", "texts", "list", "dict"), else a ValueError naming the field: hub rows
+    are checked, not trusted (a string where a list belongs would be read character by character)."""
+    ok = {"text": isinstance(value, str), "list": isinstance(value, list), "dict": isinstance(value, dict),
+          "texts": isinstance(value, list) and all(isinstance(v, str) for v in value)}[kind]
+    if not ok:
+        wanted = {"text": "a string", "list": "a list", "dict": "an object", "texts": "a list of strings"}[kind]
+        got = "null" if value is None else type(value).__name__
+        if isinstance(value, list) and kind == "texts":
+            got = "a list holding " + ", ".join(sorted({type(v).__name__ for v in value if not isinstance(v, str)}))
+        raise ValueError(f"{what} must be {wanted}, got {got}")
+    return value
+
+
+def cauldron_texts(row: dict) -> list[dict]:
+    """The Cauldron's `texts` column, checked: a list of {"user": str, "assistant": str}."""
+    texts = expect(row["texts"], "list", '"texts"')
+    for number, text in enumerate(texts, start=1):
+        expect(text, "dict", f'"texts" item {number}')
+        for key in ("user", "assistant"):
+            expect(text.get(key), "text", f'"texts" item {number} "{key}"')
+    return texts
 
 
 # ------------------------------------------------------------------------------------------------- command line

@@ -9,6 +9,7 @@ for user errors too.
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from collections.abc import Callable
 
@@ -34,6 +35,16 @@ class Unavailable(UserError, OSError):
 
 
 USER_ERROR_EXIT = 2
+
+
+def require_regular_file(path: str | os.PathLike) -> None:
+    """Raise unless `path` is a regular file: opening a named pipe or a device could block forever or never end.
+    (FileNotFoundError for a missing file and IsADirectoryError for a folder, as open() would raise.)"""
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"{path} is a directory")
+    if not stat.S_ISREG(mode):
+        raise ValueError("not a regular file (a named pipe, socket or device): refused, reading it could block")
 
 
 def run_main(main: Callable, argv: list[str] | None = None):

@@ -86,9 +86,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_paths(adapter_dir: str | Path, out_dir: str | Path) -> None:
+    """Refuse to write into the adapter's own folder or into a non-empty one (stale shards or index would stay)."""
+    adapter_base(adapter_dir)
+    out = Path(out_dir)
+    if out.resolve() == Path(adapter_dir).resolve():
+        raise UserError(f"{out_dir} is the adapter folder itself: write the merged model to a new folder")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out_dir} is an existing file: pass a new or empty folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"{out_dir} is not empty: pass a new or empty folder (files of another model there, such as "
+                        "an old model.safetensors.index.json, would be mixed with the merged one)")
+
+
 def main(argv: list[str] | None = None) -> Path:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    check_paths(args.adapter_dir, args.out_dir)
     command = shlex.join(["python", "-m", "phi3v.export", *argv])
     out = export_merged(args.adapter_dir, args.out_dir, args.base, getattr(torch, args.dtype),
                         args.remote_code_files, command)

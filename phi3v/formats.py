@@ -58,6 +58,9 @@ def read_records(path: str | os.PathLike) -> tuple[list[tuple[str, dict]], list[
             array = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise UserError(f"{path}: not a valid JSON array ({str(error).splitlines()[0][:200]})") from error
+        except RecursionError:
+            raise UserError(f"{path}: not a valid JSON array (nested too deeply to read: thousands of [ or {{)"
+                            ) from None
         records = [(f"{name}[{i}]", r) for i, r in enumerate(array) if isinstance(r, dict)]
         problems = [Problem(f"{name}[{i}]", None, f"an item must be a JSON object, got {type(r).__name__}")
                     for i, r in enumerate(array) if not isinstance(r, dict)]
@@ -92,7 +95,9 @@ def detect_format(path: str | os.PathLike) -> str:
         return "hf"
     if not Path(path).is_file():
         raise UserError(f"{path}: no such file")
-    records, _ = read_records(path)
+    records, problems = read_records(path)
+    if not records and not problems:
+        raise UserError(f"{path}: the file holds no records (it is empty)")
     for _, record in records[:10]:
         found = record_format(record)
         if found:

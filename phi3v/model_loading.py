@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -12,6 +13,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from phi3v.args import ModelArguments, RecipeTrainingArguments
 from phi3v.errors import BadValue, UserError
+from phi3v.hub import resolve_file
 from phi3v.modeling import Phi3VForCausalLM
 from phi3v.processing import Phi3VProcessor
 
@@ -22,7 +24,11 @@ CLIP_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
 
 
 def load_processor(model_args: ModelArguments) -> Phi3VProcessor:
-    return Phi3VProcessor.from_pretrained(model_args.model_name_or_path, num_crops=model_args.num_crops)
+    """The processor, with `context_length` (the model's max_position_embeddings) for the default length limit."""
+    processor = Phi3VProcessor.from_pretrained(model_args.model_name_or_path, num_crops=model_args.num_crops)
+    config = json.loads(resolve_file(model_args.model_name_or_path, "config.json").read_text())
+    processor.context_length = (config.get("text_config") or config).get("max_position_embeddings")
+    return processor
 
 
 def model_dtype(model_args: ModelArguments, training_args: RecipeTrainingArguments | None = None) -> torch.dtype:

@@ -42,6 +42,7 @@ from transformers.models.phi3.modeling_phi3 import (
 )
 from transformers.utils import is_flash_attn_2_available
 
+from phi3v.errors import Unavailable
 from phi3v.hub import UNREACHABLE, hub_kwargs, offline_message
 from phi3v.kv_cache import append_cache
 
@@ -358,6 +359,20 @@ def supervised_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.M
     return loss / num_items_in_batch
 
 
+def damaged_safetensors(directory: Path) -> str | None:
+    """The first *.safetensors file of `directory` whose header or size is wrong, with the reason."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt") as f:
+                for name in f.keys():
+                    f.get_slice(name)  # checks each tensor's byte range against the file
+        except (SafetensorError, OSError, ValueError) as error:
+            return f"{path} ({str(error).splitlines()[0][:120]})"
+    return None
+
+
 class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
     """Phi3VModel + LM head. `forward(..., labels=...)` returns the loss only (logits=None), computed by
     `supervised_lm_loss`; without labels it returns logits (for generation, only the last position's)."""
@@ -387,7 +402,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         kwargs.setdefault("use_safetensors", True)  # never unpickle model files: a .bin can run arbitrary code
         local = Path(pretrained_model_name_or_path)
         if local.is_dir() and not list(local.glob("*.safetensors")) and list(local.glob("*.bin")):
-            raise OSError(f"{local} holds pickle weights (*.bin) only. Weights are loaded from safetensors only, "
+            raise Unavailable(f"{local} holds pickle weights (*.bin) only. Weights are loaded from safetensors only, "
                           "because unpickling a file can execute code; convert the checkpoint where you trust it "
                           "(load it and call save_pretrained) and pass the safetensors copy.")
         if "flash_attention_2" in implementation.values() and not is_flash_attn_2_available():
@@ -396,14 +411,20 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
                 "newer): `pip install flash-attn --no-build-isolation`. Without it use 'sdpa' (the default) or "
                 "'eager'."
             )
+        from safetensors import SafetensorError
+
         offline = hub_kwargs(pretrained_model_name_or_path)
         try:
             model = super().from_pretrained(pretrained_model_name_or_path, *args, **{**offline, **kwargs})
-        except OSError as error:
-            if Path(pretrained_model_name_or_path).exists():
-                raise
-            reason = UNREACHABLE if offline else error
-            raise OSError(offline_message(str(pretrained_model_name_or_path), reason)) from error
+        except (OSError, SafetensorError) as error:
+            if not local.exists():
+                reason = UNREACHABLE if offline else error
+                raise Unavailable(offline_message(str(pretrained_model_name_or_path), reason)) from error
+            damaged = damaged_safetensors(local)
+            if damaged:
+                raise Unavailable(f"{damaged}: not a readable safetensors file (truncated or corrupt); copy it "
+                                  "again from its source") from error
+            raise
         model.generation_config.eos_token_id = stop_token_ids(model.generation_config.eos_token_id)
         if model.config.pad_token_id is not None:  # Phi-3-vision-128k has none: generation_config's 32000 stays
             model.generation_config.pad_token_id = model.config.pad_token_id

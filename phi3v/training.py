@@ -291,7 +291,21 @@ class Phi3VTrainer(Trainer):
     def train(self, *args, **kwargs):
         self._earlier_logs = list(self.state.log_history)  # e.g. the evaluation before training
         warn_if_warmup_outlasts_the_run(self.args, self.planned_steps())
-        return super().train(*args, **kwargs)
+        try:
+            return super().train(*args, **kwargs)
+        except Exception as error:
+            resumed = kwargs.get("resume_from_checkpoint") or (args[0] if args else None)
+            if resumed is None:
+                raise
+            # a weights-only load refused a checkpoint file that holds more than tensors: unpickling could run code
+            if type(error).__name__ == "UnpicklingError":
+                raise UserError(f"{resumed}: a file of this checkpoint holds pickled objects other than tensors and "
+                                "was refused (unpickling can run code); resume from a checkpoint you wrote, or start "
+                                "afresh") from error
+            if type(error).__name__ == "SafetensorError":
+                raise UserError(f"{resumed}: a weights file of this checkpoint cannot be read ({error}): it is "
+                                "truncated or corrupt; resume from another checkpoint") from error
+            raise
 
     # --- data
     def _get_train_sampler(self, train_dataset=None):

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from phi3v.data import ConversationDataset, Problem, image_size, open_image, render
+from phi3v.data import ConversationDataset, Problem, image_size, open_image, render, tag_warnings
 from phi3v.errors import UserError
 from phi3v.validation_cache import FILE_NAME, ValidationCache, image_key
 
@@ -59,8 +59,8 @@ def check_image(ref, max_pixels: int | None) -> tuple[str | None, tuple[int, int
 
 def validate(dataset: ConversationDataset, max_length: int | None = None, workers: int = 8,
              disable_tqdm: bool = False, desc: str = "validating", chunk: int = 256,
-             indices: list[int] | None = None, cache: ValidationCache | None = None
-             ) -> tuple[list[int | None], list[Problem]]:
+             indices: list[int] | None = None, cache: ValidationCache | None = None,
+             limit_name: str = "--max_length") -> tuple[list[int | None], list[Problem]]:
     """(token length per item (None if invalid or not checked), problems) for the items `indices` (default: all,
     and then the problems of unreadable lines too).
 
@@ -72,6 +72,7 @@ def validate(dataset: ConversationDataset, max_length: int | None = None, worker
     lengths: list[int | None] = [None] * len(dataset)
     problems = list(dataset.load_problems) if indices is None else []
     verdicts: dict = {}  # image key -> (problem message or None, size)
+    first_seen: dict[str, str] = {}  # sample id -> where it first appeared (among the items checked here)
     progress = tqdm(total=len(order), desc=desc, disable=disable_tqdm, unit="sample")
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for first in range(0, len(order), chunk):
@@ -81,9 +82,17 @@ def validate(dataset: ConversationDataset, max_length: int | None = None, worker
                 try:
                     conversation = dataset.conversation(index)
                     sample_id = conversation.id
+                    if sample_id in first_seen:
+                        raise ValueError(f"duplicate id: {first_seen[sample_id]} has the same id")
+                    first_seen[sample_id] = dataset.where(index)
                     renders[index] = (sample_id, render(dataset.processor, conversation, dataset.for_generation))
+                    for warning in tag_warnings(conversation):
+                        logger.warning(f"{dataset.where(index)} (id {sample_id}): {warning}")
                 except ValueError as error:
                     problems.append(Problem(dataset.where(index), getattr(error, "sample_id", sample_id), str(error)))
+                except (TypeError, KeyError, IndexError, RecursionError) as error:  # a row of unexpected shape
+                    problems.append(Problem(dataset.where(index), sample_id,
+                                            f"cannot read this sample ({type(error).__name__}: {error})"))
             new = {_key(ref): ref for _, (_, images, _) in renders.values() for ref in images}
             if cache is not None:  # every file the split names, bad ones included, keys its cache entry
                 cache.used.update(key[0] for key in map(image_key, new.values()) if key)
@@ -107,8 +116,9 @@ def validate(dataset: ConversationDataset, max_length: int | None = None, worker
                 if max_length is not None and length > max_length:
                     problems.append(Problem(
                         dataset.where(index), sample_id,
-                        f"{length} tokens (images included) exceed --max_length {max_length}; a sample is never cut "
-                        "inside an image: raise --max_length, lower --num_crops, or drop it with --skip_bad_samples"))
+                        f"{length} tokens (images included) exceed {limit_name} {max_length}; a sample is never cut "
+                        "inside an image: " + ("raise --max_length" if limit_name == "--max_length" else "shorten it")
+                        + ", lower --num_crops, or drop it with --skip_bad_samples"))
                     continue
                 lengths[index] = length
             progress.update(len(order[first:first + chunk]))
@@ -159,7 +169,7 @@ def _order(where: str):
 
 def prepare_dataset(dataset: ConversationDataset, split: str, max_length: int | None, skip_bad_samples: bool,
                     output_dir: str | Path, workers: int = 8, disable_tqdm: bool = False,
-                    cache_dir: str | Path | None = None) -> ConversationDataset:
+                    cache_dir: str | Path | None = None, limit_name: str = "--max_length") -> ConversationDataset:
     """Validate (each rank its share of the items, results gathered; what an earlier start found is reused from
     the cache in `cache_dir`), then stop on problems unless they may be skipped.
 
@@ -177,7 +187,7 @@ def prepare_dataset(dataset: ConversationDataset, split: str, max_length: int | 
         shard = list(range(rank, len(dataset), world))  # interleaved: every rank gets a fair mix of items
         lengths, problems = validate(dataset, max_length, workers, disable_tqdm or not rank0,
                                      desc=f"validating {split}" + (f" (rank 0 of {world})" if world > 1 else ""),
-                                     indices=shard, cache=cache)
+                                     indices=shard, cache=cache, limit_name=limit_name)
         lengths, problems = _gather(dataset, lengths, problems, shard, cache)
         if rank0:
             cache.store_split(split, fingerprint, lengths, [asdict(p) for p in problems], cache.used)
@@ -221,14 +231,25 @@ def cache_dir(data_args, training_args) -> str | None:
 
 
 def prepare_splits(splits: dict[str, ConversationDataset], data_args, training_args) -> dict[str, ConversationDataset]:
-    """`prepare_dataset` for every split (the length limit applies to training sequences only); with
-    --validate_only, also print a summary of each."""
+    """`prepare_dataset` for every split; with --validate_only, also print a summary of each.
+
+    Training sequences are limited by --max_length, or else by the model's context; evaluation prompts by the
+    context less --max_new_tokens (the answer must fit after the prompt).
+    """
     prepared = {}
+    context = getattr(next(iter(splits.values()), None), "processor", None)
+    context = getattr(context, "context_length", None)
     for split, dataset in splits.items():
+        if split == "train":
+            limit, name = (data_args.max_length, "--max_length") if data_args.max_length else \
+                (context, "the model's context of")
+        else:
+            limit = context - data_args.max_new_tokens if context else None
+            name = f"the model's context ({context}) less --max_new_tokens ({data_args.max_new_tokens}) ="
         prepared[split] = prepare_dataset(
-            dataset, split, data_args.max_length if split == "train" else None, data_args.skip_bad_samples,
-            training_args.output_dir, training_args.dataloader_num_workers or 4, training_args.disable_tqdm,
-            cache_dir(data_args, training_args),
+            dataset, split, limit, data_args.skip_bad_samples, training_args.output_dir,
+            training_args.dataloader_num_workers or 4, training_args.disable_tqdm, cache_dir(data_args, training_args),
+            limit_name=name,
         )
         if data_args.validate_only:
             print(summarize(split, prepared[split]))

@@ -14,6 +14,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from phi3v.errors import require_regular_file
+
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".mov", ".webm")
 
 
@@ -33,6 +35,7 @@ def read_frames(path: str | os.PathLike, count: int) -> list:
     when the container's count is missing or wrong. Raises ValueError (or av.error.*) for an unreadable video."""
     import av
 
+    require_regular_file(path)
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise ValueError("no video stream")

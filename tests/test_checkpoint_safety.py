@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 
 import pytest
+import torch
 
 import finetune_hf_trainer_ucf101 as ucf101
 from phi3v.errors import run_main
@@ -127,3 +129,25 @@ def test_runs_keep_foreign_checkpoints_and_never_mix_a_crashed_save(tiny_dir, uc
         f"full or read-only? The earlier checkpoint {out / 'checkpoint-1'} is intact: free space and continue with "
         "--resume_from_checkpoint last.")
     assert is_complete(out / "checkpoint-1") and not (out / STAGING).exists()
+
+    # a checkpoint file holding a pickled object, not tensors: refused in one line, nothing unpickled
+    evil = tmp_path / "evil"
+    shutil.copytree(tmp_path / "out" / "checkpoint-2", evil)
+    (evil / COMPLETE_MARKER).unlink()  # a foreign checkpoint, readable: accepted for resuming
+    torch.save({"python": Planted()}, evil / "rng_state.pth")
+    monkeypatch.setattr(Phi3VTrainer, "_save_optimizer_and_scheduler", save)
+    with pytest.raises(SystemExit):
+        run_main(ucf101.main, ucf_args(tiny_dir, ucf_data, tmp_path / "third", "--max_steps", "4",
+                                       "--no_eval_before_training", "--no_eval_after_training",
+                                       "--resume_from_checkpoint", str(evil)))
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {evil}: a file of this checkpoint holds pickled objects other than tensors and was refused "
+        "(unpickling can run code); resume from a checkpoint you wrote, or start afresh")
+    assert not Planted.unpickled
+
+
+class Planted:
+    unpickled = False
+
+    def __setstate__(self, state):
+        Planted.unpickled = True

@@ -17,6 +17,7 @@ SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[Healt
                                                                           HealthCheck.function_scoped_fixture])
 MODES = ["RGB", "L", "RGBA", "P", "CMYK", "LA", "1"]
 TEXT = st.text(alphabet=st.sampled_from(list("abc XYZ?.\n,é0123456789")), max_size=30)
+ANSWER = TEXT.filter(str.strip)  # an empty answer is refused (nothing to learn)
 
 
 @st.composite
@@ -37,7 +38,7 @@ def prompts(draw):
 
 @st.composite
 def conversations(draw):
-    turns = [Turn(draw(TEXT), draw(TEXT), draw(st.lists(images(), max_size=2)))
+    turns = [Turn(draw(TEXT), draw(ANSWER), draw(st.lists(images(), max_size=2)))
              for _ in range(draw(st.integers(1, 3)))]
     return Conversation(draw(st.text(alphabet="abc123", min_size=1, max_size=5)), turns)
 
