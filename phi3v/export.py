@@ -86,17 +86,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "config.json")
+
+
 def check_paths(adapter_dir: str | Path, out_dir: str | Path) -> None:
-    """Refuse to write into the adapter's own folder or into a non-empty one (stale shards or index would stay)."""
+    """Refuse to write into the adapter's own folder or over another model's files (a stale shard or index would
+    stay and be loaded with the merged weights). Other files (predictions, notes) may be there."""
     adapter_base(adapter_dir)
     out = Path(out_dir)
     if out.resolve() == Path(adapter_dir).resolve():
         raise UserError(f"{out_dir} is the adapter folder itself: write the merged model to a new folder")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out_dir} is an existing file: pass a new or empty folder")
-    if out.is_dir() and any(out.iterdir()):
-        raise UserError(f"{out_dir} is not empty: pass a new or empty folder (files of another model there, such as "
-                        "an old model.safetensors.index.json, would be mixed with the merged one)")
+    stale = sorted(p.name for pattern in MODEL_FILES for p in out.glob(pattern)) if out.is_dir() else []
+    if stale:
+        raise UserError(f"{out_dir} already holds model files ({', '.join(stale[:4])}): pass a new or empty folder "
+                        "(an old shard or index there would be mixed with the merged model)")
 
 
 def main(argv: list[str] | None = None) -> Path:

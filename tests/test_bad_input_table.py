@@ -378,10 +378,11 @@ CASES = [
     # --- export
     ("export into the adapter folder", "export", lambda c: [str(adapter(c)), str(c.tmp / "adapter")],
      "error: {tmp}/adapter is the adapter folder itself: write the merged model to a new folder", None),
-    ("export into a non-empty folder", "export",
-     lambda c: [str(adapter(c)), str(c.data)] if (c.data.mkdir() or (c.data / "old.json").write_text("{}")) else None,
-     "error: {data} is not empty: pass a new or empty folder (files of another model there, such as an old "
-     "model.safetensors.index.json, would be mixed with the merged one)", None),
+    ("export over another model", "export",
+     lambda c: [str(adapter(c)), str(c.data)] if (c.data.mkdir() or (c.data / "model.safetensors.index.json")
+                                                  .write_text("{}")) else None,
+     "error: {data} already holds model files (model.safetensors.index.json): pass a new or empty folder (an old "
+     "shard or index there would be mixed with the merged model)", None),
     ("export without an adapter", "export", lambda c: [str(c.tmp), str(c.out)],
      "error: {tmp} holds no LoRA adapter (adapter_config.json is missing)", None),
 ]
