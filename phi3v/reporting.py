@@ -35,6 +35,8 @@ def setup_logging(training_args) -> None:
         transformers.utils.logging.disable_progress_bar()
         datasets.disable_progress_bars()
     one_line_warnings()
+    if not training_args.should_log:  # said by the first process, not once per process
+        warnings.filterwarnings("ignore", message="This DataLoader will create")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING if training_args.should_log else logging.ERROR)
 
 

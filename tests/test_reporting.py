@@ -53,3 +53,19 @@ def test_the_final_table_is_aligned_and_says_what_did_not_run(caplog):
     no_after = summary({"eval_before_accuracy": 0.25}, caplog)
     assert no_after[:2] == ["  accuracy     before  0.2500  after       -",
                             "  (no evaluation after training: --no_eval_after_training)"]
+
+
+def test_the_dataloader_workers_warning_comes_from_the_first_process_only():
+    import warnings
+
+    from phi3v.reporting import setup_logging
+
+    message = "This DataLoader will create 4 worker processes in total. Our suggested max number of worker is 2"
+    shown = {}
+    for should_log in (True, False):
+        with warnings.catch_warnings(record=True) as caught:
+            setup_logging(SimpleNamespace(should_log=should_log, disable_tqdm=True))
+            warnings.warn(message, UserWarning)
+            warnings.warn(message, UserWarning)  # a second DataLoader (evaluation)
+        shown[should_log] = len(caught)
+    assert shown == {True: 1, False: 0}
