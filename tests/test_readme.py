@@ -105,3 +105,16 @@ def test_readme_data_examples_are_valid_for_our_readers(tmp_path):
         conversation = READERS[formats[-1]](records[0], image_root=tmp_path, num_frames=2)
         assert conversation.turns and all(isinstance(t.assistant, str) for t in conversation.turns), example
     assert {"ours", "llava", "messages"} <= set(formats)
+
+
+def test_the_knob_recipes_parse():
+    """Every flag combination of the README's table of VLM recipes is accepted as written."""
+    import finetune_hf_trainer_docvqa as docvqa
+
+    table = README.split("| recipe | flags |")[1].split("\n\n")[0]
+    combinations = [shlex.split(code) for row in table.splitlines()[2:]
+                    for code in re.findall(r"`([^`]+)`", row.split(" | ")[-1])]
+    assert len(combinations) == 11
+    for argv in combinations:
+        model_args, _, training_args = docvqa.parse_args(docvqa.DataArguments, argv)
+        assert training_args.output_dir, argv
