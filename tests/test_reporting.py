@@ -65,7 +65,7 @@ def test_the_dataloader_workers_warning_comes_from_the_first_process_only():
     for should_log in (True, False):
         with warnings.catch_warnings(record=True) as caught:
             setup_logging(SimpleNamespace(should_log=should_log, disable_tqdm=True))
-            warnings.warn(message, UserWarning)
-            warnings.warn(message, UserWarning)  # a second DataLoader (evaluation)
+            warnings.warn(message, UserWarning, stacklevel=1)
+            warnings.warn(message, UserWarning, stacklevel=1)  # a second DataLoader (evaluation)
         shown[should_log] = len(caught)
     assert shown == {True: 1, False: 0}
