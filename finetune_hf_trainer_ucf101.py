@@ -1,9 +1,10 @@
 """Fine-tune Phi-3.5-vision on your own data: any jsonl/json file pair; here, video classification on UCF-101.
 
-Data: --train_file, --eval_file and optionally --test_file (images relative to --image_root, default: beside each
-file); or --data_dir DIR holding ucf101_{train,val}.jsonl, optional ucf101_test.jsonl and images/, as written by
-convert_ucf101.py. Trains on train, evaluates on val before and after training and on test (if given) at the end,
-by generation, with accuracy (exact match).
+Data: --train_file, --eval_file and optionally --test_file, in our jsonl, LLaVA json/jsonl or messages jsonl (the
+format is recognised from the content; images and videos relative to --image_root, default: beside each file), or
+Hugging Face datasets with messages + images columns; or --data_dir DIR holding ucf101_{train,val}.jsonl, optional
+ucf101_test.jsonl and images/, as written by convert_ucf101.py. Trains on train, evaluates on val before and after
+training and on test (if given) at the end, by generation, with accuracy (exact match).
 
     python convert_ucf101.py --out_dir /path/to/converted_ucf101
     torchrun --nproc_per_node=4 finetune_hf_trainer_ucf101.py --data_dir /path/to/converted_ucf101

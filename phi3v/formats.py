@@ -111,7 +111,8 @@ def detect_format(path: str | os.PathLike) -> str:
 # ------------------------------------------------------------------------------------------------- to Conversation
 
 
-def _as_list(value, key: str) -> list:
+def _as_list(value) -> list:
+    """A field that may hold one item or a list of them (LLaVA's "image": "a.jpg" or ["a.jpg", "b.jpg"])."""
     if value is None:
         return []
     if isinstance(value, (str, dict, bytes)) or not isinstance(value, (list, tuple)):
@@ -134,8 +135,9 @@ def build_conversation(sample_id: str, messages: list[tuple[str, str]], images: 
         count = tags.count(f"<{kind}>")
         if count and count != len(items):
             raise ValueError(f"{count} <{kind}> tag(s) but {len(items)} {kind}(s)")
-    prefix = "<image>" * (len(images) * (tags.count("<image>") == 0)) + "<video>" * (len(videos) * (
-        tags.count("<video>") == 0))
+    untagged = {"<image>": len(images) if "<image>" not in tags else 0,
+                "<video>": len(videos) if "<video>" not in tags else 0}
+    prefix = "".join(tag * count for tag, count in untagged.items())
     pending = {"<image>": iter(images), "<video>": iter(videos)}
     turns, user = [], None
     for number, (role, text) in enumerate(messages, start=1):
@@ -204,8 +206,8 @@ def llava_conversation(item: tuple[str, dict], image_root: str | os.PathLike, nu
             if role is None or not isinstance(turn.get("value"), str):
                 raise ValueError(f'turn {number}: "from" must be one of {sorted(LLAVA_ROLES)} and "value" a string')
             messages.append((role, turn["value"]))
-        images = [resolve_image_path(image_root, p) for p in _as_list(record.get("image"), "image")]
-        videos = [resolve_image_path(image_root, p) for p in _as_list(record.get("video"), "video")]
+        images = [resolve_image_path(image_root, p) for p in _as_list(record.get("image"))]
+        videos = [resolve_image_path(image_root, p) for p in _as_list(record.get("video"))]
         return build_conversation(_sample_id(record, where), messages, images, videos, num_frames,
                                   record.get("system"))
     except ValueError as error:
@@ -222,13 +224,13 @@ def messages_conversation(item: tuple[str, dict], image_root: str | os.PathLike 
             raise ValueError('"messages" must be a list of {"role", "content"} objects')
         pairs = [(m.get("role"), _text(m.get("content"), n)) for n, m in enumerate(messages, start=1)]
         if image_root is None:
-            images = [hub_image(cell) for cell in _as_list(record.get("images"), "images")]
-            if _as_list(record.get("videos"), "videos"):
+            images = [hub_image(cell) for cell in _as_list(record.get("images"))]
+            if _as_list(record.get("videos")):
                 raise ValueError("videos in a hub dataset are not supported: use a jsonl file with video paths")
             videos = []
         else:
-            images = [resolve_image_path(image_root, p) for p in _as_list(record.get("images"), "images")]
-            videos = [resolve_image_path(image_root, p) for p in _as_list(record.get("videos"), "videos")]
+            images = [resolve_image_path(image_root, p) for p in _as_list(record.get("images"))]
+            videos = [resolve_image_path(image_root, p) for p in _as_list(record.get("videos"))]
         return build_conversation(_sample_id(record, where), pairs, images, videos, num_frames, record.get("system"))
     except ValueError as error:
         raise SampleError(str(error), record.get("id")) from error
