@@ -13,7 +13,9 @@ mode trains exactly what it trains in the recipes: full | frozen_vision | lora (
 original --use_lora) | qlora (the same on a 4-bit NF4 base, bitsandbytes). Gradient checkpointing is switched on as
 the Trainer does (`activation_checkpointing_enable`, non-reentrant). One step = forward + backward + gradient
 clipping (1.0) + AdamW (the recipe's betas, eps, weight decay) on a fixed synthetic DocVQA-shaped batch under bf16
-autocast; data loading is not included (see processor_throughput.py for that side).
+autocast, with the weights in the dtype the recipes load (`--torch_dtype auto` without DeepSpeed: fp32 master
+weights for full/frozen_vision, and for LoRA with sdpa; bf16 base for LoRA with flash attention; NF4 for QLoRA);
+data loading is not included (see processor_throughput.py for that side).
 
 The batch: per-GPU `--batch_size` samples, each one page at num_crops 16 plus text, no padding. The default page,
 1200x2040, has a 5x3 crop grid: 16 CLIP crops and 2,377 image tokens, so with 56 prompt tokens and 10 supervised
@@ -62,7 +64,10 @@ MODES = ("full", "frozen_vision", "lora", "qlora")
 # Published (original recipe, 8x A100-80GB, DocVQA): images/s for 8 GPUs, and GB per GPU.
 PUBLISHED = {"full": (8.66, 36), "lora": (12.1, 16), "qlora": (10.5, 10), "frozen_vision": (31.7, 27)}
 # Dense bf16 tensor-core peak, TFLOP/s; the first name contained in torch.cuda.get_device_name() wins.
-PEAK_BF16_TFLOPS = [("H200", 989.5), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.5), ("A100", 312.0)]
+# The NVL/PCIe parts run at lower clocks and power: H200 NVL is 835 TFLOP/s dense (1,671 with sparsity), not the SXM's
+# 989.5, so it must be matched before "H200" (mapping it to the SXM peak understated its MFU by ~16%).
+PEAK_BF16_TFLOPS = [("H200 NVL", 835.5), ("H200", 989.5), ("H100 NVL", 835.0), ("H100 PCIe", 756.0),
+                    ("H100", 989.5), ("A100", 312.0)]
 CLIP_TOKENS = (CROP // 14) ** 2 + 1  # 576 patches + CLS per crop
 TEXT_TOKENS = 66  # prompt + answer of a DocVQA sample: 2,443 tokens in all with the default page
 
@@ -132,12 +137,13 @@ def training_flops(model: nn.Module, batch: dict, num_crops_used: int) -> dict[s
     }
 
 
-def peak_tflops(override: float | None) -> float | None:
+def peak_tflops(override: float | None, name: str | None = None) -> float | None:
+    """--peak_tflops, else the dense bf16 peak of the GPU called `name` (default: this one), else None."""
     if override:
         return override
-    if not torch.cuda.is_available():
+    if name is None and not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
+    name = name or torch.cuda.get_device_name()
     return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
 
 
@@ -168,13 +174,16 @@ def train_configuration(checkpoint: Path, mode: str, checkpointing: bool, args, 
     from phi3v.model_loading import count_parameters, load_model
 
     on_gpu = torch.cuda.is_available() and not args.dry_run
+    # The recipes' settings: --torch_dtype auto (fp32 master weights for full/frozen_vision without DeepSpeed and for
+    # LoRA with sdpa; bf16 base weights for LoRA with flash attention; 4-bit for QLoRA), bf16 autocast, and the
+    # Trainer's AdamW (betas 0.9/0.95, eps 1e-7, weight decay 0.01, clipping 1.0). ZeRO-2, the recipes' default for
+    # full fine-tuning on GPUs, keeps bf16 weights + fp32 master copies: bench/gpu_check.py runs it.
     model_args = ModelArguments(model_name_or_path=str(checkpoint), tuning_mode=mode, attn_implementation=args.attn,
-                                torch_dtype="bfloat16" if on_gpu else "float32", lora_rank=args.lora_rank,
-                                num_crops=args.num_crops)
+                                torch_dtype="auto", lora_rank=args.lora_rank, num_crops=args.num_crops)
     training_args = RecipeTrainingArguments(
         output_dir=output_dir, report_to="none", bf16=on_gpu, fp32=not on_gpu, batch_size=args.batch_size,
         batch_size_per_gpu=args.batch_size, activation_checkpointing=checkpointing,
-        learning_rate=args.learning_rate,
+        learning_rate=args.learning_rate, deepspeed="none",
     )
     if on_gpu:
         torch.cuda.empty_cache()
@@ -194,7 +203,9 @@ def train_configuration(checkpoint: Path, mode: str, checkpointing: bool, args, 
                        device)
     flops = training_flops(model, batch, 1 + rows * cols)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=training_args.learning_rate, betas=(0.9, 0.95), eps=1e-7,
+    weights_dtype = str(next(p for p in model.parameters() if p.is_floating_point()).dtype).removeprefix("torch.")
+    optimizer = torch.optim.AdamW(parameters, lr=training_args.learning_rate, betas=(training_args.adam_beta1,
+                                  training_args.adam_beta2), eps=training_args.adam_epsilon,
                                   weight_decay=training_args.weight_decay)
     losses = []
     for step in range(args.warmup_steps + args.steps):
@@ -217,7 +228,7 @@ def train_configuration(checkpoint: Path, mode: str, checkpointing: bool, args, 
     return {"seconds_per_step": seconds, "images_per_second": args.batch_size / seconds,
             "tokens_per_second": args.batch_size * args.seq_len / seconds, "flops_per_step": sum(flops.values()),
             "flops_by_part": flops, "trainable_parameters": trainable, "total_parameters": total,
-            "losses": losses, **memory}
+            "weights_dtype": weights_dtype, "losses": losses, **memory}
 
 
 def run_configuration(checkpoint: Path, mode: str, checkpointing: bool, args, output_dir: str) -> dict:
@@ -242,7 +253,7 @@ def report(results: list[dict], args, peak: float | None) -> str:
     rows = []
     for r in results:
         published = PUBLISHED[r["mode"]]
-        cells = [r["mode"], "on" if r["checkpointing"] else "off"]
+        cells = [r["mode"], "on" if r["checkpointing"] else "off", r.get("weights_dtype", "-")]
         if "error" in r:
             rows.append(cells + [r["error"]] + ["-"] * 6 + [f"{published[0] / 8:.2f} img/s, ~{published[1]} GB"])
             continue
@@ -258,10 +269,10 @@ def report(results: list[dict], args, peak: float | None) -> str:
     against = f"{peak:,.0f} TFLOP/s" if peak else "an unknown peak (pass --peak_tflops)"
     title = (f"**Training on {device}: per-GPU batch {args.batch_size} x {args.seq_len:,} tokens (page "
              f"{width}x{height}: {1 + grid_rows * grid_cols} CLIP crops, {args.supervised} supervised tokens), "
-             f"{args.attn}, {'fp32' if args.dry_run else 'bf16'}, AdamW; mean of {args.steps} step(s) after "
-             f"{args.warmup_steps} warm-up; MFU against {against}**")
-    header = ["mode", "checkpointing", "img/s", "tokens/s", "step", "MFU", "peak allocated", "peak reserved",
-              "trainable", "published per GPU (8x A100, ZeRO-2 for full)"]
+             f"{args.attn}, {'fp32' if args.dry_run else 'bf16 autocast'}, the recipes' AdamW; mean of {args.steps} "
+             f"step(s) after {args.warmup_steps} warm-up; MFU against {against}**")
+    header = ["mode", "checkpointing", "weights", "img/s", "tokens/s", "step", "MFU", "peak allocated",
+              "peak reserved", "trainable", "published per GPU (8x A100, ZeRO-2 for full)"]
     return "\n\n".join([title, markdown_table(header, rows)])
 
 

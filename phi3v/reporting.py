@@ -46,7 +46,9 @@ def one_line_warnings() -> None:
     DeepSpeed and torch.distributed repeat the same FutureWarnings and UserWarnings at every call site and step,
     several lines each: a ZeRO-3 run printed 949 lines, 439 of them FutureWarnings.
     """
-    warnings.simplefilter("once")  # once per distinct message text, whatever the call site
+    # once per distinct message text, whatever the call site; appended, so what Python hides by default
+    # (DeprecationWarning outside __main__, ResourceWarning, ...) stays hidden
+    warnings.simplefilter("once", append=True)
 
     def format_warning(message, category, filename, lineno, line=None):
         first = str(message).strip().splitlines()[0] if str(message).strip() else ""

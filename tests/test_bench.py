@@ -287,3 +287,26 @@ def test_run_all_summary_collects_the_tables(tmp_path):
     text = summary(runs, tmp_path)
     assert "## padding" in text and "| 1 |" in text and "**failed**" in text
     assert "`python bench/padding.py` (2 s, 2026-01-01 00:00:00)" in text
+
+
+def test_gpu_train_peaks_are_the_datasheets_dense_bf16():
+    from bench.gpu_train import peak_tflops
+
+    # NVIDIA datasheets, dense bf16 (half the "with sparsity" figure): H200 NVL 1,671/2, H200 SXM 1,979/2
+    assert peak_tflops(None, "NVIDIA H200 NVL") == 835.5
+    assert peak_tflops(None, "NVIDIA H200") == 989.5
+    assert peak_tflops(None, "NVIDIA H100 80GB HBM3") == 989.5
+    assert peak_tflops(None, "NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops(123.0, "NVIDIA H200 NVL") == 123.0
+
+
+def test_gpu_train_uses_the_recipes_optimizer_and_weights(tmp_path, monkeypatch):
+    from bench.gpu_train import build_random_checkpoint, parse_args, run_configuration
+
+    created = []
+    adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, **kw: created.append(kw) or adamw(params, **kw))
+    checkpoint = build_random_checkpoint(tmp_path / "random", dry_run=True)
+    result = run_configuration(checkpoint, "full", True, parse_args(["--dry_run"]), str(tmp_path / "out"))
+    assert "error" not in result and result["weights_dtype"] == "float32"  # fp32 master weights, as the recipes
+    assert created == [{"lr": 4e-5, "betas": (0.9, 0.95), "eps": 1e-7, "weight_decay": 0.01}]  # original recipe

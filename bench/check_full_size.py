@@ -1,0 +1,193 @@
+"""The 4.2B path end to end on CPU: official config, random weights, bf16; LoRA and QLoRA; save, merged export, reload.
+
+    make check-full-size                      # = /usr/bin/time -v python bench/check_full_size.py
+    python bench/check_full_size.py --work_dir /tmp/full   # keep the files (8.3 GB checkpoint + outputs)
+
+Stages, each in its own process so that their memory does not add up (the peak resident set of each is printed):
+
+1. build: `Phi3VForCausalLM(Phi3VConfig.official())` with random weights in bf16, saved in the official layout
+   with a processor (the tiny builder's tokenizer, official special-token ids) at num_crops 4, and a one-page
+   dataset (a 1700x2200 page: 4 crops + the global view, ~780 tokens);
+2. lora: the recipe (`finetune_hf_trainer_ucf101.py --train_file ...`) with --use_lora --bf16 --torch_dtype bfloat16
+   (bf16 base, fp32 adapters), one optimizer step on the page, adapter saved;
+3. qlora: the same with --use_qlora (NF4 base through bitsandbytes' CPU backend);
+4. export: `python -m phi3v.export` of the LoRA output (merged, bf16, official layout);
+5. reload: the merged checkpoint loads with `Phi3VForCausalLM.from_pretrained`, has the official tensor names, and
+   one forward on the page gives finite logits.
+
+Each stage must work; the script runs them all (the reload only after an export) and exits 1 naming the failed
+ones. Needs ~20 GB of disk; memory per stage is printed (and checked before the export, whose merge holds the base
+in fp32: ~17 GB).
+Run it by hand, not in CI: it takes tens of minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python bench/check_full_size.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("build", "lora", "qlora", "export", "reload")
+
+
+def recipe_args(work: Path, out: str, *mode: str) -> list[str]:
+    data = work / "data"
+    return ["--model_name_or_path", str(work / "base"), "--train_file", str(data / "train.jsonl"),
+            "--eval_file", str(data / "val.jsonl"), "--image_root", str(data), "--output_dir", str(work / out),
+            "--num_crops", "4", "--bf16", "--max_steps", "1", "--batch_size", "1", "--batch_size_per_gpu", "1",
+            "--dataloader_num_workers", "0", "--eval_before_training", "False", "--eval_after_training", "False",
+            "--save_strategy", "no", "--report_to", "none", "--no-tqdm", "--logging_steps", "1", *mode]
+
+
+def stage_build(work: Path, tiny: bool) -> None:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from phi3v.image_processing import Phi3VImageProcessor
+    from phi3v.modeling import Phi3VConfig, Phi3VForCausalLM
+    from phi3v.processing import Phi3VProcessor
+    from phi3v.tiny import build_tokenizer, tiny_config
+
+    torch.manual_seed(0)
+    model = Phi3VForCausalLM._from_config(tiny_config() if tiny else Phi3VConfig.official(), dtype=torch.bfloat16)
+    print(f"built {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters", flush=True)
+    model.save_pretrained(work / "base")
+    del model
+    Phi3VProcessor(Phi3VImageProcessor(num_crops=4), build_tokenizer()).save_pretrained(work / "base")
+    data = work / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    page = np.full((2200, 1700, 3), 255, dtype=np.uint8)
+    page[200:2000:40, 150:1550] = np.random.default_rng(0).integers(0, 120, (45, 1400, 3))  # lines of "text"
+    Image.fromarray(page).save(data / "page.png")
+    record = {"id": "page-1", "conversations": [
+        {"images": ["page.png"], "user": "What is the total?", "assistant": "42"}]}
+    for split in ("train", "val"):
+        (data / f"{split}.jsonl").write_text(json.dumps(record) + "\n")
+
+
+def stage_recipe(work: Path, out: str, *mode: str) -> None:
+    import finetune_hf_trainer_ucf101 as recipe
+
+    recipe.main(recipe_args(work, out, *mode))
+    results = json.loads((work / out / "train_results.json").read_text())
+    assert results["train_loss"] == results["train_loss"], "the training loss is NaN"
+    assert (work / out / "adapter_model.safetensors").is_file(), "no adapter was saved"
+    print(f"{out}: one step, train_loss {results['train_loss']:.3f}, adapter saved", flush=True)
+
+
+def stage_export(work: Path) -> None:
+    # the merge holds the base in fp32: twice the bf16 checkpoint, plus slack
+    needed = 2 * sum(f.stat().st_size for f in (work / "base").glob("*.safetensors")) + 2**30
+    available = available_memory()
+    if available is not None and available < needed:
+        raise MemoryError(f"the merged export holds the base in fp32 (~{needed / 2**30:.1f} GiB); only "
+                          f"{available / 2**30:.1f} GiB is available")
+    from phi3v.export import main as export_main
+
+    export_main([str(work / "lora"), str(work / "merged"), "--dtype", "bfloat16"])
+
+
+def stage_reload(work: Path) -> None:
+    import torch
+    from PIL import Image
+    from safetensors import safe_open
+
+    from phi3v.modeling import Phi3VForCausalLM
+    from phi3v.processing import Phi3VProcessor
+
+    def names(folder: Path) -> set[str]:
+        found = set()
+        for file in folder.glob("*.safetensors"):
+            with safe_open(file, "pt") as f:
+                found |= set(f.keys())
+        return found
+
+    merged = work / "merged"
+    assert names(merged) == names(work / "base"), "the merged export's tensor names differ from the official ones"
+    model = Phi3VForCausalLM.from_pretrained(merged, dtype=torch.bfloat16).eval()
+    processor = Phi3VProcessor.from_pretrained(merged)
+    inputs = processor("<|user|>\n<|image_1|>\nWhat is the total?<|end|>\n<|assistant|>\n",
+                       [Image.open(work / "data" / "page.png")])
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert torch.isfinite(logits).all(), "non-finite logits after reload"
+    print(f"reloaded: {inputs['input_ids'].shape[1]} tokens, finite logits", flush=True)
+
+
+def available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def run_stage(name: str, work: Path, tiny: bool) -> None:
+    started = time.time()
+    if name == "build":
+        stage_build(work, tiny)
+    elif name == "lora":
+        stage_recipe(work, "lora", "--use_lora", "--torch_dtype", "bfloat16")
+    elif name == "qlora":
+        stage_recipe(work, "qlora", "--use_qlora")
+    elif name == "export":
+        stage_export(work)
+    else:
+        stage_reload(work)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    print(f"STAGE {name}: ok in {time.time() - started:.0f} s, peak resident {peak:.1f} GiB", flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work_dir", type=Path, default=None, help="keep everything here (default: a temp folder)")
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--tiny", action="store_true", help="the tiny config instead: the same path in a minute")
+    parser.add_argument("--_stage", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args._stage:
+        run_stage(args._stage, args.work_dir, args.tiny)
+        return 0
+    with tempfile.TemporaryDirectory() as scratch:
+        work = args.work_dir or Path(scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        failed = []
+        for stage in args.stages:
+            if stage == "reload" and "export" in failed:
+                failed.append(stage)  # nothing to reload
+                print("STAGE reload: not run, the export failed", flush=True)
+                continue
+            done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_stage", stage,
+                                   "--work_dir", str(work), *(["--tiny"] if args.tiny else [])], cwd=REPO,
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+            if done.returncode != 0:
+                print(f"STAGE {stage}: FAILED (exit {done.returncode})", flush=True)
+                failed.append(stage)
+                if stage == "build":
+                    break
+    if failed:
+        print("full-size check FAILED: " + ", ".join(failed))
+        return 1
+    print("full-size check passed: " + ", ".join(args.stages))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
