@@ -33,6 +33,7 @@ CPU_BENCHMARKS = {
     "processor_throughput": ([], ["--images", "4"]),
     "lm_head_loss": ([], ["--repeats", "1", "--positions", "1024"]),
     "decoder_layer": ([], ["--repeats", "1", "--tokens", "512"]),
+    "generation": ([], ["--batch_sizes", "1", "--new_tokens", "8", "--repeats", "1"]),
     "validation_cache": ([], ["--images", "200", "--rounds", "1"]),
 }
 GPU_BENCHMARKS = {"gpu_train": ([], ["--steps", "2", "--checkpointing", "on"])}
