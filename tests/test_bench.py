@@ -208,10 +208,11 @@ def test_processor_speedup_compares_with_the_reference_and_asserts_equal_outputs
 def test_generation_bench_times_both_variants_on_the_same_tokens(tiny_model):
     from bench.generation import measure
 
-    row = measure(tiny_model, batch_size=1, new_tokens=3, repeats=1, device="cpu", prefill=True)
-    assert row["batch_size"] == 1 and row["speedup"] > 0
+    row = measure(tiny_model, batch_size=1, new_tokens=3, repeats=1, device="cpu")
+    assert row["batch_size"] == 1 and row["speedup"] > 0 and row["decode_speedup"] > 0
     for variant in ("previous", "package"):
-        assert row[variant]["tokens_per_s"] > 0 and row[variant]["prefill_s"] > 0
+        assert 0 < row[variant]["prefill_s"] < row[variant]["seconds"]
+        assert row[variant]["tokens_per_s"] > 0 and row[variant]["decode_ms_per_token"] > 0
 
 
 # ------------------------------------------------------------------------------------------------- gpu_train
