@@ -70,6 +70,25 @@ def read_records(path: str | os.PathLike) -> tuple[list[tuple[str, dict]], list[
             [Problem(f"{name}:{line}", None, message) for line, message in errors])
 
 
+def first_records(path: str | os.PathLike, count: int) -> list[dict]:
+    """The first `count` records of a data file, reading a jsonl file only as far as needed."""
+    with open(path, "rb") as f:
+        if f.read(4096).lstrip().startswith(b"["):
+            return [record for _, record in read_records(path)[0][:count]]
+        f.seek(0)
+        records = []
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:  # malformed or not UTF-8: validation reports it with its line number
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+                if len(records) == count:
+                    break
+        return records
+
+
 def record_format(record: dict) -> str | None:
     """"ours", "llava" or "messages" from the keys of one record, or None."""
     turns = record.get("conversations")
@@ -95,14 +114,14 @@ def detect_format(path: str | os.PathLike) -> str:
         return "hf"
     if not Path(path).is_file():
         raise UserError(f"{path}: no such file")
-    records, problems = read_records(path)
-    if not records and not problems:
+    records = first_records(path, 10)  # not the whole file: the dataset reads it once, later
+    if not records and not read_records(path)[1]:
         raise UserError(f"{path}: the file holds no records (it is empty)")
-    for _, record in records[:10]:
+    for record in records:
         found = record_format(record)
         if found:
             return found
-    keys = sorted(records[0][1])[:8] if records else []
+    keys = sorted(records[0])[:8] if records else []
     raise UserError(f"{path}: cannot tell the data format from its first records (keys {keys}); expected ours "
                     '("conversations" with "user"/"assistant"), LLaVA ("conversations" with "from"/"value") or '
                     '"messages": fix the file or pass --data_format')
