@@ -80,7 +80,7 @@ def first_records(path: str | os.PathLike, count: int) -> list[dict]:
         for line in f:
             try:
                 record = json.loads(line)
-            except ValueError:  # malformed or not UTF-8: validation reports it with its line number
+            except (ValueError, RecursionError):  # malformed, not UTF-8, too deep: validation reports it
                 continue
             if isinstance(record, dict):
                 records.append(record)
