@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -458,3 +459,13 @@ def test_a_hub_id_offline_fails_clearly(processor, monkeypatch):
     with pytest.raises(UserError, match=r"could not load the Hugging Face dataset someone/absent-dataset: .*Offline\? "
                                         r"Save a copy .*save_to_disk\(DIR\).* and pass DIR instead of the hub id"):
         load_data("someone/absent-dataset", processor)
+
+
+def test_validation_shows_progress_with_the_time_left(processor, tmp_path, capsys):
+    from phi3v.data import jsonl_dataset
+    from phi3v.validation import validate
+
+    path = image_dataset(tmp_path, 5)
+    validate(jsonl_dataset(path, tmp_path / "images", processor), desc="validating train", chunk=2)
+    bar = capsys.readouterr().err.split("\r")[-1]
+    assert re.search(r"validating train: 100%.*\| 5/5 \[\d\d:\d\d<00:00, .* ?sample/s\]", bar), bar
