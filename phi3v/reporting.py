@@ -44,17 +44,29 @@ def one_line_warnings() -> None:
     """Each distinct Python warning once per process, on one line (category, first line of the message, where).
 
     DeepSpeed and torch.distributed repeat the same FutureWarnings and UserWarnings at every call site and step,
-    several lines each: a ZeRO-3 run printed 949 lines, 439 of them FutureWarnings.
+    several lines each: a ZeRO-3 run printed 949 lines, 439 of them FutureWarnings. Python's "once" filter alone
+    does not hold: every `warnings.catch_warnings()` (torch and DeepSpeed enter them at each step) resets what it
+    has seen, so the messages already shown are remembered here.
     """
-    # once per distinct message text, whatever the call site; appended, so what Python hides by default
-    # (DeprecationWarning outside __main__, ResourceWarning, ...) stays hidden
+    if getattr(warnings.showwarning, "is_phi3v", False):
+        return
+    # appended, so what Python hides by default (DeprecationWarning outside __main__, ResourceWarning, ...) stays
+    # hidden; what it shows goes through show_once below
     warnings.simplefilter("once", append=True)
+    shown: set[tuple[type, str]] = set()
 
-    def format_warning(message, category, filename, lineno, line=None):
+    def show_once(message, category, filename, lineno, file=None, line=None):
         first = str(message).strip().splitlines()[0] if str(message).strip() else ""
-        return f"{category.__name__}: {first} ({os.path.basename(filename)}:{lineno})\n"
+        if (category, first) in shown:
+            return
+        shown.add((category, first))
+        try:
+            (file or sys.stderr).write(f"{category.__name__}: {first} ({os.path.basename(filename)}:{lineno})\n")
+        except OSError:  # a closed stderr must not turn a warning into a crash
+            pass
 
-    warnings.formatwarning = format_warning
+    show_once.is_phi3v = True
+    warnings.showwarning = show_once
 
 
 _jit_load = None  # DeepSpeed's OpBuilder.jit_load, wrapped once by announce_deepspeed_compiles
