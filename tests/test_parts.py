@@ -15,7 +15,7 @@ from transformers import HfArgumentParser
 
 from phi3v.args import ModelArguments, RecipeTrainingArguments
 from phi3v.errors import UserError
-from tests.test_model_loading import batch
+from tests.test_model_loading import batch, trainable_and_moved
 
 RANK = 4
 CLIP = "model.vision_embed_tokens.img_processor.vision_model"
@@ -114,15 +114,7 @@ def test_exactly_the_trainable_parameters_move(combination, tiny_dir, processor,
     """Every trainable parameter gets a gradient and moves; nothing else does (LoRA B starts at zero, so two steps
     reach every adapter matrix)."""
     model = load(combination, tiny_dir, tmp_path)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    inputs = batch(processor)
-    for _ in range(2):
-        model(**inputs).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    trainable, changed = trainable_and_moved(model, batch(processor))
     assert changed == trainable
 
 
