@@ -41,6 +41,19 @@ def make_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Ima
     return Image.fromarray(pixels, "RGB").convert(mode)
 
 
+def greedy_by_full_forwards(model, inputs, steps: int, banned) -> torch.Tensor:
+    """Greedy decoding by definition: a full forward (no cache, CLIP every step) per new token, `banned` ids
+    (the stop tokens, so every run has `steps` tokens) never chosen: the reference generate() must equal."""
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=ids, pixel_values=inputs["pixel_values"],
+                           image_sizes=inputs["image_sizes"]).logits[:, -1]
+            logits[:, banned] = -float("inf")
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
 @pytest.fixture
 def rng_image():
     return make_image

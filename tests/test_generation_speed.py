@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from phi3v.kv_cache import AppendLayer
-from tests.conftest import make_image
+from tests.conftest import greedy_by_full_forwards, make_image
 
 
 def prompt(processor, images):
@@ -36,14 +36,8 @@ def test_generate_equals_a_plain_greedy_loop(tiny_model, processor):
     inputs = prompt(processor, [make_image(700, 350)])
     steps = 5
     out = tiny_model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
-    ids = inputs["input_ids"]
-    with torch.no_grad():
-        for _ in range(steps):  # no cache, CLIP every step: the definition
-            logits = tiny_model(input_ids=ids, pixel_values=inputs["pixel_values"],
-                                image_sizes=inputs["image_sizes"]).logits[:, -1]
-            logits[:, tiny_model.generation_config.eos_token_id] = -float("inf")
-            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(out, ids)
+    assert torch.equal(out, greedy_by_full_forwards(tiny_model, inputs, steps,
+                                                    tiny_model.generation_config.eos_token_id))
 
 
 def test_a_cache_the_caller_chooses_is_kept(tiny_model, processor):

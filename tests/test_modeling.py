@@ -15,7 +15,7 @@ from transformers import Phi3Config, Phi3ForCausalLM
 from phi3v import Phi3VConfig, Phi3VForCausalLM
 from phi3v.modeling import Phi3VImageEmbedding, supervised_lm_loss
 from phi3v.tiny import tiny_config
-from tests.conftest import make_image
+from tests.conftest import greedy_by_full_forwards, make_image
 
 # The official checkpoint's tensor names and shapes (from the spec; derived from the official module tree).
 KEYS_TSV = Path(__file__).resolve().parent / "assets" / "phi3v_checkpoint_keys.tsv"
@@ -218,15 +218,7 @@ def test_greedy_generate_with_cache_equals_without(tiny_model, processor):
     runs = [tiny_model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=use_cache, eos_token_id=end,
                                 min_new_tokens=6) for use_cache in (True, False)]
     assert torch.equal(runs[0], runs[1])
-    # and equal to decoding by hand with full forwards
-    ids = inputs["input_ids"]
-    with torch.no_grad():
-        for _ in range(6):
-            logits = tiny_model(input_ids=ids, pixel_values=inputs["pixel_values"],
-                                image_sizes=inputs["image_sizes"]).logits
-            logits[:, -1, end] = -float("inf")
-            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(runs[0], ids)
+    assert torch.equal(runs[0], greedy_by_full_forwards(tiny_model, inputs, 6, end))  # and to decoding by hand
 
 
 def test_supervised_loss_equals_full_logits_loss(tiny_model, processor):
@@ -358,14 +350,8 @@ def test_generation_across_the_4096_token_rope_switch(tiny_model, processor):
     feed_hook.remove()
     assert [n for n in fed if n > 1] == [length, 4097]  # the prefill, and the recomputation with long factors
     assert len(vision_calls) == 1  # CLIP once per prompt: the recomputation reuses the prefill's image features
-    ids = inputs["input_ids"]
-    with torch.no_grad():
-        for _ in range(steps):
-            logits = tiny_model(input_ids=ids, pixel_values=inputs["pixel_values"],
-                                image_sizes=inputs["image_sizes"]).logits[:, -1]
-            logits[:, tiny_model.generation_config.eos_token_id] = -float("inf")
-            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(cached, ids)
+    assert torch.equal(cached, greedy_by_full_forwards(tiny_model, inputs, steps,
+                                                       tiny_model.generation_config.eos_token_id))
 
 
 def test_text_only_batch_still_reaches_trainable_vision_parameters(tiny_model, processor):
