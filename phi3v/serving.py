@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 
 from phi3v.errors import UserError
+from phi3v.hub import hub_kwargs
 
 OFFICIAL_REPO = "microsoft/Phi-3.5-vision-instruct"
 CONFIG_AUTO_MAP = {"AutoConfig": "configuration_phi3_v.Phi3VConfig",
@@ -56,8 +57,8 @@ def remote_code_dir(base: str | Path) -> Path | None:
         return Path(base) if list(Path(base).glob("*.py")) else None
     from huggingface_hub import snapshot_download
 
-    try:
-        folder = Path(snapshot_download(str(base), allow_patterns=["*.py"]))
+    try:  # Hub unreachable: the local cache or an error at once (no ~25 s of retries at every checkpoint)
+        folder = Path(snapshot_download(str(base), allow_patterns=["*.py"], **hub_kwargs(base)))
     except Exception as error:  # offline, unknown or gated repo: all need the same choice from the user
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(

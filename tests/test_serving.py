@@ -193,8 +193,12 @@ def test_hub_base_fetches_only_the_code(tmp_path, monkeypatch):
     out = tmp_path / "model"
     out.mkdir()
     (out / "config.json").write_text("{}")
+    monkeypatch.setattr("phi3v.hub.hub_reachable", lambda: False)  # offline: the local cache only, no retries
+    complete_layout(out, "microsoft/Phi-3.5-vision-instruct")
+    monkeypatch.setattr("phi3v.hub.hub_reachable", lambda: True)
     copied = complete_layout(out, "microsoft/Phi-3.5-vision-instruct")
-    assert asked == [("microsoft/Phi-3.5-vision-instruct", ["*.py"], {})]  # the code, never the weights
+    assert asked == [("microsoft/Phi-3.5-vision-instruct", ["*.py"], {"local_files_only": True}),
+                     ("microsoft/Phi-3.5-vision-instruct", ["*.py"], {})]  # the code, never the weights
     assert copied == sorted(STAND_IN_CODE) and read(out, "config.json")["auto_map"] == OFFICIAL_CONFIG_MAP
     assert read(out, "processor_config.json")["auto_map"]["AutoProcessor"] == "processing_phi3_v.Phi3VProcessor"
 
