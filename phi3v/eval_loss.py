@@ -8,7 +8,6 @@ mean over all answer tokens of the set (not a mean of batch means), the same on 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 
@@ -17,6 +16,7 @@ import torch.distributed as dist
 
 from phi3v.collator import Phi3VCollator
 from phi3v.data import Conversation, ConversationDataset, Turn
+from phi3v.generation import autocast, world
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def evaluation_loss(model, dataset: ConversationDataset, batch_size: int, num_wo
                     autocast_dtype: torch.dtype | None = None) -> float | None:
     """Mean next-token loss over every supervised token of `dataset` (built with for_generation=True), sharded
     across processes; None if no example has a usable reference."""
-    rank, size = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    rank, size = world()
     loader = torch.utils.data.DataLoader(LossShard(dataset, rank, size), batch_size=batch_size,
                                          num_workers=num_workers,
                                          collate_fn=SkipNone(dataset.processor.tokenizer.pad_token_id))
@@ -84,9 +84,7 @@ def evaluation_loss(model, dataset: ConversationDataset, batch_size: int, num_wo
         labels = batch["labels"]
         labels[~batch.pop("counted")] = -100  # padding repeats: in the forward pass, not in the loss
         inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None \
-            else contextlib.nullcontext()
-        with autocast:
+        with autocast(device, autocast_dtype):
             loss_sum = model(**inputs, num_items_in_batch=1).loss  # the sum over the batch's supervised tokens
         tokens = (torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:] != -100).sum()
         total += torch.stack([loss_sum.double(), tokens.to(device, torch.float64)])

@@ -50,3 +50,20 @@ def test_examples_without_a_usable_reference_are_left_out(tiny_model, processor)
                                                                                rel=1e-5)
     assert evaluation_loss(tiny_model, ConversationDataset([broken], lambda c: c, processor, for_generation=True),
                            batch_size=2) is None
+
+
+def test_the_loss_runs_in_the_training_precision(tiny_model, processor):
+    """With bf16 training the forward passes run under bf16 autocast (fp32 master weights stay fp32), and the
+    result is close to the fp32 loss."""
+    dataset = ConversationDataset(CONVERSATIONS, lambda c: c, processor, for_generation=True)
+    seen = []
+    hook = tiny_model.register_forward_pre_hook(lambda *args: seen.append(torch.get_autocast_dtype("cpu")
+                                                                          if torch.is_autocast_enabled("cpu")
+                                                                          else None))
+    try:
+        got = evaluation_loss(tiny_model, dataset, batch_size=3, autocast_dtype=torch.bfloat16)
+    finally:
+        hook.remove()
+    assert seen == [torch.bfloat16]
+    assert next(tiny_model.parameters()).dtype == torch.float32
+    assert got == pytest.approx(by_hand(tiny_model, processor), rel=0.05)
