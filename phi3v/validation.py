@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from phi3v.data import ConversationDataset, Problem, image_size, open_image, render, tag_warnings
 from phi3v.errors import UserError
+from phi3v.generation import world as world_rank_size
 from phi3v.validation_cache import FILE_NAME, ValidationCache, image_key
 
 logger = logging.getLogger(__name__)
@@ -127,16 +128,10 @@ def validate(dataset: ConversationDataset, max_length: int | None = None, worker
     return lengths, problems
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _gather(dataset: ConversationDataset, lengths, problems, shard, cache: ValidationCache):
     """Every rank's (lengths, problems, new cache entries) put together, on every rank, in the order one process
     would have found them."""
-    _, world = _world()
+    _, world = world_rank_size()
     part = ({i: lengths[i] for i in shard}, problems, cache.new_images, sorted(cache.used))
     parts = [part]
     if world > 1:
@@ -175,7 +170,7 @@ def prepare_dataset(dataset: ConversationDataset, split: str, max_length: int | 
 
     Returns the dataset (without the bad items when skipping) with `.lengths` set for length grouping.
     """
-    rank, world = _world()
+    rank, world = world_rank_size()
     rank0 = rank == 0
     cache = ValidationCache(Path(cache_dir) / FILE_NAME if cache_dir is not None else None)
     fingerprint = cache.split_fingerprint(dataset, max_length)
