@@ -14,6 +14,13 @@ and prints the accuracy before and after training (chance: 10%).
 
 from __future__ import annotations
 
+import sys
+
+from phi3v.flag_index import Parser, answer_early, parse_checked
+
+if __name__ == "__main__":  # --help and bad flags are answered from the flag index, before the slow imports below
+    answer_early(__file__, sys.argv[1:])
+
 import argparse
 import json
 import shutil
@@ -28,7 +35,7 @@ from phi3v.tiny import REAL_VOCAB, build_tiny_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--out_dir", default="demo_output", help="everything goes here (replaced if it exists)")
     parser.add_argument("--epochs", type=float, default=6)
     parser.add_argument("--seed", type=int, default=0)
@@ -38,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+    args = parse_checked(build_parser(), argv, __file__)
 
     started = time.time()
     out = Path(args.out_dir)

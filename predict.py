@@ -21,6 +21,13 @@ README (vLLM).
 
 from __future__ import annotations
 
+import sys
+
+from phi3v.flag_index import Parser, answer_early, parse_checked
+
+if __name__ == "__main__":  # --help and bad flags are answered from the flag index, before the slow imports below
+    answer_early(__file__, sys.argv[1:])
+
 import argparse
 import json
 import os
@@ -135,7 +142,7 @@ def start_processes(args: argparse.Namespace) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("output_dir", help="a training output (full, merged or LoRA adapter) or a base checkpoint")
     parser.add_argument("--question", help="the question (with --image or --video)")
     parser.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
@@ -188,7 +195,7 @@ def check_inputs(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict] | str:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_checked(parser, argv, __file__)
     if bool(args.jsonl) == bool(args.question):
         parser.error("pass either --question (with --image/--video) or --jsonl")
     check_inputs(args)

@@ -23,6 +23,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.integrations import is_deepspeed_available
 
 from phi3v.errors import BadValue, MissingFile, UserError
+from phi3v.flag_index import OneLineErrors, save_index, split_config_file, unknown_arguments
 
 TUNING_MODES = ("full", "frozen_vision", "lora", "qlora")
 # ds_configs/ of the checkout, or its copy installed as phi3v/ds_configs by `pip install .`
@@ -362,11 +363,16 @@ def check_output_dir(output_dir: str) -> None:
                        "a folder you can write to")
 
 
+class RecipeParser(OneLineErrors, HfArgumentParser):
+    """HfArgumentParser whose command-line errors are one line."""
+
+
 def _parse(data_class: type, argv: list[str], defaults: dict):
-    parser = HfArgumentParser((ModelArguments, data_class, RecipeTrainingArguments))
+    parser = RecipeParser((ModelArguments, data_class, RecipeTrainingArguments))
     parser.set_defaults(**defaults)
+    save_index(parser, sys.modules[data_class.__module__].__file__)  # lets the next run answer --help at once
     if not {"-h", "--help"} & set(argv):  # the model-only pre-parse would answer --help with its flags alone
-        model_args, _ = HfArgumentParser(ModelArguments).parse_args_into_dataclasses(
+        model_args, _ = RecipeParser(ModelArguments).parse_args_into_dataclasses(
             args=argv, return_remaining_strings=True
         )
         if model_args.attn_implementation == "flash_attention_2":
@@ -374,7 +380,10 @@ def _parse(data_class: type, argv: list[str], defaults: dict):
         if model_args.tuning_mode in ("full", "frozen_vision") and torch.cuda.is_available() and \
                 is_deepspeed_available():
             parser.set_defaults(deepspeed=str(DS_CONFIGS / "zero2.json"))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, training_args, extra = parser.parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True)
+    if extra:
+        raise unknown_arguments(extra, parser)
     training_args.run_record = run_record(data_class, argv, model_args, data_args)
     return model_args, data_args, training_args
 
@@ -391,25 +400,10 @@ def run_record(data_class: type, argv: list[str], model_args: ModelArguments, da
 
 # ------------------------------------------------------------------------------------------------- config files
 
-CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
-
-
 def with_config_file(argv: list[str], groups: tuple[type, ...]) -> list[str]:
     """`script.py run.yaml [flags]` or `script.py --config run.yaml [flags]` (as transformers' examples and TRL):
     the file's settings become flags placed before the command line's, so flags given on the command line win."""
-    argv = list(argv)
-    path = None
-    if argv and not argv[0].startswith("-") and argv[0].lower().endswith(CONFIG_SUFFIXES):
-        path = argv.pop(0)
-    for i, arg in enumerate(argv):
-        if arg == "--config" or arg.startswith("--config="):
-            if path is not None:
-                raise UserError("give one config file (as the first argument or with --config), not two")
-            path = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
-            if not path:
-                raise UserError("--config needs a file: --config run.yaml")
-            del argv[i: i + (1 if "=" in arg else 2)]
-            break
+    path, argv = split_config_file(argv)
     if path is None:
         return argv
     return config_flags(read_config(path), path, groups) + argv

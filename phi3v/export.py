@@ -14,10 +14,16 @@ applied to the unquantized base, then the result is cast to --dtype).
 
 from __future__ import annotations
 
+import sys
+
+from phi3v.flag_index import Parser, answer_early, parse_checked
+
+if __name__ == "__main__":  # --help and bad flags are answered from the flag index, before the slow imports below
+    answer_early(__file__, sys.argv[1:])
+
 import argparse
 import json
 import shlex
-import sys
 from pathlib import Path
 
 import torch
@@ -73,7 +79,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Merge a LoRA adapter into its base model (official layout).")
+    parser = Parser(description="Merge a LoRA adapter into its base model (official layout).")
     parser.add_argument("adapter_dir", help="a training output directory holding adapter_config.json")
     parser.add_argument("out_dir", help="where to write the merged model")
     parser.add_argument("--base", help="base model directory or hub id (default: the one the adapter was trained on)")
@@ -106,7 +112,7 @@ def check_paths(adapter_dir: str | Path, out_dir: str | Path) -> None:
 
 def main(argv: list[str] | None = None) -> Path:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    args = parse_checked(build_parser(), argv, __file__)
     check_paths(args.adapter_dir, args.out_dir)
     command = shlex.join(["python", "-m", "phi3v.export", *argv])
     out = export_merged(args.adapter_dir, args.out_dir, args.base, getattr(torch, args.dtype),
