@@ -112,12 +112,13 @@ def normalize(image: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
 
 
 def normalize_into(out: torch.Tensor, image: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
-    """Write the normalized planes of `image` into `out` (3, H, W), in place: one uint8 -> float copy per plane,
-    then /255, -mean, /std on the float plane. The same float32 operations as torchvision's, so the same bits."""
+    """Write the normalized planes of `image` into `out` (3, H, W), in place: x/255 straight from the uint8 plane
+    (numpy casts to float32, then divides), then -mean, /std on the float plane. The same float32 operations as
+    torchvision's, so the same bits, in three passes over the plane instead of four."""
     for channel, plane in enumerate(image.split()):  # PIL splits into contiguous uint8 planes in C
         values = out[channel]
-        values.numpy()[...] = np.asarray(plane)  # exact uint8 -> float32 cast, into the (strided) float plane
-        values.div_(255).sub_(mean[channel]).div_(std[channel])
+        np.divide(np.asarray(plane), np.float32(255), out=values.numpy(), dtype=np.float32)
+        values.sub_(mean[channel]).div_(std[channel])
     return out
 
 
