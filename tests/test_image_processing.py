@@ -10,7 +10,9 @@ from PIL import Image
 from phi3v.image_processing import (
     CROP,
     Phi3VImageProcessor,
+    _separable_is_exact,
     crop_grid,
+    global_view,
     hd_sizes,
     hd_transform,
     image_to_crops,
@@ -194,3 +196,30 @@ def test_extreme_aspect_ratio_keeps_one_pixel_row():
 def test_bad_sizes_raise(bad):
     with pytest.raises(ValueError, match="must be"):
         hd_sizes(*bad)
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (2, 2), (1, 2), (2, 1), (3, 5), (5, 3), (4, 3), (1, 4), (4, 1), (2, 6)])
+@pytest.mark.parametrize("top,bottom", [(0, None), (5, -7)])
+def test_global_view_equals_interpolate(rows, cols, top, bottom):
+    """The two one-axis passes (with the white bands resized once) against F.interpolate, bit for bit; on the AVX2
+    and AVX-512 builds they are what runs, not the fallback."""
+    canvas = torch.randn(3, rows * CROP, cols * CROP, generator=torch.Generator().manual_seed(rows * 10 + cols))
+    bottom = rows * CROP + bottom if bottom else None
+    canvas[:, :top] = canvas[:, :1]  # bands that repeat the first and the last row, as white padding does
+    if bottom:
+        canvas[:, bottom:] = canvas[:, -1:]
+    expected = torch.nn.functional.interpolate(canvas[None], size=(CROP, CROP), mode="bicubic", align_corners=False)
+    assert torch.equal(global_view(canvas, top, bottom), expected[0])
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert _separable_is_exact(rows, cols)
+
+
+def test_global_view_falls_back_where_the_passes_differ(monkeypatch):
+    """Where the one-axis passes would not give F.interpolate's bits (the plain build), it calls F.interpolate."""
+    import phi3v.image_processing as image_processing
+
+    monkeypatch.setattr(image_processing, "_separable_is_exact", lambda rows, cols: False)
+    monkeypatch.setattr(image_processing, "downscale_axis", None)  # must not be called
+    canvas = torch.randn(3, 2 * CROP, 2 * CROP, generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.interpolate(canvas[None], size=(CROP, CROP), mode="bicubic", align_corners=False)
+    assert torch.equal(image_processing.global_view(canvas), expected[0])

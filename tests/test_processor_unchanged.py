@@ -19,6 +19,7 @@ import hashlib
 import pytest
 import torch
 
+from phi3v import image_processing
 from phi3v.image_processing import CROP
 from tests.test_image_processing import real_images
 
@@ -63,10 +64,14 @@ def images():
     return images
 
 
+@pytest.mark.parametrize("global_path", ["auto", "interpolate"])
 @pytest.mark.parametrize("name,num_crops,crops_digest,global_digest_avx,global_digest_plain", GOLDEN,
                          ids=[f"{row[0]}-{row[1]}" for row in GOLDEN])
 def test_processor_output_is_unchanged(processor, images, name, num_crops, crops_digest, global_digest_avx,
-                                       global_digest_plain):
+                                       global_digest_plain, global_path, monkeypatch):
+    """global_path "interpolate" forces the global view's fallback (F.interpolate), which the plain build takes."""
+    if global_path == "interpolate":
+        monkeypatch.setattr(image_processing, "_separable_is_exact", lambda rows, cols: False)
     saved = processor.image_processor.num_crops
     try:
         main, glb, out = digests(processor, images[name], num_crops)
