@@ -170,38 +170,58 @@ def downscale_axis(x: torch.Tensor, k: int, dim: int, out: torch.Tensor | None =
     return out
 
 
+def _outputs_reading(lo: int, hi: int, k: int) -> tuple[int, int]:
+    """The outputs [a, b) of a k-fold downscale to 336 whose taps can reach inputs [lo, hi), one more on each side:
+    computed on the inputs [k*a, k*b) alone, they clamp only where both the clamped and the true tap are outside."""
+    return max(0, lo // k - 1), min(CROP, -(-hi // k) + 1)
+
+
+def _separable_global_view(canvas: torch.Tensor, box: tuple[int, int, int, int], out: torch.Tensor) -> torch.Tensor:
+    """`global_view` as two one-axis passes, W then H (the kernel's order), on the part of the canvas that can see the
+    box; the outputs that read padding alone get its value, resized from a few padding pixels the same way."""
+    rows, cols = canvas.shape[1] // CROP, canvas.shape[2] // CROP
+    (r0, r1), (c0, c1) = _outputs_reading(*box[:2], rows), _outputs_reading(*box[2:], cols)
+    if (r0, r1, c0, c1) != (0, CROP, 0, CROP):
+        padding = canvas[:, -1:, -1:].repeat(1, rows, cols)  # not expand(): a stride-0 operand rounds differently
+        out.copy_(downscale_axis(downscale_axis(padding, cols, -1), rows, -2))  # (3, 1, 1), broadcast
+    wide = downscale_axis(canvas[:, rows * r0:rows * r1, cols * c0:cols * c1], cols, -1)  # (3, rows*(r1-r0), c1-c0)
+    downscale_axis(wide, rows, -2, out=out[:, r0:r1, c0:c1])
+    return out
+
+
 @functools.cache
 def _separable_is_exact(rows: int, cols: int) -> bool:
-    """Whether two `downscale_axis` passes (W then H, the kernel's order) give F.interpolate's bits on this grid.
+    """Whether `_separable_global_view` gives F.interpolate's bits on this crop grid, with and without padding.
 
-    True where both use fused multiply-adds (this repository's AVX2 and AVX-512 builds of PyTorch); the plain build
+    True where both use fused multiply-adds (PyTorch's AVX2 and AVX-512 CPU kernels); the plain (DEFAULT) build
     rounds each product, so it keeps F.interpolate. Checked once per grid and process, on a random canvas."""
-    canvas = torch.randn(3, rows * CROP, cols * CROP, generator=torch.Generator().manual_seed(0))
-    expected = F.interpolate(canvas[None], size=(CROP, CROP), mode="bicubic", align_corners=False)[0]
-    return torch.equal(downscale_axis(downscale_axis(canvas, cols, -1), rows, -2), expected)
+    height, width = rows * CROP, cols * CROP
+    generator = torch.Generator().manual_seed(0)
+    canvas = torch.randn(3, height, width, generator=generator)
+    box = (5, height - 7, 3, width - 4)  # odd and even edges on both axes
+    padded = torch.randn(3, 1, 1, generator=generator).repeat(1, height, width)  # random: 1.5 would hide rounding
+    padded[:, box[0]:box[1], box[2]:box[3]] = canvas[:, box[0]:box[1], box[2]:box[3]]
+    return all(torch.equal(_separable_global_view(x, b, torch.empty(3, CROP, CROP)),
+                           F.interpolate(x[None], size=(CROP, CROP), mode="bicubic", align_corners=False)[0])
+               for x, b in ((canvas, (0, height, 0, width)), (padded, box)))
 
 
-def global_view(canvas: torch.Tensor, top: int = 0, bottom: int | None = None,
+def global_view(canvas: torch.Tensor, box: tuple[int, int, int, int] | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """Bicubic (no antialias) resize of the *normalized* canvas (3, rows*336, cols*336) to (3, 336, 336), bit for bit
     as F.interpolate, into `out` if given.
 
-    Rows above `top` and from `bottom` on, if given, must equal the first and the last row (the white padding of a
-    landscape image): the horizontal pass runs on each of those once. Two one-axis passes take 15-25% less time than
-    F.interpolate, whose kernel recomputes the four horizontal sums of every output; where the horizontal taps are 4+
-    pixels apart (an even number of crop columns > 2) their gathers make it slower, and F.interpolate is kept.
+    box = (top, bottom, left, right) of the image, if given: the canvas outside it must be one value per channel,
+    which the bottom-right pixel holds (the white padding, centered as `hd_transform` does). Two one-axis passes on
+    the rows the image reaches take 10-45% less time than F.interpolate on all of it (more with more padding), whose
+    kernel recomputes the four horizontal sums of every output; where the horizontal taps are 4+ pixels apart (an
+    even number of crop columns > 2) their strided reads make them slower, and F.interpolate is kept.
     """
     rows, cols = canvas.shape[1] // CROP, canvas.shape[2] // CROP
+    out = canvas.new_empty(3, CROP, CROP) if out is None else out
     if (cols % 2 == 0 and cols > 2) or not _separable_is_exact(rows, cols):
-        resized = F.interpolate(canvas[None], size=(CROP, CROP), mode="bicubic", align_corners=False)[0]
-        return resized if out is None else out.copy_(resized)
-    bottom = canvas.shape[1] if bottom is None else bottom
-    wide = canvas.new_empty(3, canvas.shape[1], CROP)  # (3, rows*336, 336): the horizontal pass
-    downscale_axis(canvas[:, top:bottom], cols, -1, out=wide[:, top:bottom])
-    for band, edge in ((slice(0, top), slice(0, 1)), (slice(bottom, None), slice(-1, None))):
-        if wide[:, band].numel():
-            wide[:, band] = downscale_axis(canvas[:, edge], cols, -1)
-    return downscale_axis(wide, rows, -2, out=out)
+        return out.copy_(F.interpolate(canvas[None], size=(CROP, CROP), mode="bicubic", align_corners=False)[0])
+    return _separable_global_view(canvas, box or (0, canvas.shape[1], 0, canvas.shape[2]), out)
 
 
 def image_to_crops(image: Image.Image, num_crops: int, mean=CLIP_MEAN, std=CLIP_STD,
@@ -215,7 +235,7 @@ def image_to_crops(image: Image.Image, num_crops: int, mean=CLIP_MEAN, std=CLIP_
     fast on one thread (a DataLoader worker; bench/processor_throughput.py): no transposes, the white border is
     filled with its normalized value instead of being normalized pixel by pixel, every float operation runs in place
     on a contiguous plane, each crop is copied once, straight into `out`, and the global view is resized one axis at
-    a time, skipping the white bands (`global_view`).
+    a time, on the part that can see the image (`global_view`).
     """
     if image.mode != "RGB":
         image = image.convert("RGB")
@@ -234,7 +254,7 @@ def image_to_crops(image: Image.Image, num_crops: int, mean=CLIP_MEAN, std=CLIP_
     rows, cols = padded_h // CROP, padded_w // CROP
     if out is None:
         out = torch.empty(num_crops + 1, 3, CROP, CROP)
-    global_view(canvas, top, top + new_h, out=out[0])
+    global_view(canvas, (top, top + new_h, left, left + new_w), out=out[0])
     # (3, rows*336, cols*336) -> (rows, cols, 3, 336, 336) = crops 1..rows*cols, left to right, then top to bottom
     out[1:1 + rows * cols].view(rows, cols, 3, CROP, CROP).copy_(
         canvas.view(3, rows, CROP, cols, CROP).permute(1, 3, 0, 2, 4))

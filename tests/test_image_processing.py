@@ -198,18 +198,24 @@ def test_bad_sizes_raise(bad):
         hd_sizes(*bad)
 
 
-@pytest.mark.parametrize("rows,cols", [(1, 1), (2, 2), (1, 2), (2, 1), (3, 5), (5, 3), (4, 3), (1, 4), (4, 1), (2, 6)])
-@pytest.mark.parametrize("top,bottom", [(0, None), (5, -7)])
-def test_global_view_equals_interpolate(rows, cols, top, bottom):
-    """The two one-axis passes (with the white bands resized once) against F.interpolate, bit for bit; on the AVX2
-    and AVX-512 builds they are what runs, not the fallback."""
-    canvas = torch.randn(3, rows * CROP, cols * CROP, generator=torch.Generator().manual_seed(rows * 10 + cols))
-    bottom = rows * CROP + bottom if bottom else None
-    canvas[:, :top] = canvas[:, :1]  # bands that repeat the first and the last row, as white padding does
-    if bottom:
-        canvas[:, bottom:] = canvas[:, -1:]
+@pytest.mark.parametrize("rows,cols", [(1, 1), (2, 2), (1, 2), (2, 1), (3, 5), (5, 3), (4, 3), (1, 4), (4, 1), (2, 6),
+                                       (5, 2)])
+@pytest.mark.parametrize("pads", [(0, 0, 0, 0), (5, 7, 0, 0), (0, 0, 76, 77), (1, 2, 3, 3), (0, 1, 0, 0),
+                                  (160, 161, 0, 0)])
+def test_global_view_equals_interpolate(rows, cols, pads):
+    """The one-axis passes on the part of the canvas that can see the image (`pads` = padding above, below, left,
+    right, one value per channel) against F.interpolate, bit for bit; on the AVX2 and AVX-512 builds they are what
+    runs, not the fallback."""
+    height, width = rows * CROP, cols * CROP
+    top, below, left, right = (min(pad, size // 3) for pad, size in zip(pads, (height, height, width, width)))
+    generator = torch.Generator().manual_seed(rows * 10 + cols)
+    canvas = torch.randn(3, height, width, generator=generator)
+    box = (top, height - below, left, width - right)
+    image = canvas[:, box[0]:box[1], box[2]:box[3]].clone()
+    canvas[:] = torch.randn(3, 1, 1, generator=generator)  # a random padding value: white's can hide rounding
+    canvas[:, box[0]:box[1], box[2]:box[3]] = image
     expected = torch.nn.functional.interpolate(canvas[None], size=(CROP, CROP), mode="bicubic", align_corners=False)
-    assert torch.equal(global_view(canvas, top, bottom), expected[0])
+    assert torch.equal(global_view(canvas, box), expected[0])
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         assert _separable_is_exact(rows, cols)
 

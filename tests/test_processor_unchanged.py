@@ -90,3 +90,25 @@ def test_processor_output_is_unchanged(processor, images, name, num_crops, crops
         canvas = crops.permute(2, 0, 3, 1, 4).reshape(1, 3, height, width)
         expected = torch.nn.functional.interpolate(canvas, size=(CROP, CROP), mode="bicubic", align_corners=False)
         assert torch.equal(out["pixel_values"][0, 0], expected[0])
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_sizes_equal_the_previous_implementation(seed):
+    """Random sizes and num_crops (portrait and landscape, odd paddings, slivers) against the implementation the
+    package had before it was made faster, kept in the benchmark as its baseline: bit for bit."""
+    import numpy as np
+    from PIL import Image
+
+    from bench.processor_throughput import reference_image_processor
+    from phi3v.image_processing import Phi3VImageProcessor
+
+    rng = np.random.default_rng(seed)
+    width, height = (int(size) for size in rng.integers(1, 1600, 2))
+    if seed % 4 == 0:
+        width = int(rng.integers(1, 40))  # a sliver: a tall grid of crops
+    num_crops = int(rng.choice([1, 2, 4, 9, 16]))
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    out = Phi3VImageProcessor(num_crops=num_crops)([image])
+    expected = reference_image_processor([image], num_crops)
+    assert torch.equal(out["image_sizes"], expected["image_sizes"]), (width, height, num_crops)
+    assert torch.equal(out["pixel_values"], expected["pixel_values"]), (width, height, num_crops)
