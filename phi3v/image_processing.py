@@ -143,7 +143,7 @@ def downscale_axis(x: torch.Tensor, k: int, dim: int, out: torch.Tensor | None =
     """Bicubic downscale of axis `dim` by the integer factor k, with the float32 operations of PyTorch's CPU kernel.
 
     The kernel sums the taps of one axis as t1*w1, then fma(t0, w0, .), fma(t2, w2, .), fma(t3, w3, .); `mul` and
-    `add_(alpha=)` (a fused multiply-add on this build, which `_separable_is_exact` checks) repeat that chain one
+    `add_(alpha=)` (fused exactly where the kernel's are, which `_separable_is_exact` checks) repeat that chain one
     tap at a time over the whole axis. At odd k the output is the middle pixel of each k, exactly.
 
     >>> downscale_axis(torch.arange(8.0), 2, 0)
@@ -193,8 +193,9 @@ def _separable_global_view(canvas: torch.Tensor, box: tuple[int, int, int, int],
 def _separable_is_exact(rows: int, cols: int) -> bool:
     """Whether `_separable_global_view` gives F.interpolate's bits on this crop grid, with and without padding.
 
-    True where both use fused multiply-adds (PyTorch's AVX2 and AVX-512 CPU kernels); the plain (DEFAULT) build
-    rounds each product, so it keeps F.interpolate. Checked once per grid and process, on a random canvas."""
+    True with PyTorch's AVX2, AVX-512 and plain (DEFAULT) CPU kernels on x86: both fuse the multiply-adds, or neither
+    does (then t0*w0 + t1*w1 rounds the same in either order). Nothing promises it elsewhere, so it is checked once
+    per grid and process, on a random canvas; where it fails, `global_view` uses F.interpolate."""
     height, width = rows * CROP, cols * CROP
     generator = torch.Generator().manual_seed(0)
     canvas = torch.randn(3, height, width, generator=generator)

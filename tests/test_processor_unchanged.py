@@ -69,7 +69,8 @@ def images():
                          ids=[f"{row[0]}-{row[1]}" for row in GOLDEN])
 def test_processor_output_is_unchanged(processor, images, name, num_crops, crops_digest, global_digest_avx,
                                        global_digest_plain, global_path, monkeypatch):
-    """global_path "interpolate" forces the global view's fallback (F.interpolate), which the plain build takes."""
+    """global_path "interpolate" forces the global view's fallback (F.interpolate), taken wherever its self-check
+    fails."""
     if global_path == "interpolate":
         monkeypatch.setattr(image_processing, "_separable_is_exact", lambda rows, cols: False)
     saved = processor.image_processor.num_crops
