@@ -26,9 +26,9 @@ from pathlib import Path
 
 from phi3v.errors import UserError, run_main
 
-ACTIONS = {"_StoreAction": "store", "_StoreTrueAction": "store_true", "_StoreFalseAction": "store_false",
-           "_StoreConstAction": "store_const", "_AppendAction": "append", "_CountAction": "count",
-           "_HelpAction": "help"}
+ACTIONS = {argparse._StoreAction: "store", argparse._StoreTrueAction: "store_true",
+           argparse._StoreFalseAction: "store_false", argparse._StoreConstAction: "store_const",
+           argparse._AppendAction: "append", argparse._CountAction: "count", argparse._HelpAction: "help"}
 TYPES = {int: "int", float: "float"}  # the value checks worth making early; other types are checked by the real parse
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -62,7 +62,7 @@ def describe(parser: argparse.ArgumentParser) -> dict | None:
     for group in parser._action_groups:
         actions = []
         for action in group._group_actions:
-            kind = ACTIONS.get(type(action).__name__)
+            kind = ACTIONS.get(type(action))
             if kind is None:
                 return None
             actions.append({
