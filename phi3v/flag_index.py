@@ -79,12 +79,13 @@ def describe(parser: argparse.ArgumentParser) -> dict | None:
 
 
 def save_index(parser: argparse.ArgumentParser, script: str | os.PathLike) -> None:
-    """Write the index of `script`'s parser (replacing older ones); any failure only means no shortcut."""
-    description = describe(parser)
-    if description is None:
-        return
+    """Write the index of `script`'s parser (replacing older ones) unless it is there already: its name is the
+    fingerprint of everything that shapes the parser. Any failure only means no shortcut."""
     try:
         path = index_path(script)
+        description = None if path.exists() else describe(parser)
+        if description is None:
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         temporary.write_text(json.dumps(description))
@@ -120,9 +121,8 @@ class Shown:
 def rebuild(description: dict) -> argparse.ArgumentParser:
     """A plain argparse parser with the options, help text and value checks of the described one."""
     parser = Parser(usage=description["usage"], description=description["description"],
-                                     epilog=description["epilog"], allow_abbrev=description["allow_abbrev"],
-                                     formatter_class=getattr(argparse, description["formatter_class"]),
-                                     add_help=False)
+                    epilog=description["epilog"], allow_abbrev=description["allow_abbrev"],
+                    formatter_class=getattr(argparse, description["formatter_class"]), add_help=False)
     groups = {group.title: group for group in parser._action_groups}
     for spec in description["groups"]:
         group = groups.get(spec["title"]) or parser.add_argument_group(spec["title"], spec["description"])
@@ -154,9 +154,13 @@ def rebuild(description: dict) -> argparse.ArgumentParser:
 
 
 def load_index(script: str | os.PathLike) -> argparse.ArgumentParser | None:
+    path = index_path(script)
     try:
-        return rebuild(json.loads(index_path(script).read_text()))
-    except (OSError, ValueError, KeyError, TypeError):  # missing, stale or unreadable: no shortcut
+        return rebuild(json.loads(path.read_text()))
+    except OSError:  # none yet (first run, changed code) or no cache folder: no shortcut
+        return None
+    except (ValueError, KeyError, TypeError):  # unreadable: no shortcut; removed, so that the next parse rewrites it
+        path.unlink(missing_ok=True)
         return None
 
 
@@ -199,18 +203,15 @@ def answer_early(script: str | os.PathLike, argv: list[str]) -> None:
     if parser is None:
         return
 
-    def check(argv: list[str]) -> None:
-        _, extra = parser.parse_known_args(split_config_file(argv)[1])  # --help prints and exits
-        if extra:
-            raise unknown_arguments(extra, parser)
-
-    run_main(check, argv)  # a UserError: one line, exit status 2
+    # --help prints and exits; a UserError is one line and exit status 2
+    run_main(lambda argv: parse_checked(parser, split_config_file(argv)[1]), argv)
 
 
-def parse_checked(parser: argparse.ArgumentParser, argv: list[str] | None, script: str | os.PathLike):
-    """`parser.parse_args(argv)` for an argparse script, but unknown arguments are a UserError (the same line as
-    `answer_early` gives), and the script's index is written first."""
-    save_index(parser, script)
+def parse_checked(parser: argparse.ArgumentParser, argv: list[str] | None, script: str | os.PathLike | None = None):
+    """`parser.parse_args(argv)`, but unknown arguments are a UserError (one line, with "did you mean"); with
+    `script`, the script's index is written first."""
+    if script is not None:
+        save_index(parser, script)
     args, extra = parser.parse_known_args(argv)
     if extra:
         raise unknown_arguments(extra, parser)

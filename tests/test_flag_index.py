@@ -169,7 +169,11 @@ def test_a_broken_or_unusable_index_is_ignored(tmp_path, capsys):
     flag_index.index_path(script).parent.mkdir(parents=True)
     flag_index.index_path(script).write_text('{"groups": [{"title": "options", "actions": [{"action"')
     assert flag_index.load_index(script) is None
+    assert not flag_index.index_path(script).exists()  # removed, so that the next real parse writes a good one
+    flag_index.index_path(script).write_text("not json")
     assert early(script, ["--nope"], capsys) == ("", "", None)
+    flag_index.save_index(parser_of(script), script)
+    assert flag_index.load_index(script) is not None
 
     parser = parser_of(script)
     parser.add_mutually_exclusive_group().add_argument("--x", action="store_true")  # not reproduced by the index
