@@ -29,9 +29,9 @@ from pathlib import Path
 
 import convert_ucf101
 import finetune_hf_trainer_ucf101
-from phi3v.errors import run_main
-from phi3v.synthetic import make_video_dataset
-from phi3v.tiny import REAL_VOCAB, build_tiny_checkpoint
+from phi3v.common.errors import run_main
+from phi3v.data.synthetic import make_video_dataset
+from phi3v.models.phi3_v.tiny import REAL_VOCAB, build_tiny_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:

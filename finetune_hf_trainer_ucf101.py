@@ -33,16 +33,17 @@ from pathlib import Path
 
 from transformers import set_seed
 
-from phi3v.args import BaseDataArguments, parse_args
-from phi3v.collator import Phi3VCollator
-from phi3v.errors import UserError, run_main
-from phi3v.export import export_merged
-from phi3v.formats import FORMATS, is_hub_id, load_data
-from phi3v.metrics import accuracy
-from phi3v.model_loading import load_model, load_processor
-from phi3v.reporting import finish, log_config, setup_logging, start_summary
-from phi3v.training import Phi3VTrainer, prepare_resume
-from phi3v.validation import prepare_splits
+from phi3v.common.errors import UserError, run_main
+from phi3v.common.metrics import accuracy
+from phi3v.data.formats import FORMATS, is_hub_id, load_data
+from phi3v.data.validation import prepare_splits
+from phi3v.serve.export import export_merged
+from phi3v.train.arguments import BaseDataArguments
+from phi3v.train.checkpoints import prepare_resume
+from phi3v.train.loading import load_model, load_processor
+from phi3v.train.parsing import parse_args
+from phi3v.train.reporting import finish, log_config, setup_logging, start_summary
+from phi3v.train.trainer import Phi3VTrainer
 
 # ------------------------------------------------------------------------------------------------- task data
 
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_model(model_args, training_args)
     trainer = Phi3VTrainer(
         model=model, args=training_args, train_dataset=splits["train"], eval_dataset=splits["val"],
-        data_collator=Phi3VCollator(processor.tokenizer.pad_token_id), processing_class=processor,
+        data_collator=processor.collator(), processing_class=processor,
         task_metric=functools.partial(compute_task_metric, data_args=data_args),
         max_new_tokens=data_args.max_new_tokens,
         eval_batch_size=data_args.eval_batch_size, score_token_ids=score_token_ids(data_args, processor),

@@ -37,15 +37,15 @@ import torch
 import torch.distributed as dist
 from transformers import BitsAndBytesConfig, TextStreamer, set_seed
 
-from phi3v.data import Conversation, Turn, open_image, render
-from phi3v.errors import UserError, run_main
-from phi3v.export import adapter_base
-from phi3v.formats import load_data
-from phi3v.generation import decoding, generate_predictions
-from phi3v.metrics import accuracy
-from phi3v.modeling import Phi3VForCausalLM
-from phi3v.processing import Phi3VProcessor
-from phi3v.video import describe_error, read_frames
+from phi3v.common.errors import UserError, run_main
+from phi3v.common.metrics import accuracy
+from phi3v.data.conversation import Conversation, Turn, render
+from phi3v.data.formats import load_data
+from phi3v.data.images import open_image
+from phi3v.data.video import describe_error, read_frames
+from phi3v.eval.generation import decoding, generate_predictions
+from phi3v.models.registry import checkpoint_family
+from phi3v.serve.export import adapter_base
 
 
 def load_for_inference(output_dir: str | Path, base: str | None = None, dtype: torch.dtype = torch.float32,
@@ -59,17 +59,18 @@ def load_for_inference(output_dir: str | Path, base: str | None = None, dtype: t
         merge_lora: merge a LoRA adapter into the weights after loading (faster generation, same answers).
     """
     output_dir = Path(output_dir)
-    processor = Phi3VProcessor.from_pretrained(output_dir)
     adapter = (output_dir / "adapter_config.json").exists()
+    weights = (base or adapter_base(output_dir)) if adapter else output_dir
+    family = checkpoint_family(weights)
+    processor = family.processor_class.from_pretrained(output_dir)
     if merge_lora and load_in_4bit and adapter:
         raise UserError("--merge_lora with --load_in_4bit would merge into rounded 4-bit weights: merge in full "
                         "precision with `python -m phi3v.export OUTPUT_DIR MERGED_DIR`, then load MERGED_DIR in 4 bit")
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype) \
         if load_in_4bit else None
     placement = device_map or ({"": device} if load_in_4bit else None)  # bitsandbytes places while quantizing
-    weights = (base or adapter_base(output_dir)) if adapter else output_dir
-    model = Phi3VForCausalLM.from_pretrained(weights, dtype=dtype, attn_implementation=attn_implementation,
-                                             quantization_config=quantization, device_map=placement)
+    model = family.model_class.from_pretrained(weights, dtype=dtype, attn_implementation=attn_implementation,
+                                       quantization_config=quantization, device_map=placement)
     if adapter:
         from peft import PeftModel
 
@@ -78,18 +79,25 @@ def load_for_inference(output_dir: str | Path, base: str | None = None, dtype: t
     return (model if placement else model.to(device)).eval(), processor
 
 
-class WithSystemMessage(Phi3VProcessor):
+class WithSystemMessage:
     """The processor, with a system message rendered before every conversation that has none of its own (a jsonl
     record's "system" wins): <|system|>\n...<|end|>\n, as the chat template renders it."""
 
-    def __init__(self, processor: Phi3VProcessor, system: str):
-        super().__init__(processor.image_processor, processor.tokenizer)
-        self.system = system
+    def __init__(self, processor, system: str):
+        self.processor, self.system = processor, system
+
+    def __getattr__(self, name: str):
+        if name == "processor":  # not set yet (unpickling in a DataLoader worker)
+            raise AttributeError(name)
+        return getattr(self.processor, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.processor(*args, **kwargs)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         if not messages or messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system}, *messages]
-        return super().apply_chat_template(messages, add_generation_prompt)
+        return self.processor.apply_chat_template(messages, add_generation_prompt)
 
 
 def video_frames(path: str | Path, count: int):
@@ -179,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Refuse unusable inputs before the model is loaded (a FIFO or device is refused, never opened)."""
-    from phi3v.formats import is_hub_id
-    from phi3v.validation import image_problem
+    from phi3v.data.formats import is_hub_id
+    from phi3v.data.validation import image_problem
 
     for flag in ("num_frames", "batch_size", "max_new_tokens"):
         if getattr(args, flag) < 1:
@@ -221,7 +229,7 @@ def main(argv: list[str] | None = None) -> list[dict] | str:
         return text
 
     dataset = load_data(args.jsonl, processor, args.image_root, for_generation=True, num_frames=args.num_frames)
-    from phi3v.validation import validate
+    from phi3v.data.validation import validate
 
     _, problems = validate(dataset, disable_tqdm=True)
     if problems:

@@ -54,10 +54,11 @@ def stage_build(work: Path, tiny: bool) -> None:
     import torch
     from PIL import Image
 
-    from phi3v.image_processing import Phi3VImageProcessor
-    from phi3v.modeling import Phi3VConfig, Phi3VForCausalLM
-    from phi3v.processing import Phi3VProcessor
-    from phi3v.tiny import build_tokenizer, tiny_config
+    from phi3v.models.phi3_v.configuration import Phi3VConfig
+    from phi3v.models.phi3_v.image_processing import Phi3VImageProcessor
+    from phi3v.models.phi3_v.modeling import Phi3VForCausalLM
+    from phi3v.models.phi3_v.processing import Phi3VProcessor
+    from phi3v.models.phi3_v.tiny import build_tokenizer, tiny_config
 
     torch.manual_seed(0)
     model = Phi3VForCausalLM._from_config(tiny_config() if tiny else Phi3VConfig.official(), dtype=torch.bfloat16)
@@ -93,7 +94,7 @@ def stage_export(work: Path) -> None:
     if available is not None and available < needed:
         raise MemoryError(f"the merged export holds the base in fp32 (~{needed / 2**30:.1f} GiB); only "
                           f"{available / 2**30:.1f} GiB is available")
-    from phi3v.export import main as export_main
+    from phi3v.serve.export import main as export_main
 
     export_main([str(work / "lora"), str(work / "merged"), "--dtype", "bfloat16"])
 
@@ -103,8 +104,8 @@ def stage_reload(work: Path) -> None:
     from PIL import Image
     from safetensors import safe_open
 
-    from phi3v.modeling import Phi3VForCausalLM
-    from phi3v.processing import Phi3VProcessor
+    from phi3v.models.phi3_v.modeling import Phi3VForCausalLM
+    from phi3v.models.phi3_v.processing import Phi3VProcessor
 
     def names(folder: Path) -> set[str]:
         found = set()

@@ -5,7 +5,7 @@
 What: for document scans (US letter / A4 at 150-300 dpi, portrait and landscape), photos (4:3 from 640x480 to
 4032x3024, portrait and square) and video frames (320x240 to 3840x2160), at num_crops 4 and 16: how many 336px
 crops CLIP encodes per image. Ours: the global view + the rows x cols crops of the HD grid
-(`phi3v.image_processing.crop_grid`); the official model: all num_crops + 1 entries of pixel_values, the zero
+(`image_processing.crop_grid`); the official model: all num_crops + 1 entries of pixel_values, the zero
 padding crops included. The crop counts are exact arithmetic from the image size (no pixels).
 
 Time saved: the CLIP forward of one crop is timed once on this machine with the full-size ViT-L/14-336 tower
@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # `python bench/clip_crops.py`: make the reposito
 import torch
 
 from bench.common import add_json_argument, markdown_table, ratio, write_json
-from phi3v.image_processing import CROP, crop_grid
+from phi3v.models.phi3_v.image_processing import CROP, crop_grid
 
 # (name, width, height) per category; the HD grid depends on the aspect ratio, so the sizes cover the usual ones.
 SIZES = {
@@ -71,7 +71,8 @@ def category_summary(sizes: list[tuple[str, int, int]], num_crops: int) -> dict:
 
 def seconds_per_crop(timed_crops: int = 2, threads: int | None = None) -> float:
     """Median-free single measurement: CLIP forward of `timed_crops` crops with the full-size tower, per crop."""
-    from phi3v.modeling import Phi3VConfig, Phi3VImageEmbedding
+    from phi3v.models.phi3_v.configuration import Phi3VConfig
+    from phi3v.models.phi3_v.image_embedding import Phi3VImageEmbedding
 
     if threads:
         torch.set_num_threads(threads)

@@ -42,7 +42,7 @@ from bench.common import (
     time_alternating,
     write_json,
 )
-from phi3v.modeling import Phi3VConfig
+from phi3v.models.phi3_v.configuration import Phi3VConfig
 
 IMPLEMENTATIONS = ("sdpa", "eager")
 

@@ -51,7 +51,7 @@ REDUCED = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=2, num
 
 def build_model(full_size: bool, device: str, dtype: torch.dtype = torch.float32):
     from phi3v import Phi3VForCausalLM
-    from phi3v.modeling import Phi3VConfig
+    from phi3v.models.phi3_v.configuration import Phi3VConfig
 
     official = Phi3VConfig.official()
     overrides = {} if full_size else {**REDUCED, "img_processor": {**official.img_processor, "image_dim_out": 256}}

@@ -76,10 +76,11 @@ def write_dataset(root: Path, train: int = 8, val: int = 4) -> Path:
 def build_checkpoint(directory: Path, dry_run: bool) -> Path:
     """Random weights in the official layout: the tiny config (--dry_run), else the official widths with 2 decoder
     and 4 CLIP layers, in bf16, with the tiny builder's tokenizer (official special-token ids) and processor."""
-    from phi3v.image_processing import Phi3VImageProcessor
-    from phi3v.modeling import CLIP_VIT_L_336, Phi3VConfig, Phi3VForCausalLM
-    from phi3v.processing import Phi3VProcessor
-    from phi3v.tiny import build_tokenizer, tiny_config
+    from phi3v.models.phi3_v.configuration import CLIP_VIT_L_336, Phi3VConfig
+    from phi3v.models.phi3_v.image_processing import Phi3VImageProcessor
+    from phi3v.models.phi3_v.modeling import Phi3VForCausalLM
+    from phi3v.models.phi3_v.processing import Phi3VProcessor
+    from phi3v.models.phi3_v.tiny import build_tokenizer, tiny_config
 
     if dry_run:
         config = tiny_config()

@@ -4,11 +4,11 @@
     python bench/gpu_train.py --modes lora qlora --checkpointing on --batch_size 16
     python bench/gpu_train.py --dry_run                      # CPU, tiny config, same code path (CI, ~30 s)
 
---dry_run: the tiny config (`phi3v.tiny.tiny_config()`), fp32 on CPU, batch 1 at num_crops 4, 1 warm-up + 1 step
+--dry_run: the tiny config (`tiny.tiny_config()`), fp32 on CPU, batch 1 at num_crops 4, 1 warm-up + 1 step
 per configuration: it checks that the whole path works, its numbers mean nothing.
 
 What: `Phi3VForCausalLM(Phi3VConfig.official())` with random weights (built on the GPU in bf16, saved once to a
-temporary checkpoint) is loaded per configuration by the recipes' own `phi3v.model_loading.load_model`, so each
+temporary checkpoint) is loaded per configuration by the recipes' own `phi3v.train.loading.load_model`, so each
 mode trains exactly what it trains in the recipes: full | frozen_vision | lora (LM + CLIP + projector, the
 original --use_lora) | qlora (the same on a 4-bit NF4 base, bitsandbytes). Gradient checkpointing is switched on as
 the Trainer does (`activation_checkpointing_enable`, non-reentrant). One step = forward + backward + gradient
@@ -58,7 +58,7 @@ import transformers
 from torch import nn
 
 from bench.common import add_json_argument, gib, markdown_table, write_json
-from phi3v.image_processing import CROP, crop_grid, num_image_tokens
+from phi3v.models.phi3_v.image_processing import CROP, crop_grid, num_image_tokens
 
 MODES = ("full", "frozen_vision", "lora", "qlora")
 # Published (original recipe, 8x A100-80GB, DocVQA): images/s for 8 GPUs, and GB per GPU.
@@ -153,8 +153,9 @@ def peak_tflops(override: float | None, name: str | None = None) -> float | None
 def build_random_checkpoint(directory: Path, dry_run: bool) -> Path:
     """Random-weight checkpoint in the official layout: full size in bf16, built on the GPU (a CPU init of 4.2B
     parameters takes minutes), or the tiny config in fp32 for --dry_run."""
-    from phi3v.modeling import Phi3VConfig, Phi3VForCausalLM
-    from phi3v.tiny import tiny_config
+    from phi3v.models.phi3_v.configuration import Phi3VConfig
+    from phi3v.models.phi3_v.modeling import Phi3VForCausalLM
+    from phi3v.models.phi3_v.tiny import tiny_config
 
     if (directory / "config.json").is_file():
         return directory
@@ -170,8 +171,10 @@ def build_random_checkpoint(directory: Path, dry_run: bool) -> Path:
 
 def train_configuration(checkpoint: Path, mode: str, checkpointing: bool, args, output_dir: str) -> dict:
     """Load the model for `mode` as the recipes do, run warm-up + timed steps, return the measurements."""
-    from phi3v.args import ModelArguments, RecipeTrainingArguments
-    from phi3v.model_loading import count_parameters, load_model
+    from phi3v.train.arguments import ModelArguments
+    from phi3v.train.loading import load_model
+    from phi3v.train.reporting import count_parameters
+    from phi3v.train.training_arguments import RecipeTrainingArguments
 
     on_gpu = torch.cuda.is_available() and not args.dry_run
     # The recipes' settings: --torch_dtype auto (fp32 master weights for full/frozen_vision without DeepSpeed and for

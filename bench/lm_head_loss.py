@@ -4,7 +4,7 @@
 
 What: forward + backward of `lm_head` + loss for one DocVQA-sized sequence: 2,443 positions of which ~10 carry a
 label (the answer), hidden 3072, vocabulary 32064 (Phi-3.5-vision), fp32 on CPU (fp32 and bf16 on CUDA).
-  - ours: `phi3v.modeling.supervised_lm_loss`, which applies the head only where the label is not -100;
+  - ours: `phi3v.models.phi3_v.modeling.supervised_lm_loss`, which applies the head only where the label is not -100;
   - full logits: `lm_head(hidden)` at all positions, then transformers' own `ForCausalLMLoss` (upcast to fp32,
     shift, cross-entropy with ignore_index=-100), which is what `Phi3ForCausalLM` and the official model do.
 Two cases: the head trains (full fine-tuning, frozen vision: its 394 MB weight gradient is part of both peaks) and
@@ -48,7 +48,7 @@ from bench.common import (
     time_alternating,
     write_json,
 )
-from phi3v.modeling import supervised_lm_loss
+from phi3v.models.phi3_v.modeling import supervised_lm_loss
 
 DOCVQA = dict(positions=2443, supervised=10, hidden_size=3072, vocab_size=32064)
 TARGETS = {"memory": 10.0, "speed": 5.0}

@@ -4,11 +4,11 @@
 
 What: a batch is padded to its longest sequence, and the padding is computed for nothing. For per-GPU batch sizes
 1, 2, 4, 8, 16 we compare the padded share of all batch tokens over one epoch when batches are random (the
-Trainer's default sampler) and when they come from `phi3v.training.LengthGroupedSampler` (the recipes' default,
+Trainer's default sampler) and when they come from `phi3v.train.sampler.LengthGroupedSampler` (the recipes' default,
 `--train_sampling_strategy group_by_length`). Target from the issue: under 5% at per-GPU batch 8 with grouping.
 
 The lengths are synthetic but built the way the recipes compute them, with no pixels: image tokens from the page
-size via `phi3v.image_processing.num_image_tokens` at num_crops 16, plus text tokens. Assumptions (DocVQA train:
+size via `image_processing.num_image_tokens` at num_crops 16, plus text tokens. Assumptions (DocVQA train:
 39,463 questions on 10,194 scanned pages from the UCSF Industry Documents Library; published mean 2,443 tokens):
   - pages (aspect = height / width): 78% US-letter-like portrait (aspect 1.24-1.33, a 4x4 crop grid), 7% A4 or
     legal-like portrait (1.34-1.66, 4x3), 5% tall forms and receipts (1.67-3.0), 10% landscape (width / height
@@ -34,8 +34,8 @@ if __package__ in (None, ""):  # `python bench/padding.py`: make the repository 
 import numpy as np
 
 from bench.common import add_json_argument, markdown_table, ratio, write_json
-from phi3v.image_processing import num_image_tokens
-from phi3v.training import LengthGroupedSampler
+from phi3v.models.phi3_v.image_processing import num_image_tokens
+from phi3v.train.sampler import LengthGroupedSampler
 
 BATCH_SIZES = (1, 2, 4, 8, 16)
 TARGET = {"batch_size": 8, "padded_share": 0.05}

@@ -11,9 +11,9 @@ num_crops 4 and 16. Every call's pixel_values and image_sizes are asserted bit-i
 
 What: the work of one DataLoader worker per DocVQA sample, single process, one torch thread (DataLoader workers
 run with one thread): `ConversationDataset.__getitem__` on a JPEG page held as bytes, i.e. JPEG decode
-(`phi3v.data.open_image`, EXIF rotation included), chat template, HD transform (resize, pad, normalize, 17 crops)
+(`data.images.open_image`, EXIF rotation included), chat template, HD transform (resize, pad, normalize, 17 crops)
 and tokenization with offsets and labels, via a `Phi3VProcessor` built from a tiny checkpoint
-(`phi3v.tiny.build_tiny_checkpoint`) with num_crops 16. The stages (decode, image processor) are also timed alone.
+(`tiny.build_tiny_checkpoint`) with num_crops 16. The stages (decode, image processor) are also timed alone.
 
 Images: synthetic US-letter pages at 200 dpi (1700x2200 RGB: headings, paragraphs of text, a ruled table, scan
 noise), JPEG quality 90, a few different pages in turn. Each image is timed once after one warm-up; medians.
@@ -88,7 +88,7 @@ def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
 # Do not "improve" it: it is what the speed-up is measured against and what the outputs must equal bit for bit.
 
 def _reference_hd_transform(image: Image.Image, num_crops: int) -> Image.Image:
-    from phi3v.image_processing import hd_sizes
+    from phi3v.models.phi3_v.image_processing import hd_sizes
 
     (new_w, new_h), (padded_w, padded_h) = hd_sizes(*image.size, num_crops)
     transposed = image.width < image.height
@@ -123,7 +123,7 @@ def _reference_image_to_crops(image: Image.Image, num_crops: int, mean, std) -> 
 
 def reference_image_processor(images: list[Image.Image], num_crops: int, mean=None, std=None) -> dict:
     """pixel_values and image_sizes exactly as `Phi3VImageProcessor.__call__` computed them before (f1c84a7)."""
-    from phi3v.image_processing import CLIP_MEAN, CLIP_STD
+    from phi3v.models.phi3_v.image_processing import CLIP_MEAN, CLIP_STD
 
     pixel_values, sizes = [], []
     for image in images:
@@ -162,7 +162,7 @@ def compare(images: dict[str, Image.Image], crop_counts=(4, 16), repeats: int = 
     """Median seconds per image of the reference and the package, alternating, one row per (image, num_crops).
 
     Raises AssertionError if any output differs from the reference's in a single bit."""
-    from phi3v.image_processing import Phi3VImageProcessor
+    from phi3v.models.phi3_v.image_processing import Phi3VImageProcessor
 
     rows = []
     for num_crops in crop_counts:
@@ -189,7 +189,9 @@ def compare(images: dict[str, Image.Image], crop_counts=(4, 16), repeats: int = 
 def measure(processor, pages: list[bytes], num_images: int) -> dict:
     """Median seconds per image of: decode, the image processor alone, and a whole dataset item. The three are
     timed in a rotating order, so that none always runs on memory the one before it just freed."""
-    from phi3v.data import Conversation, ConversationDataset, Turn, open_image
+    from phi3v.data.conversation import Conversation, Turn
+    from phi3v.data.dataset import ConversationDataset
+    from phi3v.data.images import open_image
 
     conversations = [Conversation(str(i), [Turn("What is the total amount on the invoice?", "12,345",
                                                 [pages[i % len(pages)]])]) for i in range(num_images + 1)]
@@ -211,7 +213,7 @@ def measure(processor, pages: list[bytes], num_images: int) -> dict:
 
 def run(num_images: int, num_pages: int = 3, num_crops: int = 16, repeats: int = 9) -> dict:
     from phi3v import Phi3VProcessor
-    from phi3v.tiny import build_tiny_checkpoint
+    from phi3v.models.phi3_v.tiny import build_tiny_checkpoint
 
     torch.set_num_threads(1)  # as in a DataLoader worker
     speedup = compare(speed_images(), repeats=repeats)

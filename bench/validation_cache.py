@@ -3,8 +3,8 @@
     python bench/validation_cache.py                          # 2,000 images, 2 rounds: ~2 minutes on 2 CPU cores
     python bench/validation_cache.py --images 20000 --rounds 1   # the 20,000-image times: ~15 minutes
 
-What: `phi3v.validation.prepare_dataset`, which every recipe runs on each split before training, on a jsonl file of
-N single-image samples (photo-like 640x480 JPEGs, one question each), read through `phi3v.formats.load_data` as a
+What: `data.validation.prepare_dataset`, which every recipe runs on each split before training, on a jsonl file of
+N single-image samples (photo-like 640x480 JPEGs, one question each), read through `phi3v.data.formats.load_data` as a
 recipe reads it. A first start checks everything: it renders and tokenizes every sample and decodes every image
 fully. A restart on the unchanged files finds the results in the cache the first start wrote (OUTPUT_DIR or
 --cache_dir) and only stat's the files. Rounds alternate (first start on a fresh cache directory, then its restart,
@@ -34,10 +34,10 @@ import numpy as np
 from PIL import Image
 
 from bench.common import add_json_argument, markdown_table, median, ratio, write_json
-from phi3v.formats import load_data
-from phi3v.processing import Phi3VProcessor
-from phi3v.tiny import build_tiny_checkpoint
-from phi3v.validation import prepare_dataset
+from phi3v.data.formats import load_data
+from phi3v.data.validation import prepare_dataset
+from phi3v.models.phi3_v.processing import Phi3VProcessor
+from phi3v.models.phi3_v.tiny import build_tiny_checkpoint
 
 TARGET = 20.0
 

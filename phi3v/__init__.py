@@ -1,17 +1,18 @@
-"""Fine-tune Phi-3.5-vision natively on transformers 5.x.
+"""Fine-tune Phi-3.5-vision (and Phi-3-vision) natively on transformers 5.x.
 
 Public API: `from phi3v import Phi3VConfig, Phi3VForCausalLM, Phi3VImageProcessor, Phi3VProcessor`. The names are
-imported on first use, so light modules (phi3v.synthetic, phi3v.metrics) do not pull in torch and transformers.
+imported on first use, so light modules (phi3v.data.synthetic, phi3v.common.metrics) do not pull in torch and
+transformers. The layout, the import floors and where each kind of change goes: ARCHITECTURE.md.
 """
 
 import importlib
 
 _EXPORTS = {
-    "Phi3VConfig": "phi3v.modeling",
-    "Phi3VForCausalLM": "phi3v.modeling",
-    "Phi3VImageProcessor": "phi3v.image_processing",
-    "num_image_tokens": "phi3v.image_processing",
-    "Phi3VProcessor": "phi3v.processing",
+    "Phi3VConfig": "phi3v.models.phi3_v.configuration",
+    "Phi3VForCausalLM": "phi3v.models.phi3_v.modeling",
+    "Phi3VImageProcessor": "phi3v.models.phi3_v.image_processing",
+    "num_image_tokens": "phi3v.models.phi3_v.image_processing",
+    "Phi3VProcessor": "phi3v.models.phi3_v.processing",
 }
 __all__ = list(_EXPORTS)
 

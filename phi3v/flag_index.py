@@ -24,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-from phi3v.errors import UserError, run_main
+from phi3v.common.errors import UserError, run_main
 
 ACTIONS = {argparse._StoreAction: "store", argparse._StoreTrueAction: "store_true",
            argparse._StoreFalseAction: "store_false", argparse._StoreConstAction: "store_const",

@@ -27,7 +27,7 @@ def own_cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    from phi3v.tiny import build_tiny_checkpoint
+    from phi3v.models.phi3_v.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-phi3v"), seed=0)
 
@@ -83,7 +83,7 @@ def pytest_collection_modifyitems(config, items):
 def ucf_data(tmp_path_factory):
     """A small converted video dataset: 3 classes, 4/1/1 videos per class, 2 frames each (convert_ucf101 output)."""
     import convert_ucf101
-    from phi3v.synthetic import UCF101_SUBSET_CLASSES, make_video_dataset
+    from phi3v.data.synthetic import UCF101_SUBSET_CLASSES, make_video_dataset
 
     root = tmp_path_factory.mktemp("ucf")
     make_video_dataset(root / "videos", classes=UCF101_SUBSET_CLASSES[:3],

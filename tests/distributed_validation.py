@@ -15,9 +15,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from phi3v.data import jsonl_dataset  # noqa: E402
-from phi3v.processing import Phi3VProcessor  # noqa: E402
-from phi3v.validation import DatasetError, prepare_dataset  # noqa: E402
+from phi3v.data.jsonl import jsonl_dataset  # noqa: E402
+from phi3v.data.validation import DatasetError, prepare_dataset  # noqa: E402
+from phi3v.models.phi3_v.processing import Phi3VProcessor  # noqa: E402
 
 
 def main(tiny_dir: str, data: str, out: str) -> None:

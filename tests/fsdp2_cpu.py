@@ -24,8 +24,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
 from phi3v import Phi3VForCausalLM, Phi3VProcessor  # noqa: E402
-from phi3v.data import jsonl_dataset  # noqa: E402
-from phi3v.generation import generate_predictions  # noqa: E402
+from phi3v.data.jsonl import jsonl_dataset  # noqa: E402
+from phi3v.eval.generation import generate_predictions  # noqa: E402
 
 
 def main(tiny_dir: str, data_dir: str, out: str) -> None:

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import finetune_hf_trainer_ucf101 as ucf101
 import predict
 from phi3v import Phi3VForCausalLM
-from phi3v.export import main as export_main
+from phi3v.serve.export import main as export_main
 from tests.conftest import make_image, ucf_args
 
 
@@ -81,7 +81,7 @@ def test_question_about_a_video(lora_run, tmp_path, monkeypatch):
     import numpy as np
 
     import convert_ucf101
-    from phi3v.synthetic import class_frames, write_video
+    from phi3v.data.synthetic import class_frames, write_video
 
     out, _ = lora_run
     video = write_video(tmp_path / "clip.avi", class_frames(0, 3, 12, (64, 48), 0))

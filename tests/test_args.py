@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from phi3v.args import BaseDataArguments, parse_args
+from phi3v.train.arguments import BaseDataArguments
+from phi3v.train.parsing import parse_args
 
 
 @dataclass
@@ -106,7 +107,7 @@ def test_help_from_the_command_line_lists_every_group():
 def test_hf_batch_flags_are_honoured(argv, world, expected):
     from types import SimpleNamespace
 
-    from phi3v.args import RecipeTrainingArguments
+    from phi3v.train.training_arguments import RecipeTrainingArguments
 
     if world == 1:  # the whole parse
         _, _, training = parse(*argv)

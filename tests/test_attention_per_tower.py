@@ -62,7 +62,7 @@ def test_towers_agree_across_implementations(tiny_dir, processor):
     (["--attn_implementation", "eager", "--vision_attn_implementation", "eager"], "eager", "eager"),
 ])
 def test_recipe_flags_reach_each_tower(tiny_dir, tmp_path, flags, lm, vision):
-    from phi3v.model_loading import load_model
+    from phi3v.train.loading import load_model
 
     model_args, training_args = parse(tiny_dir, tmp_path, flags)
     model = load_model(model_args, training_args)

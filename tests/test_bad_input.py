@@ -15,9 +15,9 @@ from PIL import Image
 import convert_ucf101
 import finetune_hf_trainer_nlvr2 as nlvr2
 import finetune_hf_trainer_ucf101 as ucf101
-from phi3v.data import jsonl_dataset
-from phi3v.training import Phi3VTrainer
-from phi3v.validation import DatasetError, validate
+from phi3v.data.jsonl import jsonl_dataset
+from phi3v.data.validation import DatasetError, validate
+from phi3v.train.trainer import Phi3VTrainer
 from tests.conftest import make_image, ucf_args
 
 GOOD_TURN = {"images": ["good.jpg"], "user": "Which class?", "assistant": "Archery"}
@@ -164,7 +164,7 @@ def test_skip_bad_samples_records_them_and_trains_on_all_the_others(bad_data, ti
                          "--skip_bad_samples", "--num_train_epochs", "1", "--batch_size", "2",
                          "--no_eval_before_training", "--no_eval_after_training"))
     skipped = [json.loads(line) for line in (out / "skipped_samples_train.jsonl").read_text().splitlines()]
-    from phi3v.data import Problem
+    from phi3v.data.conversation import Problem
 
     messages = expected_messages(expected, [Problem(**s) for s in skipped])
     assert [str(Problem(**s)) for s in skipped] == messages
@@ -185,7 +185,7 @@ BAD_HUB_ROWS = [
 def test_bad_hub_rows_name_their_row(processor):
     import functools
 
-    from phi3v.data import ConversationDataset
+    from phi3v.data.dataset import ConversationDataset
 
     features = datasets.Features({
         "images": datasets.List(datasets.Image(decode=False)),

@@ -29,8 +29,8 @@ import finetune_hf_trainer_nlvr2 as nlvr2
 import finetune_hf_trainer_ucf101 as ucf101
 import predict
 from phi3v import export
-from phi3v.errors import run_main
-from phi3v.validation_cache import FILE_NAME as CACHE_FILE
+from phi3v.common.errors import run_main
+from phi3v.data.validation_cache import FILE_NAME as CACHE_FILE
 from tests.conftest import make_image
 
 MAINS = {"ucf101": ucf101.main, "docvqa": docvqa.main, "nlvr2": nlvr2.main, "memes": memes.main,
@@ -280,7 +280,7 @@ CASES = [
      "error: --resume_from_checkpoint {tmp}/nope: no such directory", None),
     ("model folder without files", "ucf101",
      lambda c: c.jsonl([good("a")], None, model=c.data),
-     "error: {data}/preprocessor_config.json does not exist: is {data} a Phi-3.5-vision checkpoint directory?", None),
+     "error: {data}/config.json does not exist: is {data} a Phi-3.5-vision checkpoint directory?", None),
     # --- model weights (refused when the model loads, after validation)
     ("truncated model.safetensors", "ucf101", lambda c: c.jsonl([good("a")], None, model=c.model_copy(truncate)),
      "error: {tmp}/model/model.safetensors (Error while deserializing header: invalid header length): not a "
@@ -432,8 +432,8 @@ def test_named_pipes_are_refused_within_a_second(tmp_path):
     """Each reader gets one second; one that blocks is released by opening the pipe's other end, then fails."""
     import threading
 
-    from phi3v.data import open_image
-    from phi3v.video import read_frames
+    from phi3v.data.images import open_image
+    from phi3v.data.video import read_frames
 
     pipe = fifo(tmp_path / "pipe")
     for read in (open_image, lambda path: read_frames(path, 2)):
@@ -457,9 +457,9 @@ def test_named_pipes_are_refused_within_a_second(tmp_path):
 
 def test_read_only_output_dir_is_refused_before_loading(tmp_path, monkeypatch, capsys):
     """(chmod cannot make a folder read-only for root, so the permission answer is what is replaced here)"""
-    import phi3v.args
+    import phi3v.train.parsing
 
-    monkeypatch.setattr(phi3v.args.os, "access", lambda path, mode: path != tmp_path)
+    monkeypatch.setattr(phi3v.train.parsing.os, "access", lambda path, mode: path != tmp_path)
     before = snapshot(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         run_main(ucf101.main, ["--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")])

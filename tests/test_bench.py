@@ -220,8 +220,8 @@ def test_generation_bench_times_both_variants_on_the_same_tokens(tiny_model):
 
 def test_gpu_train_batch_has_the_processor_layout():
     from bench.gpu_train import make_batch
-    from phi3v.image_processing import num_image_tokens
-    from phi3v.tiny import tiny_config
+    from phi3v.models.phi3_v.image_processing import num_image_tokens
+    from phi3v.models.phi3_v.tiny import tiny_config
 
     batch = make_batch(tiny_config(), 2, (1200, 2040), 2443, 10, 16, "cpu")
     assert batch["input_ids"].shape == (2, 2443)
@@ -233,8 +233,8 @@ def test_gpu_train_batch_has_the_processor_layout():
 
 def test_gpu_train_flops_follow_the_stated_rules():
     from bench.gpu_train import CLIP_TOKENS, make_batch, training_flops
-    from phi3v.modeling import Phi3VForCausalLM
-    from phi3v.tiny import tiny_config
+    from phi3v.models.phi3_v.modeling import Phi3VForCausalLM
+    from phi3v.models.phi3_v.tiny import tiny_config
 
     config = tiny_config()
     model = Phi3VForCausalLM(config)

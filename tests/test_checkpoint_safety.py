@@ -12,11 +12,10 @@ import pytest
 import torch
 
 import finetune_hf_trainer_ucf101 as ucf101
-from phi3v.errors import run_main
-from phi3v.training import (
+from phi3v.common.errors import run_main
+from phi3v.train.checkpoints import (
     COMPLETE_MARKER,
     STAGING,
-    Phi3VTrainer,
     clear_staging,
     is_complete,
     mark_complete,
@@ -24,6 +23,7 @@ from phi3v.training import (
     resolve_checkpoint,
     rotate,
 )
+from phi3v.train.trainer import Phi3VTrainer
 from tests.conftest import ucf_args
 
 

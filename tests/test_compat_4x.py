@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from phi3v import Phi3VForCausalLM, Phi3VProcessor
-from phi3v.export import main as export_main
+from phi3v.serve.export import main as export_main
 from tests.test_serving import base_with_code, make_adapter, serving_snippet
 
 pytestmark = pytest.mark.slow

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from phi3v.args import parse_args
-from phi3v.errors import UserError
+from phi3v.common.errors import UserError
+from phi3v.train.parsing import parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT_OF = {"hateful_memes": "finetune_hf_trainer_hateful_memes", "docvqa": "finetune_hf_trainer_docvqa",

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import convert_ucf101
-from phi3v.errors import UserError
-from phi3v.synthetic import class_frames, make_video_dataset, write_video
+from phi3v.common.errors import UserError
+from phi3v.data.synthetic import class_frames, make_video_dataset, write_video
 
 CLASSES = ["Archery", "BabyCrawling", "Basketball"]
 

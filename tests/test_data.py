@@ -9,17 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from phi3v.collator import Phi3VCollator
-from phi3v.data import (
-    Conversation,
-    ConversationDataset,
-    Turn,
-    image_size,
-    jsonl_dataset,
-    open_image,
-    render,
-    user_content,
-)
+from phi3v.data.conversation import Conversation, Turn, render, user_content
+from phi3v.data.dataset import ConversationDataset
+from phi3v.data.images import image_size, open_image
+from phi3v.data.jsonl import jsonl_dataset
+from phi3v.models.phi3_v.collator import Phi3VCollator
 from tests.conftest import make_image
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from phi3v.errors import USER_ERROR_EXIT, BadValue, MissingFile, Unavailable, UserError, run_main
+from phi3v.common.errors import USER_ERROR_EXIT, BadValue, MissingFile, Unavailable, UserError, run_main
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRY_POINTS = ["finetune_hf_trainer_docvqa.py", "finetune_hf_trainer_nlvr2.py",

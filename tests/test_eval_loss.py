@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from phi3v.data import Conversation, ConversationDataset, Turn
-from phi3v.eval_loss import evaluation_loss
+from phi3v.data.conversation import Conversation, Turn
+from phi3v.data.dataset import ConversationDataset
+from phi3v.eval.loss import evaluation_loss
 from tests.conftest import make_image
 
 CONVERSATIONS = [

@@ -67,7 +67,8 @@ def test_processor_loads_without_asking_even_before_phi3_v_is_registered(officia
 @pytest.mark.parametrize("load", [
     "from phi3v import Phi3VProcessor; Phi3VProcessor.from_pretrained(FOLDER)",
     "from phi3v import Phi3VForCausalLM; Phi3VForCausalLM.from_pretrained(FOLDER)",
-    "import phi3v.modeling; import transformers; transformers.AutoModelForCausalLM.from_pretrained(FOLDER)",
+    "import phi3v.models.phi3_v.modeling; import transformers; "
+    "transformers.AutoModelForCausalLM.from_pretrained(FOLDER)",
 ])
 def test_no_remote_code_prompt_on_a_folder_with_the_official_py_files(official_folder, load):
     done = run_python(load.replace("FOLDER", repr(str(official_folder))) + "; print('loaded')")
@@ -81,7 +82,7 @@ def hub_at(monkeypatch):
     """Point huggingface_hub at ENDPOINT, online mode; the reachability probe asked afresh."""
     from huggingface_hub import constants
 
-    from phi3v import hub
+    from phi3v.common import hub
 
     def point(endpoint: str):
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
@@ -99,7 +100,7 @@ def test_unreachable_hub_fails_within_two_seconds_with_the_offline_message(hub_a
     import time
 
     from phi3v import Phi3VForCausalLM, Phi3VProcessor
-    from phi3v.errors import Unavailable
+    from phi3v.common.errors import Unavailable
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # nothing cached
     with socket.socket() as closed:  # a port nobody listens on: the connection is refused
@@ -121,7 +122,7 @@ def test_the_probe_sees_a_listening_hub_and_honours_hf_hub_offline(hub_at, monke
 
     from huggingface_hub import constants
 
-    from phi3v import hub
+    from phi3v.common import hub
 
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from phi3v import flag_index
-from phi3v.errors import UserError
+from phi3v.common.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ["finetune_hf_trainer_docvqa", "finetune_hf_trainer_nlvr2", "finetune_hf_trainer_hateful_memes",
@@ -86,7 +86,7 @@ RECIPE_COMMAND_LINES = [
 def test_the_index_refuses_what_the_real_parser_refuses_with_the_same_line(argv, message, capsys, tmp_path,
                                                                              monkeypatch):
     from finetune_hf_trainer_docvqa import DataArguments
-    from phi3v.args import parse_args
+    from phi3v.train.parsing import parse_args
 
     monkeypatch.chdir(tmp_path)  # --output_dir's default is relative
     script = script_of("finetune_hf_trainer_docvqa")
@@ -107,7 +107,7 @@ def test_the_index_refuses_what_the_real_parser_refuses_with_the_same_line(argv,
 def test_values_only_the_real_parser_checks_are_passed_on(capsys, tmp_path, monkeypatch):
     """The index checks ints, floats and choices; a bad boolean goes on to the real parser, which refuses it."""
     from finetune_hf_trainer_docvqa import DataArguments
-    from phi3v.args import parse_args
+    from phi3v.train.parsing import parse_args
 
     monkeypatch.chdir(tmp_path)
     real_help(RECIPES[0], capsys)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from phi3v.data import Conversation, ConversationDataset, Turn
-from phi3v.generation import generate_predictions
+from phi3v.data.conversation import Conversation, Turn
+from phi3v.data.dataset import ConversationDataset
+from phi3v.eval.generation import generate_predictions
 from tests.conftest import make_image
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from phi3v.kv_cache import AppendLayer
+from phi3v.models.phi3_v.kv_cache import AppendLayer
 from tests.conftest import greedy_by_full_forwards, make_image
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from phi3v import Phi3VForCausalLM
-from phi3v.tiny import tiny_config
+from phi3v.models.phi3_v.tiny import tiny_config
 
 SWITCH = 48  # original_max_position_embeddings of the small-switch model: prompts of a few dozen tokens cross it
 
@@ -97,7 +97,7 @@ def test_a_training_row_does_not_depend_on_its_batch_mates_across_the_rope_switc
 
 def test_kv_cache_size_by_hand():
     from phi3v import Phi3VConfig
-    from phi3v.generation import eval_batch_size, kv_cache_bytes_per_token
+    from phi3v.eval.generation import eval_batch_size, kv_cache_bytes_per_token
 
     official = Phi3VConfig.official()
     assert kv_cache_bytes_per_token(official, torch.bfloat16) == 2 * 32 * 32 * 96 * 2 == 393_216
@@ -111,7 +111,7 @@ def test_kv_cache_size_by_hand():
 
 @pytest.fixture(scope="module")
 def eval_set(processor, ucf_data):
-    from phi3v.data import jsonl_dataset
+    from phi3v.data.jsonl import jsonl_dataset
 
     return jsonl_dataset(ucf_data / "ucf101_val.jsonl", ucf_data / "images", processor, for_generation=True)
 
@@ -131,7 +131,7 @@ def record_generation(model):
 
 
 def test_generation_runs_under_autocast_in_the_given_precision(tiny_dir, eval_set):
-    from phi3v.generation import generate_predictions
+    from phi3v.eval.generation import generate_predictions
 
     model = Phi3VForCausalLM.from_pretrained(tiny_dir).eval()
     for dtype, expected in ((torch.bfloat16, torch.bfloat16), (None, torch.float32)):
@@ -144,8 +144,8 @@ def test_generation_runs_under_autocast_in_the_given_precision(tiny_dir, eval_se
 
 
 def make_trainer(tiny_dir, eval_set, tmp_path, eval_batch_size=None, **args):
-    from phi3v.args import RecipeTrainingArguments
-    from phi3v.training import Phi3VTrainer
+    from phi3v.train.trainer import Phi3VTrainer
+    from phi3v.train.training_arguments import RecipeTrainingArguments
 
     model = Phi3VForCausalLM.from_pretrained(tiny_dir)
     training_args = RecipeTrainingArguments(output_dir=str(tmp_path), report_to="none", disable_tqdm=True,
@@ -155,7 +155,7 @@ def make_trainer(tiny_dir, eval_set, tmp_path, eval_batch_size=None, **args):
 
 
 def test_trainer_evaluates_in_bf16_with_the_batch_the_kv_budget_allows(tiny_dir, eval_set, tmp_path):
-    from phi3v.generation import prompt_lengths
+    from phi3v.eval.generation import prompt_lengths
 
     longest = max(prompt_lengths(eval_set))
     per_token = 2 * 2 * 4 * 16 * 2  # bf16 K+V of the tiny model: 2 layers x 4 kv heads x head dim 16 x 2 bytes
@@ -176,7 +176,8 @@ def test_trainer_evaluates_in_bf16_with_the_batch_the_kv_budget_allows(tiny_dir,
 def parse_flags(tiny_dir, tmp_path, *flags):
     from transformers import HfArgumentParser
 
-    from phi3v.args import ModelArguments, RecipeTrainingArguments
+    from phi3v.train.arguments import ModelArguments
+    from phi3v.train.training_arguments import RecipeTrainingArguments
 
     return HfArgumentParser((ModelArguments, RecipeTrainingArguments)).parse_args_into_dataclasses(
         args=["--model_name_or_path", str(tiny_dir), "--output_dir", str(tmp_path), *flags])
@@ -191,7 +192,7 @@ def parse_flags(tiny_dir, tmp_path, *flags):
     (["--torch_dtype", "float32"], torch.float32),
 ])
 def test_full_fine_tuning_without_deepspeed_keeps_fp32_master_weights(tiny_dir, tmp_path, flags, expected):
-    from phi3v.model_loading import model_dtype
+    from phi3v.train.loading import model_dtype
 
     deepspeed = "--deepspeed" in flags and flags[flags.index("--deepspeed") + 1] == "zero2"
     if deepspeed:  # set after parsing: parsing a DeepSpeed run would set up torch.distributed in this process
@@ -202,8 +203,8 @@ def test_full_fine_tuning_without_deepspeed_keeps_fp32_master_weights(tiny_dir, 
 
 
 def test_half_precision_weights_for_full_fine_tuning_without_deepspeed_are_refused(tiny_dir, tmp_path):
-    from phi3v.errors import UserError
-    from phi3v.model_loading import load_model
+    from phi3v.common.errors import UserError
+    from phi3v.train.loading import load_model
 
     model_args, training_args = parse_flags(tiny_dir, tmp_path, "--bf16", "--torch_dtype", "bfloat16")
     with pytest.raises(UserError, match="loses small updates"):
@@ -214,7 +215,7 @@ def test_half_precision_weights_for_full_fine_tuning_without_deepspeed_are_refus
 
 
 def test_weights_go_to_this_gpu_except_under_fsdp_and_zero3(tiny_dir, tmp_path):
-    from phi3v.model_loading import weights_device_map
+    from phi3v.train.loading import weights_device_map
 
     _, ddp = parse_flags(tiny_dir, tmp_path, "--deepspeed", "none")
     _, fsdp = parse_flags(tiny_dir, tmp_path, "--deepspeed", "none", "--fsdp", "full_shard auto_wrap",
@@ -227,7 +228,7 @@ def test_weights_go_to_this_gpu_except_under_fsdp_and_zero3(tiny_dir, tmp_path):
 
 
 def test_deepspeed_without_a_launcher_gets_a_single_process_group():
-    from phi3v.args import single_process_launch_env
+    from phi3v.train.training_arguments import single_process_launch_env
 
     env = single_process_launch_env({})
     assert {k: env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")} == {
@@ -239,7 +240,7 @@ def test_deepspeed_without_a_launcher_gets_a_single_process_group():
 def test_repeated_and_multi_line_warnings_print_one_line_each():
     code = (
         "import warnings\n"
-        "from phi3v.reporting import one_line_warnings\n"
+        "from phi3v.train.reporting import one_line_warnings\n"
         "one_line_warnings()\n"
         "def deprecated():\n"
         "    warnings.warn('torch.distributed.foo is deprecated\\n  use bar\\n  see docs', FutureWarning)\n"
@@ -264,7 +265,7 @@ def test_a_deepspeed_compile_is_announced_once_and_only_when_not_built(monkeypat
     pytest.importorskip("deepspeed")
     from deepspeed.ops.op_builder.builder import OpBuilder
 
-    from phi3v import reporting
+    from phi3v.train import reporting
 
     reporting.announce_deepspeed_compiles()
     compiled = []

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from phi3v.image_processing import (
+from phi3v.models.phi3_v.image_processing import (
     CROP,
     Phi3VImageProcessor,
     _separable_is_exact,
@@ -224,7 +224,7 @@ def test_global_view_equals_interpolate(rows, cols, pads):
 
 def test_global_view_falls_back_where_the_passes_differ(monkeypatch):
     """Where the one-axis passes would not give F.interpolate's bits, it calls F.interpolate."""
-    import phi3v.image_processing as image_processing
+    import phi3v.models.phi3_v.image_processing as image_processing
 
     monkeypatch.setattr(image_processing, "_separable_is_exact", lambda rows, cols: False)
     monkeypatch.setattr(image_processing, "downscale_axis", None)  # must not be called

@@ -13,9 +13,11 @@ import pytest
 from PIL import Image
 
 import convert_ucf101
-from phi3v.data import Conversation, Turn, jsonl_dataset, open_image, render, render_by_prefixes
-from phi3v.synthetic import class_frames, write_video
-from phi3v.validation import prepare_dataset, validate
+from phi3v.data.conversation import Conversation, Turn, render, render_by_prefixes
+from phi3v.data.images import open_image
+from phi3v.data.jsonl import jsonl_dataset
+from phi3v.data.synthetic import class_frames, write_video
+from phi3v.data.validation import prepare_dataset, validate
 from tests.conftest import make_image
 
 

@@ -23,7 +23,7 @@ KILLER = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
 import finetune_hf_trainer_ucf101 as ucf101
-from phi3v.training import Phi3VTrainer
+from phi3v.train.trainer import Phi3VTrainer
 
 save_optimizer = Phi3VTrainer._save_optimizer_and_scheduler
 

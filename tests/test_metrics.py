@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from phi3v.metrics import accuracy, anls, anls_score, levenshtein, normalize_answer, roc_auc
+from phi3v.common.metrics import accuracy, anls, anls_score, levenshtein, normalize_answer, roc_auc
 
 
 @pytest.mark.parametrize("a,b,distance", [("kitten", "sitting", 3), ("flaw", "lawn", 2), ("", "abc", 3),

@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from phi3v.args import ModelArguments, RecipeTrainingArguments
-from phi3v.collator import Phi3VCollator
-from phi3v.data import Conversation, ConversationDataset, Turn
-from phi3v.model_loading import lora_target_modules, model_dtype
+from phi3v.data.conversation import Conversation, Turn
+from phi3v.data.dataset import ConversationDataset
+from phi3v.models.phi3_v.collator import Phi3VCollator
+from phi3v.models.phi3_v.family import lora_target_modules
+from phi3v.train.arguments import ModelArguments
+from phi3v.train.loading import model_dtype
+from phi3v.train.training_arguments import RecipeTrainingArguments
 from tests.conftest import make_image
 
 MODES = {  # mode -> ModelArguments flags, as the original scripts take them
@@ -77,7 +80,7 @@ EXPECTED = {
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_mode_trains_what_it_should(mode, tiny_dir, processor, tmp_path):
-    from phi3v.model_loading import load_model
+    from phi3v.train.loading import load_model
 
     if mode == "qlora":
         pytest.importorskip("bitsandbytes")

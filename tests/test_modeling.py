@@ -13,8 +13,9 @@ from torch import nn
 from transformers import Phi3Config, Phi3ForCausalLM
 
 from phi3v import Phi3VConfig, Phi3VForCausalLM
-from phi3v.modeling import Phi3VImageEmbedding, supervised_lm_loss
-from phi3v.tiny import tiny_config
+from phi3v.models.phi3_v.image_embedding import Phi3VImageEmbedding
+from phi3v.models.phi3_v.modeling import supervised_lm_loss
+from phi3v.models.phi3_v.tiny import tiny_config
 from tests.conftest import greedy_by_full_forwards, make_image
 
 # The official checkpoint's tensor names and shapes (from the spec; derived from the official module tree).
@@ -41,7 +42,7 @@ def test_official_config_fields():
     assert len(config.rope_parameters["short_factor"]) == 48
     assert config.vision_config.hidden_size == 1024 and config.vision_config.num_hidden_layers == 24
     saved = config.to_dict()
-    official = json.loads(Path("phi3v/configs/phi-3.5-vision-instruct.json").read_text())
+    official = json.loads(Path("phi3v/models/phi3_v/configs/phi-3.5-vision-instruct.json").read_text())
     assert saved["rope_scaling"] == official["rope_scaling"]
     assert "vision_config" not in saved and "rope_parameters" not in saved
     for key in ["embd_layer", "img_processor", "vocab_size", "hidden_size", "sliding_window", "rope_theta",
@@ -280,7 +281,7 @@ def test_gradient_checkpointing_on_both_towers(tiny_model, processor):
 
 def test_text_only_and_mixed_batch(tiny_model, processor):
     """A text-only row and an image row in one (right-padded) batch give each row's logits of running it alone."""
-    from phi3v.collator import Phi3VCollator
+    from phi3v.models.phi3_v.collator import Phi3VCollator
 
     text = processor("<|user|>\nHi there, what is new?<|end|>\n<|assistant|>\n")
     image = processor("<|user|>\n<|image_1|>\nWhat?<|end|>\n<|assistant|>\n", [make_image(300, 200)])
@@ -391,7 +392,7 @@ def test_longrope_switches_after_4096_tokens(tiny_model, length, factors):
     """cos/sin of the official config against the spec's formula (section 6.2), written out here: inv_freq_j =
     1 / (f_j * 10000^(2j/96)) with f the short factors while the sequence is <= 4096 tokens and the long ones above,
     times sqrt(1 + ln 32 / ln 4096)."""
-    official = json.loads(Path("phi3v/configs/phi-3.5-vision-instruct.json").read_text())
+    official = json.loads(Path("phi3v/models/phi3_v/configs/phi-3.5-vision-instruct.json").read_text())
     rotary = type(tiny_model.model.rotary_emb)(Phi3VConfig.official())  # the model's own rotary, full-size config
     positions = torch.arange(length)[None]
     cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)

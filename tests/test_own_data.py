@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import finetune_hf_trainer_ucf101 as ucf101
-from phi3v.args import parse_args
-from phi3v.errors import UserError
+from phi3v.common.errors import UserError
+from phi3v.train.parsing import parse_args
 from tests.conftest import ucf_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def test_trains_on_llava_and_messages_files_without_test(tiny_dir, ucf_data, tmp
 
 def test_converter_writes_no_test_file_without_test_videos(tmp_path):
     import convert_ucf101
-    from phi3v.synthetic import make_video_dataset
+    from phi3v.data.synthetic import make_video_dataset
 
     make_video_dataset(tmp_path / "videos", classes=["Archery", "Basketball"], videos_per_split={"train": 1, "val": 1},
                        num_frames=4, size=(32, 24))
@@ -170,14 +170,15 @@ def write_three_formats(root: Path) -> dict[str, Path]:
 
 
 def batch_of(dataset):
-    from phi3v.collator import Phi3VCollator
+    from phi3v.models.phi3_v.collator import Phi3VCollator
 
     return Phi3VCollator(dataset.processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
 
 
 def test_the_same_samples_in_every_format_give_identical_batches(processor, tmp_path):
-    from phi3v.data import SampleError, render
-    from phi3v.formats import detect_format, load_data
+    from phi3v.data.conversation import render
+    from phi3v.data.formats import detect_format, load_data
+    from phi3v.data.jsonl import SampleError
 
     files = write_three_formats(tmp_path)
     assert {name: detect_format(path) for name, path in files.items()} == {
@@ -205,7 +206,8 @@ def test_the_same_samples_in_every_format_give_identical_batches(processor, tmp_
 
 
 def test_convert_writes_our_jsonl_from_every_format(processor, tmp_path):
-    from phi3v.formats import load_data, main
+    from phi3v.data.convert import main
+    from phi3v.data.formats import load_data
 
     files = write_three_formats(tmp_path)
     reference = batch_of(load_data(files["ours"], processor))
@@ -236,8 +238,8 @@ def test_convert_command_line(tmp_path):
 
 
 def test_messages_parts_tags_and_mistakes(tmp_path):
-    from phi3v.data import SampleError
-    from phi3v.formats import llava_conversation, messages_conversation
+    from phi3v.data.formats import llava_conversation, messages_conversation
+    from phi3v.data.jsonl import SampleError
 
     def messages(*turns, images=("a.png", "b.png"), **extra):
         record = {"id": "m", "images": list(images), **extra,
@@ -274,10 +276,10 @@ def test_video_on_the_fly_gives_the_converters_frames(processor, tmp_path):
     import numpy as np
 
     import convert_ucf101
-    from phi3v.data import jsonl_dataset
-    from phi3v.formats import load_data
-    from phi3v.synthetic import write_video
-    from phi3v.validation import validate
+    from phi3v.data.formats import load_data
+    from phi3v.data.jsonl import jsonl_dataset
+    from phi3v.data.synthetic import write_video
+    from phi3v.data.validation import validate
 
     # frame k has brightness 10 k, so the frames picked can be read back from the pixels
     write_video(tmp_path / "src" / "train" / "Archery" / "clip.avi",
@@ -294,7 +296,7 @@ def test_video_on_the_fly_gives_the_converters_frames(processor, tmp_path):
     on_the_fly = load_data(tmp_path / "videos.jsonl", processor, num_frames=4)
 
     def brightness(dataset):
-        from phi3v.data import open_image
+        from phi3v.data.images import open_image
 
         refs = dataset.conversation(0).turns[0].images
         return [round(np.asarray(open_image(ref).convert("L")).mean() / 10) for ref in refs]
@@ -316,7 +318,7 @@ def test_video_on_the_fly_gives_the_converters_frames(processor, tmp_path):
 
 
 def test_a_parquet_folder_of_several_configs_is_refused(tmp_path):
-    from phi3v.data import parquet_files
+    from phi3v.data.hub_datasets import parquet_files
 
     for config in ("docvqa", "nlvr2", "hateful_memes"):
         (tmp_path / "cauldron" / config).mkdir(parents=True)
@@ -350,8 +352,8 @@ def image_dataset(root: Path, count: int, missing: int | None = None) -> Path:
 
 
 def test_a_restart_rechecks_only_changed_files(processor, tmp_path, monkeypatch):
-    import phi3v.validation as validation
-    from phi3v.data import jsonl_dataset
+    import phi3v.data.validation as validation
+    from phi3v.data.jsonl import jsonl_dataset
     from tests.conftest import make_image
 
     calls = {"decode": 0, "render": 0}
@@ -424,7 +426,7 @@ def test_validation_split_across_two_ranks_reports_as_one_process(tiny_dir, tmp_
 def test_cauldron_texts_from_a_folder_of_configs(processor, tmp_path):
     import datasets
 
-    from phi3v.formats import load_data
+    from phi3v.data.formats import load_data
     from tests.conftest import make_image
 
     features = datasets.Features({"images": [datasets.Image()], "texts": [{
@@ -453,7 +455,7 @@ def test_validation_cache_bench_runs(capsys):
 
 
 def test_a_hub_id_offline_fails_clearly(processor, monkeypatch):
-    from phi3v.formats import load_data
+    from phi3v.data.formats import load_data
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match=r"could not load the Hugging Face dataset someone/absent-dataset: .*Offline\? "
@@ -462,8 +464,8 @@ def test_a_hub_id_offline_fails_clearly(processor, monkeypatch):
 
 
 def test_validation_shows_progress_with_the_time_left(processor, tmp_path, capsys):
-    from phi3v.data import jsonl_dataset
-    from phi3v.validation import validate
+    from phi3v.data.jsonl import jsonl_dataset
+    from phi3v.data.validation import validate
 
     path = image_dataset(tmp_path, 5)
     validate(jsonl_dataset(path, tmp_path / "images", processor), desc="validating train", chunk=2)

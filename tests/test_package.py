@@ -36,7 +36,7 @@ def imported_top_level(paths: list[Path]) -> set[str]:
 def test_every_imported_package_is_declared():
     project = PYPROJECT["project"]
     modules = PYPROJECT["tool"]["setuptools"]["py-modules"]
-    code = [*sorted((REPO / "phi3v").glob("*.py")), *(REPO / f"{m}.py" for m in modules)]
+    code = [*sorted((REPO / "phi3v").rglob("*.py")), *(REPO / f"{m}.py" for m in modules)]
     local = {"phi3v", *modules}
     third_party = {name for name in imported_top_level(code) - local if name not in sys.stdlib_module_names}
     distributions = importlib.metadata.packages_distributions()
@@ -83,8 +83,8 @@ def test_pip_install_into_a_fresh_venv_gives_working_commands(tmp_path):
         wrong.stderr
     for command in ("phi3v-predict", "phi3v-export", "phi3v-convert-ucf101"):
         assert (venv / "bin" / command).is_file(), command
-    where = run("python", "-c", "import phi3v.cli, predict, convert_ucf101, phi3v.export, finetune_hf_trainer_ucf101; "
-                "from phi3v.args import DS_CONFIGS; print(phi3v.cli.__file__, predict.__file__); "
+    where = run("python", "-c", "import phi3v_cli, predict, convert_ucf101, phi3v.export, finetune_hf_trainer_ucf101; "
+                "from phi3v.train.arguments import DS_CONFIGS; print(phi3v_cli.__file__, predict.__file__); "
                 "print(DS_CONFIGS / 'zero2.json')")
     assert where.returncode == 0, where.stderr[-3000:]
     paths = where.stdout.split()
@@ -95,7 +95,7 @@ def test_pip_install_into_a_fresh_venv_gives_working_commands(tmp_path):
 @pytest.mark.parametrize("command,argv", [("train", ["--task", "ucf101", "--help"]), ("predict", ["--help"]),
                                           ("export", ["--help"]), ("convert_ucf101", ["--help"])])
 def test_the_commands_answer_help(command, argv, capsys):
-    from phi3v import cli
+    import phi3v_cli as cli
 
     with pytest.raises(SystemExit) as exit_:
         getattr(cli, command)(argv)
@@ -103,7 +103,7 @@ def test_the_commands_answer_help(command, argv, capsys):
 
 
 def test_train_without_a_task_says_which_exist(capsys):
-    from phi3v import cli
+    import phi3v_cli as cli
 
     with pytest.raises(SystemExit) as exit_:
         cli.train(["--use_lora"])

@@ -13,8 +13,9 @@ import pytest
 import torch
 from transformers import HfArgumentParser
 
-from phi3v.args import ModelArguments, RecipeTrainingArguments
-from phi3v.errors import UserError
+from phi3v.common.errors import UserError
+from phi3v.train.arguments import ModelArguments
+from phi3v.train.training_arguments import RecipeTrainingArguments
 from tests.test_model_loading import batch, trainable_and_moved
 
 RANK = 4
@@ -91,7 +92,7 @@ def expected_trainable(base, full_parts, lora_regex, saved, dora=False) -> dict[
 
 
 def load(combination, tiny_dir, tmp_path):
-    from phi3v.model_loading import load_model
+    from phi3v.train.loading import load_model
 
     model_args, training_args = parse(tiny_dir, tmp_path, FULL[combination][0])
     torch.manual_seed(0)
@@ -126,7 +127,7 @@ def test_exactly_the_trainable_parameters_move(combination, tiny_dir, processor,
 ])
 def test_qlora_quantizes_the_parts_it_names(flags, quantized, kind, tiny_dir, tmp_path):
     pytest.importorskip("bitsandbytes")
-    from phi3v.model_loading import load_model
+    from phi3v.train.loading import load_model
 
     model_args, training_args = parse(tiny_dir, tmp_path, flags)
     model = load_model(model_args, training_args).train()
@@ -142,14 +143,15 @@ def test_qlora_quantizes_the_parts_it_names(flags, quantized, kind, tiny_dir, tm
 
 
 def test_double_quant_and_alpha_knobs_reach_the_configs(tiny_dir, tmp_path):
-    from phi3v.model_loading import get_peft_config, get_quantization_config
+    from phi3v.models.phi3_v.family import PHI3_V
+    from phi3v.train.loading import get_peft_config, get_quantization_config
 
     model_args, training_args = parse(tiny_dir, tmp_path, ["--use_qlora", "--double_quant", "--lora_alpha", "16",
                                                            "--use_rslora"])
-    quant = get_quantization_config(model_args, training_args)
+    quant = get_quantization_config(model_args, training_args, PHI3_V)
     assert quant.load_in_4bit and quant.bnb_4bit_use_double_quant and quant.bnb_4bit_quant_type == "nf4"
     original, _ = parse(tiny_dir, tmp_path, ["--use_qlora"])
-    assert not get_quantization_config(original, training_args).bnb_4bit_use_double_quant  # the original: none
+    assert not get_quantization_config(original, training_args, PHI3_V).bnb_4bit_use_double_quant  # the original: none
     from phi3v import Phi3VForCausalLM
 
     config = get_peft_config(model_args, Phi3VForCausalLM.from_pretrained(tiny_dir))
@@ -157,7 +159,7 @@ def test_double_quant_and_alpha_knobs_reach_the_configs(tiny_dir, tmp_path):
 
 
 def test_rslora_scales_by_the_square_root_of_the_rank(tiny_dir, tmp_path):
-    from phi3v.model_loading import load_model
+    from phi3v.train.loading import load_model
 
     for flags, scaling in ((["--lora_alpha", "16"], 16 / RANK), (["--lora_alpha", "16", "--use_rslora"], 16 / 2),
                            ([], 2.0)):  # default alpha = rank x 2
@@ -187,7 +189,7 @@ def test_knobs_that_would_be_ignored_are_refused(flags, message, tiny_dir, tmp_p
     (["--use_lora", "--lora_target_modules", "model\\.layers\\.(0"], "is not a valid regular expression"),
 ])
 def test_lora_targets_that_cannot_work_are_user_errors(flags, message, tiny_dir, tmp_path):
-    from phi3v.model_loading import load_model
+    from phi3v.train.loading import load_model
 
     model_args, training_args = parse(tiny_dir, tmp_path, flags)
     with pytest.raises(UserError, match=message):
@@ -200,9 +202,9 @@ def test_lora_targets_that_cannot_work_are_user_errors(flags, message, tiny_dir,
     (["--use_lora", "--vision_lr", "5e-6"], {"vision": 5e-6, "projector": 4e-5, "language": 4e-5}),
 ])
 def test_param_groups_carry_the_learning_rates(flags, rates, tiny_dir, tmp_path):
-    from phi3v.collator import Phi3VCollator
-    from phi3v.model_loading import load_model
-    from phi3v.training import Phi3VTrainer
+    from phi3v.models.phi3_v.collator import Phi3VCollator
+    from phi3v.train.loading import load_model
+    from phi3v.train.trainer import Phi3VTrainer
 
     model_args, training_args = parse(tiny_dir, tmp_path, [*flags, "--report_to", "none", "--warmup_steps", "0"])
     model = load_model(model_args, training_args)
@@ -228,9 +230,9 @@ def test_param_groups_carry_the_learning_rates(flags, rates, tiny_dir, tmp_path)
 
 
 def test_lr_for_a_frozen_part_is_refused(tiny_dir, tmp_path):
-    from phi3v.collator import Phi3VCollator
-    from phi3v.model_loading import load_model
-    from phi3v.training import Phi3VTrainer
+    from phi3v.models.phi3_v.collator import Phi3VCollator
+    from phi3v.train.loading import load_model
+    from phi3v.train.trainer import Phi3VTrainer
 
     model_args, training_args = parse(tiny_dir, tmp_path, ["--freeze_vision_tower", "--vision_lr", "1e-5",
                                                            "--report_to", "none"])
@@ -245,7 +247,7 @@ def test_auto_peft_model_loads_our_adapter(tiny_dir, tiny_model, processor, tmp_
     weights with B @ A x alpha / r added by hand."""
     from peft import AutoPeftModelForCausalLM
 
-    from phi3v.model_loading import load_model
+    from phi3v.train.loading import load_model
 
     model_args, training_args = parse(tiny_dir, tmp_path, ["--use_lora", "--freeze_vision_model"])
     model = load_model(model_args, training_args)

@@ -1,5 +1,5 @@
 """Phi-3-vision-128k-instruct, the predecessor the original README's DocVQA and Hateful Memes rows were measured with:
-its config.json (phi3v/configs/phi-3-vision-128k-instruct.json, the hub file's values) loads with its own LongRoPE
+its config.json (phi3v/models/phi3_v/configs/, the hub file's values) loads with its own LongRoPE
 factors and the official tensor names, and a tiny checkpoint in its layout trains, generates and runs the recipes."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tests.conftest import make_image
 from tests.test_modeling import official_keys
 from tests.test_scripts_tasks import hub_dirs  # noqa: F401,F811  (the hub-schema datasets fixture)
 
-CONFIG_128K = Path(__file__).resolve().parent.parent / "phi3v" / "configs" / "phi-3-vision-128k-instruct.json"
+CONFIG_128K = Path(__file__).resolve().parents[1] / "phi3v/models/phi3_v/configs/phi-3-vision-128k-instruct.json"
 VARIANT = "phi-3-vision-128k-instruct"
 
 
@@ -29,7 +29,7 @@ def hub_config() -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_128k(tmp_path_factory):
-    from phi3v.tiny import build_tiny_checkpoint
+    from phi3v.models.phi3_v.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-128k"), seed=1, variant=VARIANT)
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import predict
-from phi3v import Phi3VForCausalLM
-from phi3v.data import Conversation, Turn, render
-from phi3v.errors import UserError
+from phi3v import Phi3VForCausalLM, Phi3VProcessor
+from phi3v.common.errors import UserError
+from phi3v.data.conversation import Conversation, Turn, render
 from tests.conftest import make_image
 from tests.test_distributed import free_port
 from tests.test_serving import make_adapter
@@ -58,7 +58,7 @@ def test_decoding_flags_reach_generate(tiny_dir, image_file, monkeypatch):
     assert penalty.penalty == 1.3
     assert seen["eos_token_id"] == [32007, 32000]
     ids = seen["input_ids"][0].tolist()
-    text = predict.Phi3VProcessor.from_pretrained(tiny_dir).decode([i for i in ids if i >= 0])
+    text = Phi3VProcessor.from_pretrained(tiny_dir).decode([i for i in ids if i >= 0])
     assert ids[:2] == [1, 32006]  # BOS, then the system turn, before the user's
     assert text.index("Answer in one word.") < text.index("<|end|>") < text.index("<|user|>")
     seen.clear()
@@ -69,7 +69,7 @@ def test_decoding_flags_reach_generate(tiny_dir, image_file, monkeypatch):
 
 
 def test_repetition_penalty_skips_image_placeholders():
-    from phi3v.generation import RepetitionPenalty
+    from phi3v.eval.generation import RepetitionPenalty
 
     ids = torch.tensor([[1, -1, -1, 5, 2], [7, 7, -2, 3, 3]])
     scores = torch.tensor([[1.0, 2.0, -2.0, 4.0, 0.5, 6.0, 8.0, 1.0], [1.0, 2.0, -2.0, 4.0, 0.5, 6.0, 8.0, 1.0]])
@@ -110,7 +110,7 @@ def test_load_in_4bit_asks_for_nf4(tiny_dir, tmp_path, monkeypatch):
         asked.update(kwargs)
         raise RuntimeError("stop here")  # bitsandbytes 4-bit needs CUDA: only the request is checked on CPU
 
-    monkeypatch.setattr(predict.Phi3VForCausalLM, "from_pretrained", fake_from_pretrained)
+    monkeypatch.setattr(Phi3VForCausalLM, "from_pretrained", fake_from_pretrained)
     with pytest.raises(RuntimeError, match="stop here"):
         predict.load_for_inference(tiny_dir, dtype=torch.bfloat16, device="cuda:1", load_in_4bit=True)
     config = asked["quantization_config"]

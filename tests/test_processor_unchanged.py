@@ -19,8 +19,8 @@ import hashlib
 import pytest
 import torch
 
-from phi3v import image_processing
-from phi3v.image_processing import CROP
+from phi3v.models.phi3_v import image_processing
+from phi3v.models.phi3_v.image_processing import CROP
 from tests.test_image_processing import real_images
 
 PROMPT = "<|user|><|image_1|><|end|><|assistant|>"  # special tokens only: ids independent of the BPE vocabulary
@@ -101,7 +101,7 @@ def test_random_sizes_equal_the_previous_implementation(seed):
     from PIL import Image
 
     from bench.processor_throughput import reference_image_processor
-    from phi3v.image_processing import Phi3VImageProcessor
+    from phi3v.models.phi3_v.image_processing import Phi3VImageProcessor
 
     rng = np.random.default_rng(seed)
     width, height = (int(size) for size in rng.integers(1, 1600, 2))

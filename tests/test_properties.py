@@ -9,9 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from phi3v.collator import Phi3VCollator
-from phi3v.data import Conversation, ConversationDataset, Turn
-from phi3v.image_processing import CROP, hd_sizes, num_image_tokens
+from phi3v.data.conversation import Conversation, Turn
+from phi3v.data.dataset import ConversationDataset
+from phi3v.models.phi3_v.collator import Phi3VCollator
+from phi3v.models.phi3_v.image_processing import CROP, hd_sizes, num_image_tokens
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                           HealthCheck.function_scoped_fixture])

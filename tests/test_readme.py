@@ -64,13 +64,15 @@ def test_readme_command(command):
         model_args, data_args, training_args = script.parse_args(script.DataArguments, args)
         assert training_args.output_dir
     elif program == "phi3v-train":  # the installed command: --task picks the script
-        from phi3v.cli import task_and_rest
+        from phi3v_cli import task_and_rest
 
         task, rest = task_and_rest(args)
         script = importlib.import_module(f"finetune_hf_trainer_{task}")
         assert script.parse_args(script.DataArguments, rest)[2].output_dir
     elif program.endswith(".py") or program.startswith("phi3v."):
-        module = importlib.import_module(program.removesuffix(".py").replace("/", "."))
+        name = program.removesuffix(".py").replace("/", ".")
+        package = importlib.util.find_spec(name).submodule_search_locations is not None
+        module = importlib.import_module(name + ".__main__" if package else name)  # python -m phi3v.data
         module.build_parser().parse_args(args)
     else:
         pytest.fail(f"README command not covered by this test: {command}")
@@ -91,7 +93,7 @@ def test_readme_python_example_runs(tiny_dir, tmp_path):
 
 
 def test_readme_data_examples_are_valid_for_our_readers(tmp_path):
-    from phi3v.formats import READERS, detect_format, read_records
+    from phi3v.data.formats import READERS, detect_format, read_records
 
     examples = code_blocks("json")
     assert len(examples) >= 4  # ours, LLaVA, messages, a video record

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from phi3v.data import Conversation, ConversationDataset, Turn
-from phi3v.metrics import accuracy, anls
+from phi3v.common.metrics import accuracy, anls
+from phi3v.data.conversation import Conversation, Turn
+from phi3v.data.dataset import ConversationDataset
 from tests.conftest import make_image
 
 pytest.importorskip("gguf", reason="the real vocabulary is read from its GGUF file (requirements-dev.txt)")
@@ -22,7 +23,7 @@ USER, ASSISTANT, END, ENDOFTEXT = 32010, 32001, 32007, 32000
 @pytest.fixture(scope="module")
 def real_dir(tmp_path_factory):
     """`python -m phi3v.tiny DIR --real_vocab`: the tiny checkpoint with the real vocabulary."""
-    from phi3v.tiny import main
+    from phi3v.models.phi3_v.tiny import main
 
     directory = tmp_path_factory.mktemp("tiny-real-vocab")
     main([str(directory), "--real_vocab"])

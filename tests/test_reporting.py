@@ -6,9 +6,10 @@ import logging
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-from phi3v.args import BaseDataArguments, parse_args
-from phi3v.reporting import end_summary, log_config
-from phi3v.training import warn_if_warmup_outlasts_the_run
+from phi3v.train.arguments import BaseDataArguments
+from phi3v.train.parsing import parse_args
+from phi3v.train.reporting import end_summary, log_config
+from phi3v.train.trainer import warn_if_warmup_outlasts_the_run
 
 
 @dataclass
@@ -58,7 +59,7 @@ def test_the_final_table_is_aligned_and_says_what_did_not_run(caplog):
 def test_the_dataloader_workers_warning_comes_from_the_first_process_only(capsys):
     import warnings
 
-    from phi3v.reporting import setup_logging
+    from phi3v.train.reporting import setup_logging
 
     message = "This DataLoader will create 4 worker processes in total. Our suggested max number of worker is 2"
     shown = {}

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from phi3v.args import BaseDataArguments
+from phi3v.train.arguments import BaseDataArguments
 
 SCRIPTS = ["finetune_hf_trainer_docvqa", "finetune_hf_trainer_nlvr2", "finetune_hf_trainer_hateful_memes",
            "finetune_hf_trainer_ucf101"]

@@ -11,7 +11,7 @@ import pytest
 import finetune_hf_trainer_docvqa as docvqa
 import finetune_hf_trainer_hateful_memes as hateful_memes
 import finetune_hf_trainer_nlvr2 as nlvr2
-from phi3v.data import render
+from phi3v.data.conversation import render
 from tests.conftest import make_image
 
 CAULDRON_FEATURES = datasets.Features({
@@ -97,7 +97,7 @@ def test_docvqa_full_train_uses_every_question(tiny_dir, hub_dirs, tmp_path):
     args = run_args(tiny_dir, out, "--full_train", "--dataset_path", str(hub_dirs / "docvqa_mini"),
                     "--full_train_dataset_path", str(hub_dirs / "cauldron_docvqa"))
     assert docvqa.main(args + ["--validate_only"]) == {}
-    from phi3v.model_loading import load_processor
+    from phi3v.train.loading import load_processor
 
     model_args, data_args, _ = docvqa.parse_args(docvqa.DataArguments, args)
     train = docvqa.load_splits(data_args, load_processor(model_args))["train"]
@@ -153,7 +153,7 @@ def conversations_for(script, rows):
     (hateful_memes, "cauldron_memes_parquet", "hateful_memes"),
 ])
 def test_prompts_are_identical_at_train_and_eval_time(script, path, config, processor, hub_dirs):
-    from phi3v.data import load_hf_split
+    from phi3v.data.hub_datasets import load_hf_split
 
     rows = load_hf_split("unused", config, "train", str(hub_dirs / path))
     train, evaluation = conversations_for(script, rows)

@@ -37,7 +37,7 @@ def test_trains_and_writes_results(mode, tiny_dir, ucf_data, tmp_path):
 
 
 def test_resume_gives_the_same_losses(tiny_dir, ucf_data, tmp_path, monkeypatch):
-    from phi3v.training import Phi3VTrainer
+    from phi3v.train.trainer import Phi3VTrainer
 
     common = ["--max_steps", "6", "--save_steps", "3", "--no_eval_before_training", "--no_eval_after_training",
               "--seed", "7"]
@@ -82,7 +82,7 @@ ORIGINAL_README_COMMANDS = [  # the ucf101 recipe's commands, as the original RE
 
 @pytest.mark.parametrize("command", ORIGINAL_README_COMMANDS)
 def test_original_readme_commands_parse(command):
-    from phi3v.args import parse_args
+    from phi3v.train.parsing import parse_args
 
     model_args, data_args, training_args = parse_args(ucf101.DataArguments, command.split(), num_crops=4)
     assert data_args.data_dir == "/path/to/converted_ucf101"

@@ -13,9 +13,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from phi3v import Phi3VForCausalLM, Phi3VProcessor
-from phi3v.errors import UserError, run_main
-from phi3v.export import main as export_main
-from phi3v.serving import complete_layout, model_card
+from phi3v.common.errors import UserError, run_main
+from phi3v.models.phi3_v.layout import complete_layout
+from phi3v.serve.export import main as export_main
+from phi3v.serve.publish import model_card
 from tests.conftest import make_image
 
 # Stand-ins for the official remote code, which may not be copied into this repository: the class names and
@@ -193,9 +194,9 @@ def test_hub_base_fetches_only_the_code(tmp_path, monkeypatch):
     out = tmp_path / "model"
     out.mkdir()
     (out / "config.json").write_text("{}")
-    monkeypatch.setattr("phi3v.hub.hub_reachable", lambda: False)  # offline: the local cache only, no retries
+    monkeypatch.setattr("phi3v.common.hub.hub_reachable", lambda: False)  # offline: the local cache only, no retries
     complete_layout(out, "microsoft/Phi-3.5-vision-instruct")
-    monkeypatch.setattr("phi3v.hub.hub_reachable", lambda: True)
+    monkeypatch.setattr("phi3v.common.hub.hub_reachable", lambda: True)
     copied = complete_layout(out, "microsoft/Phi-3.5-vision-instruct")
     assert asked == [("microsoft/Phi-3.5-vision-instruct", ["*.py"], {"local_files_only": True}),
                      ("microsoft/Phi-3.5-vision-instruct", ["*.py"], {})]  # the code, never the weights
@@ -210,16 +211,16 @@ def test_export_command_line_offline_is_one_line(tiny_dir, tmp_path, capsys):
         run_main(export_main, [str(adapter), str(tmp_path / "m"), "--base", "microsoft/Phi-3.5-vision-instruct"])
     assert exited.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: could not fetch the remote code")
-    assert "--no_remote_code_files" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error: Could not load 'microsoft/Phi-3.5-vision-instruct'")
+    assert "--local-dir" in lines[0]  # what to do: download it where the Hub is reachable
     assert not (tmp_path / "m").exists()  # failed before the merge
 
 
 def test_weights_shard_with_an_index(tiny_model, tmp_path, monkeypatch):
-    import phi3v.modeling
+    import phi3v.models.phi3_v.modeling
 
-    assert phi3v.modeling.MAX_SHARD_SIZE == "5GB"  # the official repo's shards: 4.94 GB + 3.35 GB
-    monkeypatch.setattr(phi3v.modeling, "MAX_SHARD_SIZE", "5MB")  # the tiny model is 17 MB in fp32
+    assert phi3v.models.phi3_v.modeling.MAX_SHARD_SIZE == "5GB"  # the official repo's shards: 4.94 GB + 3.35 GB
+    monkeypatch.setattr(phi3v.models.phi3_v.modeling, "MAX_SHARD_SIZE", "5MB")  # the tiny model is 17 MB in fp32
     tiny_model.save_pretrained(tmp_path)
     shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
     assert len(shards) >= 3 and shards == [f"model-{k:05d}-of-{len(shards):05d}.safetensors"
@@ -242,7 +243,8 @@ def test_full_size_shards_as_the_hub_repo():
     """At full size, the 5 GB limit gives the official repo's two shards (4.94 GB + 3.35 GB on the hub page)."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
-    from phi3v.modeling import MAX_SHARD_SIZE, Phi3VConfig
+    from phi3v.models.phi3_v.configuration import Phi3VConfig
+    from phi3v.models.phi3_v.modeling import MAX_SHARD_SIZE
     from tests.test_modeling import official_keys
 
     with torch.device("meta"):
@@ -287,10 +289,10 @@ class FakeHub:
 
 
 def test_export_push_to_hub(tiny_dir, tmp_path, monkeypatch):
-    import phi3v.serving
+    import phi3v.serve.publish
 
     hub = FakeHub()
-    monkeypatch.setattr(phi3v.serving, "hub_api", hub)
+    monkeypatch.setattr(phi3v.serve.publish, "hub_api", hub)
     adapter = make_adapter(tiny_dir, tmp_path / "adapter")
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / "eval_after.json").write_text("{}")  # predictions stay private
@@ -314,12 +316,12 @@ def test_training_outputs_and_trainer_push_to_hub(tiny_dir, ucf_data, tmp_path, 
     """Full mode: the output and each checkpoint in the serving layout; --push_to_hub creates the repo before
     training and uploads the model files once, at the end, with the evaluation in the card."""
     import finetune_hf_trainer_ucf101 as ucf101
-    import phi3v.serving
+    import phi3v.serve.publish
     from tests.conftest import ucf_args
 
     hub = FakeHub()
-    monkeypatch.setattr(phi3v.serving, "hub_api", hub)
-    monkeypatch.setattr("phi3v.training.hub_api", hub)
+    monkeypatch.setattr(phi3v.serve.publish, "hub_api", hub)
+    monkeypatch.setattr("phi3v.train.publishing.hub_api", hub)
     base = base_with_code(tiny_dir, tmp_path / "base")
     out = tmp_path / "full"
     ucf101.main(ucf_args(base, ucf_data, out, "--max_steps", "1", "--save_steps", "1", "--eval_samples", "2",
@@ -349,12 +351,12 @@ def test_training_outputs_and_trainer_push_to_hub(tiny_dir, ucf_data, tmp_path, 
 @pytest.mark.slow
 def test_trainer_push_to_hub_of_a_lora_run_uploads_the_merged_model(tiny_dir, ucf_data, tmp_path, monkeypatch):
     import finetune_hf_trainer_ucf101 as ucf101
-    import phi3v.serving
+    import phi3v.serve.publish
     from tests.conftest import ucf_args
 
     hub = FakeHub()
-    monkeypatch.setattr(phi3v.serving, "hub_api", hub)
-    monkeypatch.setattr("phi3v.training.hub_api", hub)
+    monkeypatch.setattr(phi3v.serve.publish, "hub_api", hub)
+    monkeypatch.setattr("phi3v.train.publishing.hub_api", hub)
     out = tmp_path / "lora"
     ucf101.main(ucf_args(tiny_dir, ucf_data, out, "--use_lora", "--lora_rank", "4", "--max_steps", "1",
                          "--no_eval_before_training", "--no_eval_after_training", "--push_to_hub"))

@@ -11,14 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 import finetune_hf_trainer_ucf101 as ucf101
-from phi3v.training import (
-    COMPLETE_MARKER,
-    LengthGroupedSampler,
-    NonFiniteError,
-    is_complete,
-    mark_complete,
-    resolve_checkpoint,
-)
+from phi3v.train.checkpoints import COMPLETE_MARKER, is_complete, mark_complete, resolve_checkpoint
+from phi3v.train.sampler import LengthGroupedSampler
+from phi3v.train.trainer import NonFiniteError
 from tests.conftest import ucf_args
 
 
@@ -73,7 +68,7 @@ def test_checkpoint_completeness(tmp_path):
 def test_every_file_reaches_the_disk_before_the_marker(tmp_path, monkeypatch):
     """mark_complete must fsync each checkpoint file, and the marker itself, before the marker gets its final name:
     after a power cut a marker must never vouch for data still in the page cache."""
-    import phi3v.training as training
+    import phi3v.train.checkpoints as training
 
     folder = make_checkpoint(tmp_path, 3)
     (folder / "sub").mkdir()
@@ -111,17 +106,17 @@ def test_resolve_last_skips_changed_and_unreadable_checkpoints(tmp_path, caplog)
 
 
 def test_nan_loss_stops_with_step_samples_and_last_checkpoint(tiny_dir, ucf_data, tmp_path, monkeypatch):
-    import phi3v.modeling
+    import phi3v.models.phi3_v.modeling
 
     calls = {"n": 0}
-    real = phi3v.modeling.supervised_lm_loss
+    real = phi3v.models.phi3_v.modeling.supervised_lm_loss
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 5 else loss  # the 5th micro-batch: step 3, first half
 
-    monkeypatch.setattr(phi3v.modeling, "supervised_lm_loss", poisoned)
+    monkeypatch.setattr(phi3v.models.phi3_v.modeling, "supervised_lm_loss", poisoned)
     out = tmp_path / "out"
     args = ucf_args(tiny_dir, ucf_data, out, "--max_steps", "4", "--save_steps", "1", "--no_eval_before_training",
                     "--train_sampling_strategy", "sequential")
@@ -134,17 +129,17 @@ def test_nan_loss_stops_with_step_samples_and_last_checkpoint(tiny_dir, ucf_data
 
 
 def test_nan_loss_can_be_skipped(tiny_dir, ucf_data, tmp_path, monkeypatch, caplog):
-    import phi3v.modeling
+    import phi3v.models.phi3_v.modeling
 
     calls = {"n": 0}
-    real = phi3v.modeling.supervised_lm_loss
+    real = phi3v.models.phi3_v.modeling.supervised_lm_loss
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss = real(*args, **kwargs)
         return loss * float("inf") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(phi3v.modeling, "supervised_lm_loss", poisoned)
+    monkeypatch.setattr(phi3v.models.phi3_v.modeling, "supervised_lm_loss", poisoned)
     out = tmp_path / "out"
     ucf101.main(ucf_args(tiny_dir, ucf_data, out, "--max_steps", "3", "--no_eval_before_training",
                          "--no_eval_after_training", "--skip_nonfinite_steps"))

@@ -11,22 +11,27 @@ from peft import LoraConfig, PeftModelForCausalLM, prepare_model_for_kbit_traini
 from transformers import BitsAndBytesConfig
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from phi3v.args import ModelArguments, RecipeTrainingArguments
-from phi3v.errors import BadValue, UserError
-from phi3v.hub import resolve_file
-from phi3v.modeling import Phi3VForCausalLM
-from phi3v.processing import Phi3VProcessor
+from phi3v.common.errors import BadValue, UserError
+from phi3v.common.hub import resolve_file
+from phi3v.models.family import ModelFamily
+from phi3v.models.registry import checkpoint_family, family_of
+from phi3v.train.arguments import ModelArguments
+from phi3v.train.reporting import count_parameters
+from phi3v.train.training_arguments import RecipeTrainingArguments
 
 logger = logging.getLogger(__name__)
 
-LM_TARGETS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-CLIP_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 
 
-def load_processor(model_args: ModelArguments) -> Phi3VProcessor:
+def model_family(model: torch.nn.Module) -> ModelFamily:
+    return family_of(model.config.model_type)
+
+
+def load_processor(model_args: ModelArguments):
     """The processor, with `context_length` (the model's max_position_embeddings) for the default length limit."""
-    processor = Phi3VProcessor.from_pretrained(model_args.model_name_or_path, num_crops=model_args.num_crops)
     config = json.loads(resolve_file(model_args.model_name_or_path, "config.json").read_text())
+    processor = family_of(config.get("model_type")).processor_class.from_pretrained(
+        model_args.model_name_or_path, num_crops=model_args.num_crops)
     processor.context_length = (config.get("text_config") or config).get("max_position_embeddings")
     return processor
 
@@ -61,31 +66,17 @@ def compute_dtype(training_args: RecipeTrainingArguments) -> torch.dtype:
     return torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
 
 
-def get_quantization_config(model_args: ModelArguments, training_args: RecipeTrainingArguments):
+def get_quantization_config(model_args: ModelArguments, training_args: RecipeTrainingArguments, family: ModelFamily):
     """QLoRA base weights, else None. The default is the original's: 4-bit NF4 without double quantization, every
     Linear but lm_head quantized (CLIP and the projector included; --no_quantize_vision keeps those)."""
     if model_args.tuning_mode != "qlora":
         return None
-    skip = None if model_args.quantize_vision else ["lm_head", "model.vision_embed_tokens"]  # None: lm_head only
+    skip = None if model_args.quantize_vision else ["lm_head", *family.vision_modules]  # None: lm_head only
     if model_args.quant_bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_compute_dtype=compute_dtype(training_args),
                               bnb_4bit_use_double_quant=model_args.double_quant, llm_int8_skip_modules=skip)
-
-
-def lora_target_modules(model: Phi3VForCausalLM, include_vision: bool) -> list[str]:
-    """The original's targets as full module paths (no suffix matching, so nothing is picked up by accident): the
-    decoder's fused projections and lm_head; with the vision tower, CLIP attention/MLP of the layers in use and the
-    projector."""
-    embedding = model.model.vision_embed_tokens
-    clip_layers = embedding.img_processor.vision_model.encoder.layers[: embedding.num_layers_used]
-    clip_prefix = "model.vision_embed_tokens.img_processor.vision_model.encoder.layers"
-    targets = [f"model.layers.{i}.{t}" for i in range(len(model.model.layers)) for t in LM_TARGETS] + ["lm_head"]
-    if include_vision:
-        targets += [f"{clip_prefix}.{i}.{t}" for i in range(len(clip_layers)) for t in CLIP_TARGETS]
-        targets += ["model.vision_embed_tokens.img_projection.0", "model.vision_embed_tokens.img_projection.2"]
-    return targets
 
 
 def name_matcher(spec: list[str], flag: str):
@@ -102,14 +93,14 @@ def name_matcher(spec: list[str], flag: str):
     return lambda path: any(path == name or path.endswith("." + name) for name in spec)
 
 
-def used_linear_modules(model: Phi3VForCausalLM) -> list[str]:
+def used_linear_modules(model: torch.nn.Module) -> list[str]:
     """Paths of the Linear layers that take part in the computation (not the CLIP layers after the feature layer)."""
-    unused = {id(p) for p in model.model.vision_embed_tokens.unused_parameters()}
+    unused = {id(p) for p in model_family(model).unused_parameters(model)}
     return [path for path, module in model.named_modules() if isinstance(module, torch.nn.Linear)
             and not any(id(p) in unused for p in module.parameters())]
 
 
-def modules_to_save(model: Phi3VForCausalLM, model_args: ModelArguments) -> list[str]:
+def modules_to_save(model: torch.nn.Module, model_args: ModelArguments) -> list[str]:
     """Full paths of --lora_modules_to_save, each matching at least one module, none in a frozen part."""
     paths = []
     for name in model_args.lora_modules_to_save or []:
@@ -117,6 +108,7 @@ def modules_to_save(model: Phi3VForCausalLM, model_args: ModelArguments) -> list
         if not found:
             raise UserError(f"--lora_modules_to_save {name}: no module of the model is called that (e.g. "
                             "img_projection, lm_head, embed_tokens)")
+        part_of = model_family(model).part_of
         frozen = [path for path in found if part_of(path + ".") in model_args.frozen_parts]
         if frozen:
             raise UserError(f"--lora_modules_to_save {name}: {frozen[0]} is in a frozen part "
@@ -125,7 +117,7 @@ def modules_to_save(model: Phi3VForCausalLM, model_args: ModelArguments) -> list
     return paths
 
 
-def select_lora_targets(model: Phi3VForCausalLM, model_args: ModelArguments, saved: list[str]) -> list[str]:
+def select_lora_targets(model: torch.nn.Module, model_args: ModelArguments, saved: list[str]) -> list[str]:
     """Full paths of the Linear layers that get adapters: --lora_target_modules (default: the original's targets)
     minus --lora_exclude_modules, inside the parts not frozen."""
     linear = used_linear_modules(model)
@@ -137,19 +129,19 @@ def select_lora_targets(model: Phi3VForCausalLM, model_args: ModelArguments, sav
                             "layer of the model (e.g. qkv_proj o_proj gate_up_proj down_proj lm_head; q_proj k_proj "
                             "v_proj out_proj fc1 fc2 in CLIP; img_projection.0 img_projection.2; or all-linear)")
     else:
-        targets = [path for path in lora_target_modules(model, include_vision=True) if path in linear]
+        targets = [path for path in model_family(model).lora_targets(model) if path in linear]
     if model_args.lora_exclude_modules:
         excluded = name_matcher(model_args.lora_exclude_modules, "--lora_exclude_modules")
         targets = [path for path in targets if not excluded(path)]
     # (PEFT itself leaves out targets inside the modules trained in full)
-    targets = [path for path in targets if part_of(path + ".") not in model_args.frozen_parts]
+    targets = [path for path in targets if model_family(model).part_of(path + ".") not in model_args.frozen_parts]
     if not targets and not saved:
         raise UserError("LoRA has no target left: every module named by --lora_target_modules is frozen or "
                         "excluded, and --lora_modules_to_save is empty")
     return targets
 
 
-def get_peft_config(model_args: ModelArguments, model: Phi3VForCausalLM) -> LoraConfig | None:
+def get_peft_config(model_args: ModelArguments, model: torch.nn.Module) -> LoraConfig | None:
     if not model_args.use_lora:
         return None
     saved = modules_to_save(model, model_args)
@@ -186,6 +178,7 @@ def weights_device_map(quantized: bool, training_args: RecipeTrainingArguments, 
 
 def freeze_parts(model: torch.nn.Module, model_args: ModelArguments) -> None:
     """requires_grad off for the frozen parts (--freeze_vision_tower, --freeze_projector, --freeze_llm)."""
+    part_of = model_family(model).part_of
     for name, param in model.named_parameters():
         if part_of(name) in model_args.frozen_parts:
             param.requires_grad_(False)
@@ -197,17 +190,18 @@ def load_model(model_args: ModelArguments, training_args: RecipeTrainingArgument
         import deepspeed  # on CPU (tests), the Trainer sets up torch.distributed but not DeepSpeed's communicator,
 
         deepspeed.init_distributed()  # which ZeRO-3 needs already while loading (zero.Init partitions the weights)
-    quantization_config = get_quantization_config(model_args, training_args)
+    family = checkpoint_family(model_args.model_name_or_path)
+    quantization_config = get_quantization_config(model_args, training_args, family)
     device_map = weights_device_map(quantization_config is not None, training_args, torch.cuda.is_available(),
                                     is_deepspeed_zero3_enabled())
-    model = Phi3VForCausalLM.from_pretrained(
+    model = family.model_class.from_pretrained(
         model_args.model_name_or_path, dtype=model_dtype(model_args, training_args),
         attn_implementation=model_args.attn_implementation,
         vision_attn_implementation=model_args.vision_attn_implementation, quantization_config=quantization_config,
         device_map=device_map,
     )
     model.config.use_cache = False  # training; generation turns it back on
-    for param in model.model.vision_embed_tokens.unused_parameters():
+    for param in family.unused_parameters(model):
         param.requires_grad_(False)  # in the checkpoint, never in the computation: DDP needs no unused-param search
     freeze_parts(model, model_args)  # --freeze_vision_model: CLIP + projector + separators; embed_tokens trains
     if quantization_config is not None:
@@ -222,30 +216,10 @@ def load_model(model_args: ModelArguments, training_args: RecipeTrainingArgument
     return model
 
 
-def count_parameters(model: torch.nn.Module, predicate=lambda name: True) -> tuple[int, int]:
-    """(trainable, total) parameters whose name satisfies `predicate`; 4-bit weights count unpacked, ZeRO-3
-    partitioned ones at their full size."""
-    trainable = total = 0
-    for name, param in model.named_parameters():
-        if predicate(name):
-            n = getattr(param, "ds_numel", param.numel())
-            n *= 2 if getattr(param, "quant_state", None) is not None else 1
-            total += n
-            trainable += n if param.requires_grad else 0
-    return trainable, total
-
-
-def part_of(name: str) -> str:
-    """"vision" (CLIP), "projector" (the rest of the image embedding: img_projection, glb_GN, sub_GN) or "language"
-    for a parameter or module path (PEFT's prefixes and adapter names included)."""
-    if ".img_processor." in name:
-        return "vision"
-    return "projector" if ".vision_embed_tokens." in name else "language"
-
-
 def log_parameter_counts(model: torch.nn.Module, model_args: ModelArguments) -> dict[str, tuple[int, int]]:
     """Log trainable/total parameters per part and check them against the flags (a mis-targeted LoRA or a freeze
     that froze nothing is a common silent failure)."""
+    part_of = model_family(model).part_of
     counts = {part: count_parameters(model, lambda n, t=part: part_of(n) == t)
               for part in ("language", "vision", "projector")}
     trainable, total = count_parameters(model)

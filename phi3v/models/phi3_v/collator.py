@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from phi3v.data import IGNORE_INDEX
-from phi3v.image_processing import CROP
+from phi3v.models.family import IGNORE_INDEX
+from phi3v.models.phi3_v.image_processing import CROP
 
 
 class Phi3VCollator:

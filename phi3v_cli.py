@@ -1,4 +1,5 @@
-"""Console commands of the installed package (`pip install .`): thin doors to the scripts, which keep working as
+"""Console commands of the installed package (`pip install .`): thin doors to the scripts (a top-level module, like
+them: the phi3v package never imports a script), which keep working as
 `python finetune_hf_trainer_<task>.py ...` from a checkout.
 
     phi3v-train --task docvqa [flags or config.yaml]   = python finetune_hf_trainer_docvqa.py [...]
@@ -13,7 +14,7 @@ import importlib
 import importlib.util
 import sys
 
-from phi3v.errors import UserError, run_main
+from phi3v.common.errors import UserError, run_main
 from phi3v.flag_index import answer_early
 
 TASKS = ("docvqa", "nlvr2", "hateful_memes", "ucf101")

@@ -12,7 +12,8 @@ The format is recognised from the content (the first record), or forced with `da
 Conversation: `<image>` tags (and `<video>` tags, each `num_frames` frames) become <|image_k|> tags numbered within
 their turn; images without any tag go in front of the first user message, as in LLaVA, which renders exactly as
 our own untagged turns ("<|image_1|><|image_2|>\\n..."). A system message is rendered as the chat template renders
-it. `python -m phi3v.data convert IN OUT` writes any of them in our jsonl, to inspect what will be trained.
+it. `python -m phi3v.data convert IN OUT` (phi3v.data.convert) writes any of them in our jsonl, to inspect what
+will be trained.
 """
 
 from __future__ import annotations
@@ -23,20 +24,13 @@ import os
 import re
 from pathlib import Path
 
-from phi3v.data import (
-    Conversation,
-    ConversationDataset,
-    Problem,
-    SampleError,
-    Turn,
-    conversation_from_record,
-    hub_image,
-    load_hf_split,
-    read_jsonl,
-    resolve_image_path,
-)
-from phi3v.errors import UserError
-from phi3v.video import VideoFrame, video_frames
+from phi3v.common.errors import UserError
+from phi3v.data.conversation import Conversation, Problem, Turn
+from phi3v.data.dataset import ConversationDataset
+from phi3v.data.hub_datasets import hub_image, load_hf_split
+from phi3v.data.images import resolve_image_path
+from phi3v.data.jsonl import SampleError, conversation_from_record, read_jsonl
+from phi3v.data.video import video_frames
 
 FORMATS = ("auto", "ours", "llava", "messages", "hf")
 PLACEHOLDER = re.compile(r"<image>|<video>")
@@ -327,112 +321,3 @@ def hf_rows(path: str, split: str, config: str | None):
                         "an `images` column and a `messages` column (role/content), or the Cauldron's `texts` "
                         "(user/assistant)")
     return rows
-
-
-# ------------------------------------------------------------------------------------------------- convert
-
-
-def to_record(conversation: Conversation, image_root: Path, save_image) -> dict:
-    """Our jsonl record for a conversation; `save_image(ref, name)` returns the relative path of an embedded image."""
-    turns = []
-    for number, turn in enumerate(conversation.turns):
-        images, videos = [], []
-        for k, ref in enumerate(turn.images):
-            if isinstance(ref, VideoFrame):
-                if ref.index == 0:
-                    videos.append(ref.path.relative_to(image_root.resolve()).as_posix())
-            elif videos:
-                raise UserError(f"sample {conversation.id}: an image after a video in one turn cannot be written in "
-                                "our format (its video frames follow the images); train from the original file")
-            elif isinstance(ref, Path):
-                images.append(ref.relative_to(image_root.resolve()).as_posix())
-            else:
-                images.append(save_image(ref, f"{conversation.id}-{number}-{k}"))
-        user = turn.user
-        default = "".join(f"<|image_{k + 1}|>" for k in range(len(turn.images))) + "\n"
-        if turn.images and user.startswith(default):
-            user = user[len(default):]  # the default layout: our reader puts the tags back (for any --num_frames)
-        entry = {"images": images, "user": user, "assistant": turn.assistant}
-        if videos:
-            entry["videos"] = videos
-        turns.append(entry)
-    record = {"id": conversation.id}
-    if conversation.system is not None:
-        record["system"] = conversation.system
-    return {**record, "conversations": turns}
-
-
-def convert(source: str, target: str, data_format: str = "auto", image_root: str | None = None,
-            split: str = "train", config: str | None = None, num_frames: int = 8) -> dict:
-    """Write `source` (any format) as our jsonl `target`; embedded images go to TARGET_images/. Stops at the first
-    bad record, naming it."""
-    data_format = detect_format(source) if data_format == "auto" else data_format
-    target = Path(target)
-    if data_format == "hf":
-        rows = hf_rows(source, split, config)
-        items = [(f"row {i}", i) for i in range(len(rows))]
-        read = functools.partial(hf_row_conversation, rows=rows)
-        root = target.parent / f"{target.stem}_images"
-    else:
-        records, problems = read_records(source)
-        if problems:
-            raise UserError(f"{source}: {len(problems)} unreadable record(s)", [str(p) for p in problems])
-        root = Path(image_root) if image_root else Path(source).parent
-        reader = functools.partial(READERS[data_format], image_root=root, num_frames=num_frames)
-        items = [(where, (where, record)) for where, record in records]
-        read = reader
-
-    def save_image(ref, name: str) -> str:
-        from phi3v.data import open_image
-
-        image = open_image(ref, decode=False)
-        suffix = (image.format or "png").lower().replace("jpeg", "jpg")
-        root.mkdir(parents=True, exist_ok=True)
-        file = re.sub(r"[^\w.-]", "_", name) + f".{suffix}"
-        (root / file).write_bytes(ref if isinstance(ref, bytes) else _encode(image))
-        return file
-
-    lines = []
-    for where, item in items:
-        try:
-            lines.append(json.dumps(to_record(read(item), root, save_image), ensure_ascii=False))
-        except ValueError as error:
-            raise UserError(f"{source} {where}: {error}") from error
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return {"records": len(lines), "format": data_format, "image_root": str(root)}
-
-
-def _encode(image) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def build_parser():
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m phi3v.data", description="Write data of any supported format "
-                                     "(ours, LLaVA, messages, Hugging Face dataset) as our jsonl, to inspect it.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    command = commands.add_parser("convert", help="IN (any format) -> OUT (our jsonl)")
-    command.add_argument("source", metavar="IN", help="a json/jsonl file, a dataset folder, a parquet file, a hub id")
-    command.add_argument("target", metavar="OUT", help="the jsonl file to write")
-    command.add_argument("--data_format", default="auto", choices=FORMATS)
-    command.add_argument("--image_root", help="folder IN's image paths are relative to (default: beside IN); OUT "
-                                              "keeps paths relative to it")
-    command.add_argument("--split", default="train", help="Hugging Face dataset split")
-    command.add_argument("--dataset_config", help="Hugging Face dataset config")
-    command.add_argument("--num_frames", type=int, default=8, help="frames per video")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    summary = convert(args.source, args.target, args.data_format, args.image_root, args.split, args.dataset_config,
-                      args.num_frames)
-    print(f"{summary['records']} records ({summary['format']}) written to {args.target}; train with "
-          f"--train_file {args.target} --image_root {summary['image_root']}")
-    return summary

@@ -11,29 +11,13 @@ import contextlib
 import logging
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
-from phi3v.collator import Phi3VCollator
-from phi3v.data import ConversationDataset
+from phi3v.common.distributed import gather_to_rank_zero, world
+from phi3v.data.dataset import ConversationDataset
 
 logger = logging.getLogger(__name__)
-
-
-def world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def gather_to_rank_zero(items: list) -> list | None:
-    rank, size = world()
-    if size == 1:
-        return items
-    gathered = [None] * size if rank == 0 else None
-    dist.gather_object(items, gathered, dst=0)
-    return [item for part in gathered for item in part] if rank == 0 else None
 
 
 # ------------------------------------------------------------------------------------------------- batch size
@@ -178,7 +162,7 @@ def generate_predictions(model, dataset: ConversationDataset, batch_size: int = 
     shard = indices[rank::size]
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, shard), batch_size=batch_size, num_workers=num_workers,
-        collate_fn=Phi3VCollator(processor.tokenizer.pad_token_id, padding_side="left"),
+        collate_fn=processor.collator(padding_side="left"),
     )
     was_training = model.training
     model.eval()

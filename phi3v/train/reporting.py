@@ -10,12 +10,25 @@ import time
 import warnings
 
 import datasets
+import torch
 import transformers
 
-from phi3v.model_loading import count_parameters
-from phi3v.plotting import save_training_curves
+from phi3v.common.plotting import save_training_curves
 
 logger = logging.getLogger("phi3v")
+
+
+def count_parameters(model: torch.nn.Module, predicate=lambda name: True) -> tuple[int, int]:
+    """(trainable, total) parameters whose name satisfies `predicate`; 4-bit weights count unpacked, ZeRO-3
+    partitioned ones at their full size."""
+    trainable = total = 0
+    for name, param in model.named_parameters():
+        if predicate(name):
+            n = getattr(param, "ds_numel", param.numel())
+            n *= 2 if getattr(param, "quant_state", None) is not None else 1
+            total += n
+            trainable += n if param.requires_grad else 0
+    return trainable, total
 
 
 def setup_logging(training_args) -> None:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from phi3v.hub import resolve_file
+from phi3v.common.hub import resolve_file
 
 CROP = 336
 TOKENS_PER_CROP = 144  # 24x24 CLIP patches merged 2x2

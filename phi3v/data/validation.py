@@ -20,10 +20,12 @@ import torch.distributed as dist
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from phi3v.data import ConversationDataset, Problem, image_size, open_image, render, tag_warnings
-from phi3v.errors import UserError
-from phi3v.generation import world as world_rank_size
-from phi3v.validation_cache import FILE_NAME, ValidationCache, image_key
+from phi3v.common.distributed import world as world_rank_size
+from phi3v.common.errors import UserError
+from phi3v.data.conversation import Problem, render, tag_warnings
+from phi3v.data.dataset import ConversationDataset
+from phi3v.data.images import image_size, open_image
+from phi3v.data.validation_cache import FILE_NAME, ValidationCache, image_key
 
 logger = logging.getLogger(__name__)
 

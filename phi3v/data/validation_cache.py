@@ -24,7 +24,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from phi3v.video import VideoFrame
+from phi3v.data.video import VideoFrame
 
 logger = logging.getLogger(__name__)
 VERSION = 1
@@ -33,11 +33,12 @@ FILE_NAME = "validation_cache.json"
 
 @functools.cache
 def code_fingerprint() -> str:
-    """A digest of the modules whose rules decide a sample's length and validity."""
-    package = Path(__file__).resolve().parent
+    """A digest of the modules whose rules decide a sample's length and validity: phi3v.data and the model families'
+    processors (all of phi3v/models/, which changes rarely)."""
+    package = Path(__file__).resolve().parent.parent
     digest = hashlib.blake2b(digest_size=8)
-    for name in ("data.py", "formats.py", "processing.py", "image_processing.py", "validation.py", "video.py"):
-        digest.update((package / name).read_bytes())
+    for file in sorted([*(package / "data").glob("*.py"), *(package / "models").rglob("*.py")]):
+        digest.update(file.read_bytes())
     return digest.hexdigest()
 
 

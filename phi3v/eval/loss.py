@@ -14,9 +14,10 @@ import logging
 import torch
 import torch.distributed as dist
 
-from phi3v.collator import Phi3VCollator
-from phi3v.data import Conversation, ConversationDataset, Turn
-from phi3v.generation import autocast, world
+from phi3v.common.distributed import world
+from phi3v.data.conversation import Conversation, Turn
+from phi3v.data.dataset import ConversationDataset
+from phi3v.eval.generation import autocast
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +56,17 @@ class LossShard(torch.utils.data.Dataset):
         return {**example, "counted": position < self.real}
 
 
-class SkipNone(Phi3VCollator):
+class SkipNone:
+    """The processor's collator over the examples that are there, with their `counted` flags."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
     def __call__(self, examples: list[dict | None]) -> dict | None:
         examples = [e for e in examples if e is not None]
         if not examples:
             return None
-        batch = super().__call__(examples)
+        batch = self.collate(examples)
         batch["counted"] = torch.tensor([e["counted"] for e in examples])
         return batch
 
@@ -73,7 +79,7 @@ def evaluation_loss(model, dataset: ConversationDataset, batch_size: int, num_wo
     rank, size = world()
     loader = torch.utils.data.DataLoader(LossShard(dataset, rank, size), batch_size=batch_size,
                                          num_workers=num_workers,
-                                         collate_fn=SkipNone(dataset.processor.tokenizer.pad_token_id))
+                                         collate_fn=SkipNone(dataset.processor.collator()))
     was_training = model.training
     model.eval()
     device = next(p for p in model.parameters()).device

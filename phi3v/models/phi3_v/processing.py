@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
 from PIL import Image
 from transformers import AutoTokenizer, BatchFeature
 
-from phi3v.errors import Unavailable
-from phi3v.hub import UNREACHABLE, hub_kwargs, offline_message
-from phi3v.image_processing import Phi3VImageProcessor
+from phi3v.common.errors import Unavailable
+from phi3v.common.hub import UNREACHABLE, hub_kwargs, offline_message
+from phi3v.models.family import IMAGE_TAG
+from phi3v.models.phi3_v.collator import Phi3VCollator
+from phi3v.models.phi3_v.image_processing import Phi3VImageProcessor
 
-IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
 END_TOKENS = ("<|end|>", "<|endoftext|>")  # a chat turn ends with <|end|>; <|endoftext|> ends the document
 
 
@@ -146,6 +146,10 @@ class Phi3VProcessor:
         if return_tensors == "pt":
             out = {k: v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.long) for k, v in out.items()}
         return BatchFeature(out)
+
+    def collator(self, padding_side: str = "right") -> Phi3VCollator:
+        """Batches this processor's examples (left-padded for generation)."""
+        return Phi3VCollator(self.tokenizer.pad_token_id, padding_side)
 
     def decode(self, ids, **kwargs) -> str:
         return self.tokenizer.decode(ids, **kwargs)

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
-from phi3v.errors import MissingFile, Unavailable
+from phi3v.common.errors import MissingFile, Unavailable
 
 
 def offline_message(name: str, error: BaseException | str) -> str:

@@ -22,18 +22,15 @@ decoder is transformers' own `Phi3Model`; this file adds only the image embeddin
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-from transformers.models.phi3.configuration_phi3 import Phi3Config
 from transformers.models.phi3.modeling_phi3 import (
     Phi3ForCausalLM,
     Phi3Model,
@@ -42,183 +39,14 @@ from transformers.models.phi3.modeling_phi3 import (
 )
 from transformers.utils import is_flash_attn_2_available
 
-from phi3v.errors import Unavailable
-from phi3v.hub import UNREACHABLE, hub_kwargs, offline_message
-from phi3v.kv_cache import append_cache
+from phi3v.common.errors import Unavailable
+from phi3v.common.hub import UNREACHABLE, hub_kwargs, offline_message
+from phi3v.models.phi3_v.configuration import Phi3VConfig
+from phi3v.models.phi3_v.image_embedding import Phi3VImageEmbedding
+from phi3v.models.phi3_v.kv_cache import append_cache
 
-# The official code hard-codes this CLIP; config.json only names it in img_processor.model_name.
-CLIP_VIT_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                      image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768)
-DEFAULT_IMG_PROCESSOR = {"image_dim_out": 1024, "model_name": "openai/clip-vit-large-patch14-336",
-                         "name": "clip_vision_model", "num_img_tokens": 144}
-DEFAULT_EMBD_LAYER = {"embedding_cls": "image", "hd_transform_order": "sub_glb", "projection_cls": "mlp",
-                      "use_hd_transform": True, "with_learnable_separator": True}
-OFFICIAL_CONFIG = Path(__file__).parent / "configs" / "phi-3.5-vision-instruct.json"
-# config.json of each official checkpoint this code loads: Phi-3.5-vision and its predecessor Phi-3-vision-128k (same
-# tensor names and image embedding; its own LongRoPE factors, no pad_token_id / dropout keys, 131072 window).
-OFFICIAL_CONFIGS = {
-    "phi-3.5-vision-instruct": OFFICIAL_CONFIG,
-    "phi-3-vision-128k-instruct": OFFICIAL_CONFIG.parent / "phi-3-vision-128k-instruct.json",
-}
 PLACEHOLDER_MIN = -1_000_000_000  # official: ids in (-1e9, 0) are image placeholders
 MAX_SHARD_SIZE = "5GB"  # the official repo: 4.94 GB + 3.35 GB shards
-
-
-# ------------------------------------------------------------------------------------------------- config
-
-
-@strict
-class Phi3VConfig(Phi3Config):
-    """The official `config.json` (model_type "phi3_v"): Phi-3 fields + `embd_layer` + `img_processor`.
-
-    `vision_config` is our extension for CLIP towers other than ViT-L/14-336 (tiny test models); it is written to
-    config.json only when it differs from the official tower, so official configs round-trip unchanged.
-    """
-
-    model_type = "phi3_v"
-    sub_configs_defaults = {"vision_config": CLIPVisionConfig}
-
-    # The official Phi3VConfig has no default pad id (Phi-3.5's config.json sets 32000, Phi-3-vision-128k's sets none,
-    # so its <|endoftext|> embedding row trains like any other); transformers' Phi3Config would default to 32000.
-    pad_token_id: int | None = None
-    embd_layer: dict | None = None
-    img_processor: dict | None = None
-    vision_config: dict | CLIPVisionConfig | None = None
-
-    def __post_init__(self, **kwargs):
-        # The hub config.json says flash_attention_2, which fails wherever flash-attn is missing: the caller picks.
-        kwargs.pop("_attn_implementation", None)
-        kwargs.pop("auto_map", None)  # remote-code pointers; we are the code
-        self.embd_layer = {**DEFAULT_EMBD_LAYER, **(self.embd_layer or {})}
-        self.img_processor = {**DEFAULT_IMG_PROCESSOR, **(self.img_processor or {})}
-        if self.vision_config is None:
-            self.vision_config = dict(CLIP_VIT_L_336)
-        super().__post_init__(**kwargs)
-
-    def convert_rope_params_to_dict(self, **kwargs):
-        # Official: rope_scaling = {"type": "su", short_factor, long_factor}. Phi3Config raises a KeyError on it in
-        # transformers 5.x (see the spec, 6.3), so hand it over in the "longrope" form with its switch point.
-        rope_scaling = kwargs.pop("rope_scaling", None)
-        if rope_scaling and rope_scaling.get("type", rope_scaling.get("rope_type")) in ("su", "longrope"):
-            kwargs["rope_scaling"] = {
-                "rope_type": "longrope", "short_factor": list(rope_scaling["short_factor"]),
-                "long_factor": list(rope_scaling["long_factor"]),
-                "original_max_position_embeddings": self.original_max_position_embeddings,
-                "factor": self.max_position_embeddings / self.original_max_position_embeddings,
-            }
-        elif rope_scaling:
-            kwargs["rope_scaling"] = rope_scaling
-        return super().convert_rope_params_to_dict(**kwargs)
-
-    def to_dict(self) -> dict:
-        """The official layout: rope_scaling/rope_theta instead of rope_parameters, and no default CLIP."""
-        out = super().to_dict()
-        rope = out.pop("rope_parameters", None) or {}
-        out["rope_theta"] = rope.get("rope_theta", 10000.0)
-        out["rope_scaling"] = (
-            {"long_factor": rope["long_factor"], "short_factor": rope["short_factor"], "type": "su"}
-            if rope.get("rope_type") == "longrope" else None
-        )
-        vision = out.pop("vision_config")
-        default_vision = CLIPVisionConfig(**CLIP_VIT_L_336).to_dict()
-        extension = {k: v for k, v in vision.items() if k in CLIP_VIT_L_336 and v != default_vision[k]}
-        if extension:
-            out["vision_config"] = {k: vision[k] for k in CLIP_VIT_L_336}
-        return out
-
-    def to_diff_dict(self) -> dict:
-        out = super().to_diff_dict()
-        if "dtype" in out:  # config.json files name it torch_dtype (transformers 5 reads both)
-            out["torch_dtype"] = out.pop("dtype")
-        return out
-
-    @classmethod
-    def official(cls, variant: str = "phi-3.5-vision-instruct", **overrides) -> Phi3VConfig:
-        """An official config.json (full size; `variant` is a key of OFFICIAL_CONFIGS), with fields overridden."""
-        if variant not in OFFICIAL_CONFIGS:
-            raise ValueError(f"unknown variant {variant!r}; known: {', '.join(OFFICIAL_CONFIGS)}")
-        return cls(**{**json.loads(OFFICIAL_CONFIGS[variant].read_text()), **overrides})
-
-
-# ------------------------------------------------------------------------------------------------- image embedding
-
-
-def merge_2x2(features: torch.Tensor) -> torch.Tensor:
-    """(crops, side*side, C) patch features -> (crops, side/2, side/2, 4C), channels [(0,0),(0,1),(1,0),(1,1)]."""
-    crops, patches, channels = features.shape
-    side = int(patches**0.5)
-    half = side // 2
-    return (
-        features.reshape(crops, half, 2, half, 2, channels)  # (crops, row, dy, col, dx, C)
-        .permute(0, 1, 3, 2, 4, 5)  # (crops, row, col, dy, dx, C)
-        .reshape(crops, half, half, 4 * channels)
-    )
-
-
-def with_newlines(grid: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
-    """(rows, cols, D) -> (rows * (cols + 1), D): a `newline` vector after every row, flattened row-major."""
-    rows = grid.shape[0]
-    return torch.cat([grid, newline.reshape(1, 1, -1).expand(rows, 1, -1).to(grid.dtype)], dim=1).flatten(0, 1)
-
-
-class CLIPHolder(nn.Module):
-    """Holds the CLIP tower under the official name `img_processor.vision_model`."""
-
-    def __init__(self, vision_config: CLIPVisionConfig):
-        super().__init__()
-        self.vision_model = CLIPVisionModel(vision_config)
-
-
-class Phi3VImageEmbedding(nn.Module):
-    """CLIP features of the real crops -> separators -> projector: one row per image placeholder token."""
-
-    def __init__(self, config: Phi3VConfig):
-        super().__init__()
-        vision = config.vision_config
-        self.img_processor = CLIPHolder(vision)
-        dim = 4 * config.img_processor.get("image_dim_out", vision.hidden_size)
-        self.glb_GN = nn.Parameter(torch.zeros(1, 1, dim))  # once per image, between sub grid and global view
-        self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, dim))  # after every row of both grids
-        self.img_projection = nn.Sequential(
-            nn.Linear(dim, config.hidden_size), nn.GELU(), nn.Linear(config.hidden_size, config.hidden_size)
-        )
-        layer_idx = config.img_processor.get("layer_idx", -2)  # index into CLIP's hidden_states (0 = embeddings)
-        self.num_layers_used = vision.num_hidden_layers + 1 + layer_idx if layer_idx < 0 else layer_idx
-        self.crop_size = vision.image_size
-
-    def unused_parameters(self) -> list[nn.Parameter]:
-        """CLIP layers after the feature layer and post_layernorm: in the checkpoint, never in the computation."""
-        clip = self.img_processor.vision_model
-        layers = clip.encoder.layers[self.num_layers_used:]
-        return [*clip.post_layernorm.parameters(), *(p for layer in layers for p in layer.parameters())]
-
-    def clip_features(self, crops: torch.Tensor) -> torch.Tensor:
-        """(crops, 3, 336, 336) -> (crops, 576, C): hidden state after `num_layers_used` layers, CLS dropped."""
-        clip = self.img_processor.vision_model
-        hidden = clip.pre_layrnorm(clip.embeddings(crops))
-        for layer in clip.encoder.layers[: self.num_layers_used]:
-            hidden = layer(hidden, attention_mask=None)
-        return hidden[:, 1:]
-
-    def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
-        """(N, num_crops+1, 3, 336, 336), (N, 2) padded (H, W) -> (total image tokens, hidden)."""
-        grids = [(int(h) // self.crop_size, int(w) // self.crop_size) for h, w in image_sizes.tolist()]
-        # CLIP runs on the global view and the real crops of each image, never on the zero padding crops.
-        per_image = pixel_values.shape[1]
-        index = [i * per_image + j for i, (rows, cols) in enumerate(grids) for j in range(1 + rows * cols)]
-        crops = pixel_values.flatten(0, 1)[torch.tensor(index, device=pixel_values.device)]
-        merged = merge_2x2(self.clip_features(crops))  # (crops, 12, 12, 4C)
-        side = merged.shape[1]
-        pieces, start = [], 0
-        for rows, cols in grids:
-            glb, sub = merged[start], merged[start + 1 : start + 1 + rows * cols]
-            start += 1 + rows * cols
-            # crop k sits at (k // cols, k % cols): interleave into one (12 rows, 12 cols) picture
-            sub = sub.reshape(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, -1)
-            pieces += [with_newlines(sub, self.sub_GN), self.glb_GN.reshape(1, -1).to(sub.dtype),
-                       with_newlines(glb, self.sub_GN)]
-        features = torch.cat(pieces)
-        return self.img_projection(features.to(self.glb_GN.dtype))
 
 
 # ------------------------------------------------------------------------------------------------- rotary

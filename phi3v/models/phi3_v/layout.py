@@ -8,23 +8,22 @@ Both load Phi-3.5-vision through the hub's remote code, so a model directory we 
                               does not know and no auto_map, silently falls back to the tokenizer
     *.py                      the official remote code, from a local base folder or fetched from the Hub (*.py only)
     generation_config.json    eos [2, 32000, 32007]: the official 2 (`</s>`) never ends a chat turn; <|end|> does
-    model*.safetensors        5 GB shards + model.safetensors.index.json (phi3v.modeling), as the hub repo
+    model*.safetensors        5 GB shards + model.safetensors.index.json (phi3v.models.phi3_v.modeling), as the hub
     tokenizer_config.json     additional_special_tokens (phi3v.processing), a form every 4.x and 5.x release reads
 
 Without the *.py files (`--no_remote_code_files`, or a local base that has none) auto_map names the code in its hub
 repo (`microsoft/Phi-3.5-vision-instruct--modeling_phi3_v.Phi3VForCausalLM`), which 4.x downloads at load time.
-This project ignores auto_map: phi3v.modeling registers `phi3_v` natively.
+This project ignores auto_map: its modeling registers `phi3_v` natively.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
-from phi3v.errors import UserError
-from phi3v.hub import hub_kwargs
+from phi3v.common.errors import UserError
+from phi3v.common.hub import hub_kwargs
 
 OFFICIAL_REPO = "microsoft/Phi-3.5-vision-instruct"
 CONFIG_AUTO_MAP = {"AutoConfig": "configuration_phi3_v.Phi3VConfig",
@@ -117,76 +116,3 @@ def complete_layout(out_dir: str | Path, base: str | Path, remote_code_files: bo
     generation["eos_token_id"] = configured + [i for i in STOP_TOKEN_IDS if i not in configured]
     write_json(out_dir / "generation_config.json", generation)
     return copied
-
-
-# ------------------------------------------------------------------------------------------------- model card, Hub
-
-RUN_INFO = "run_info.json"  # written by every training run: base model, mode, data, command
-UPLOADED = ("config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
-            "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-            "model.safetensors", "model.safetensors.index.json", "README.md", "all_results.json",
-            "training_curves.png")
-
-
-def model_card(base_model: str, mode: str, data: dict, metrics: dict, commands: list[str]) -> str:
-    """README.md of a model repo: hub metadata, then base model, data, mode, metrics before/after, commands, and
-    how to serve it.
-
-    Args:
-        data: what was trained and evaluated on, e.g. {"data_dir": ..., "train examples": 300}.
-        metrics: all_results.json of the run (`eval_before_X`, `eval_after_X`, `test_X`, `train_loss`, ...).
-        commands: the command lines that produced the model, in order (training, then export).
-    """
-    names = sorted({k.removeprefix("eval_after_") for k in metrics if k.startswith("eval_after_")}
-                   | {k.removeprefix("eval_before_") for k in metrics if k.startswith("eval_before_")})
-    names = [n for n in names if not n.endswith(("runtime", "samples"))]
-
-    def value(key):
-        return f"{metrics[key]:.4f}" if isinstance(metrics.get(key), (int, float)) else "-"
-
-    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", base_model) and not Path(base_model).exists()
-    lines = ["---", *([f"base_model: {base_model}"] if hub_id else []),  # the Hub links base models by id only
-             "library_name: transformers", "pipeline_tag: image-text-to-text",
-             "tags:", "- phi3_v", "- vision", "- fine-tuned", "---", "",
-             f"# Fine-tuned from {base_model}", "",
-             f"- **Base model**: {base_model}", f"- **Tuning mode**: {mode}"]
-    lines += ["- **Data**: " + (", ".join(f"{k} {v}" for k, v in data.items()) if data else "not recorded")]
-    lines += ["", "## Evaluation", ""]
-    if names:
-        lines += ["| metric | before training | after training |", "|---|---|---|"]
-        lines += [f"| {n} | {value('eval_before_' + n)} | {value('eval_after_' + n)} |" for n in names]
-    tests = [k for k in sorted(metrics) if k.startswith("test_") and not k.endswith(("runtime", "samples"))]
-    lines += [""] + [f"- {k}: {value(k)}" for k in tests] if tests else []
-    if not names and not tests:
-        lines += ["No evaluation was recorded."]
-    lines += ["", "## How it was made", "", "```bash", *commands, "```", "",
-              "## Serving", "", "Official Phi-3.5-vision layout with its remote code, for vLLM and transformers 4.x:",
-              "", "```bash", "vllm serve REPO_OR_DIR --trust-remote-code", "```", ""]
-    return "\n".join(lines)
-
-
-def read_run(output_dir: str | Path) -> tuple[dict, dict]:
-    """(run_info.json, all_results.json) of a training output; empty where missing."""
-    return read_json(Path(output_dir) / RUN_INFO), read_json(Path(output_dir) / "all_results.json")
-
-
-def hub_api(token: str | None = None):
-    from huggingface_hub import HfApi
-
-    return HfApi(token=token)
-
-
-def push_folder(folder: str | Path, repo_id: str, private: bool | None = None, token: str | None = None,
-                commit_message: str = "Upload fine-tuned Phi-3.5-vision") -> str:
-    """Create `repo_id` if needed and upload the model files of `folder` (the UPLOADED names, *.py, the weight
-    shards; never checkpoints, predictions or logs). Returns the repo URL."""
-    folder = Path(folder)
-    files = sorted(p.name for p in folder.iterdir() if p.is_file() and (
-        p.name in UPLOADED or p.suffix == ".py" or (p.name.startswith("model-") and p.suffix == ".safetensors")))
-    if "config.json" not in files:
-        raise UserError(f"{folder} holds no model (config.json is missing): nothing to push")
-    api = hub_api(token)
-    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    api.upload_folder(repo_id=getattr(url, "repo_id", repo_id), folder_path=str(folder), allow_patterns=files,
-                      commit_message=commit_message, repo_type="model")
-    return str(url)

@@ -1,0 +1,119 @@
+"""Our jsonl format, one conversation per line:
+
+    {"id", "system"?, "conversations": [{"images": [...], "videos"?: [...], "user", "assistant"}]}
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+from phi3v.common.errors import UserError
+from phi3v.data.conversation import Conversation, Problem, Turn
+from phi3v.data.dataset import ConversationDataset
+from phi3v.data.images import resolve_image_path
+from phi3v.data.video import video_frames
+
+
+def read_jsonl(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
+    """(line number, record) for every parseable line, and (line number, error) for the others."""
+    records, errors = [], []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                errors.append((number, f"not valid UTF-8 (byte {error.start})"))
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.strip())
+            except json.JSONDecodeError as error:
+                errors.append((number, f"malformed JSON: {error.msg} at column {error.colno}"))
+                continue
+            except RecursionError:
+                errors.append((number, "JSON nested too deeply to read (thousands of [ or {)"))
+                continue
+            if not isinstance(record, dict):
+                errors.append((number, f"a line must be a JSON object, got {type(record).__name__}"))
+                continue
+            records.append((number, record))
+    return records, errors
+
+
+class SampleError(UserError, ValueError):
+    """A bad sample whose id is known."""
+
+    def __init__(self, message: str, sample_id):
+        super().__init__(message)
+        self.sample_id = None if sample_id is None else str(sample_id)
+
+
+def conversation_from_record(record: dict, image_root: str | os.PathLike, num_frames: int = 8) -> Conversation:
+    """Our jsonl schema: {"id", "source", "system" (optional), "conversations": [{"images": [paths], "videos": [paths]
+    (optional; `num_frames` frames each, after the images), "user": str, "assistant": str}]}."""
+    try:
+        return parse_record(record, image_root, num_frames)
+    except SampleError:
+        raise
+    except ValueError as error:
+        sample_id = record.get("id") if isinstance(record.get("id"), str) and record["id"].strip() else None
+        raise SampleError(str(error), sample_id) from error
+
+
+def parse_record(record: dict, image_root: str | os.PathLike, num_frames: int = 8) -> Conversation:
+    if "id" not in record:
+        raise ValueError('missing key "id"')
+    if not isinstance(record["id"], str) or not record["id"].strip():
+        shown = "empty" if isinstance(record["id"], str) else "null" if record["id"] is None else \
+            type(record["id"]).__name__
+        raise ValueError(f'"id" must be a non-empty string, got {shown}')
+    if not isinstance(record.get("conversations"), list):
+        raise ValueError('"conversations" must be a list of {"images", "user", "assistant"} objects')
+    if not record["conversations"]:
+        raise ValueError('"conversations" is empty')
+    turns = []
+    for number, turn in enumerate(record["conversations"], start=1):
+        if not isinstance(turn, dict):
+            raise ValueError(f"turn {number} must be an object")
+        for key in ("user", "assistant"):
+            if not isinstance(turn.get(key), str):
+                raise ValueError(f'turn {number}: "{key}" must be a string'
+                                 + (" (missing)" if key not in turn else f", got {type(turn[key]).__name__}"))
+        images = turn.get("images", [])
+        videos = turn.get("videos", [])
+        for key, value in (("images", images), ("videos", videos)):
+            if not isinstance(value, list):
+                raise ValueError(f'turn {number}: "{key}" must be a list of relative paths')
+        refs = [resolve_image_path(image_root, p) for p in images]
+        refs += [frame for p in videos for frame in video_frames(resolve_image_path(image_root, p), num_frames)]
+        turns.append(Turn(turn["user"], turn["assistant"], refs))
+    system = record.get("system")
+    if system is not None and not isinstance(system, str):
+        raise ValueError(f'"system" must be a string, got {type(system).__name__}')
+    return Conversation(str(record["id"]), turns, system)
+
+
+def jsonl_item_conversation(item: tuple[int, dict], image_root: str | os.PathLike, num_frames: int = 8
+                            ) -> Conversation:
+    return conversation_from_record(item[1], image_root, num_frames)
+
+
+def jsonl_dataset(path: str | os.PathLike, image_root: str | os.PathLike, processor,
+                  for_generation: bool = False, max_image_pixels: int | None = None,
+                  limit: int | None = None, num_frames: int = 8) -> ConversationDataset:
+    """A dataset over a jsonl file in our schema, with images relative to `image_root`."""
+    records, errors = read_jsonl(path)
+    records = records[:limit] if limit is not None else records
+    name = Path(path).name
+    dataset = ConversationDataset(
+        records, functools.partial(jsonl_item_conversation, image_root=image_root, num_frames=num_frames), processor,
+        where=[f"{name}:{line}" for line, _ in records], for_generation=for_generation,
+        max_image_pixels=max_image_pixels,
+        load_problems=[Problem(f"{name}:{line}", None, message) for line, message in errors],
+    )
+    dataset.sources = [str(path)]
+    return dataset

@@ -1,0 +1,42 @@
+"""Phi-3-vision and Phi-3.5-vision behind the model seam (phi3v.models.family)."""
+
+from __future__ import annotations
+
+from phi3v.models.family import ModelFamily
+from phi3v.models.phi3_v.layout import complete_layout, remote_code_dir
+from phi3v.models.phi3_v.modeling import Phi3VForCausalLM
+from phi3v.models.phi3_v.processing import Phi3VProcessor
+
+LM_TARGETS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+CLIP_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+VISION = "model.vision_embed_tokens"
+
+
+def part_of(name: str) -> str:
+    """"vision" (CLIP), "projector" (the rest of the image embedding: img_projection, glb_GN, sub_GN) or "language"
+    for a parameter or module path (PEFT's prefixes and adapter names included)."""
+    if ".img_processor." in name:
+        return "vision"
+    return "projector" if ".vision_embed_tokens." in name else "language"
+
+
+def lora_target_modules(model: Phi3VForCausalLM, include_vision: bool = True) -> list[str]:
+    """The original's targets as full module paths (no suffix matching, so nothing is picked up by accident): the
+    decoder's fused projections and lm_head; with the vision tower, CLIP attention/MLP of the layers in use and the
+    projector."""
+    embedding = model.model.vision_embed_tokens
+    clip_layers = embedding.img_processor.vision_model.encoder.layers[: embedding.num_layers_used]
+    clip_prefix = f"{VISION}.img_processor.vision_model.encoder.layers"
+    targets = [f"model.layers.{i}.{t}" for i in range(len(model.model.layers)) for t in LM_TARGETS] + ["lm_head"]
+    if include_vision:
+        targets += [f"{clip_prefix}.{i}.{t}" for i in range(len(clip_layers)) for t in CLIP_TARGETS]
+        targets += [f"{VISION}.img_projection.0", f"{VISION}.img_projection.2"]
+    return targets
+
+
+PHI3_V = ModelFamily(
+    name="Phi-3.5-vision", model_types=("phi3_v",), model_class=Phi3VForCausalLM, processor_class=Phi3VProcessor,
+    part_of=part_of, lora_targets=lora_target_modules,
+    unused_parameters=lambda model: model.model.vision_embed_tokens.unused_parameters(), vision_modules=(VISION,),
+    complete_layout=complete_layout, remote_code_dir=remote_code_dir,
+)

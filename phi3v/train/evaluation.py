@@ -1,0 +1,107 @@
+"""Evaluation by generation: every prompt answered in batches sized by the KV-cache budget, then scored by the
+task metric."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers.integrations import is_deepspeed_zero3_enabled
+
+from phi3v.eval.generation import (
+    eval_batch_size,
+    gathered_per_module,
+    generate_predictions,
+    kv_cache_budget_bytes,
+    prompt_lengths,
+)
+from phi3v.eval.loss import evaluation_loss
+
+logger = logging.getLogger(__name__)
+
+
+def precision_dtype(args) -> torch.dtype | None:
+    """The training precision, for autocast in evaluation: bf16, fp16, or None (fp32)."""
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+
+
+class EvaluationMixin:
+    """Phi3VTrainer's `evaluate`: generated answers, the task metric and the evaluation loss."""
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        """Generate an answer for every prompt, score it with the task metric, log and return the metrics.
+
+        Runs under autocast in the training precision, with as many prompts per generate() call as the KV-cache
+        budget allows (--eval_kv_cache_gb; --eval_batch_size overrides). Under FSDP, an evaluation asked for before
+        training runs at the start of train() instead, once the model is sharded (until then, with
+        cpu_ram_efficient_loading, ranks > 0 hold no weights); its metrics are in `deferred_metrics`.
+        """
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if self.is_fsdp_enabled and not self._training_started:
+            logger.info(f"FSDP: {metric_key_prefix} runs at the start of training, once the model is sharded")
+            self._deferred_evaluations.append((dataset, metric_key_prefix))
+            return {}
+        start = time.time()
+        model = self.model
+        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled) and \
+                next(model.parameters()).device != self.args.device:
+            model.to(self.args.device)
+        zero3 = is_deepspeed_zero3_enabled()
+        gathered = contextlib.nullcontext()
+        if zero3 and self.deepspeed is None:
+            # ZeRO-3 before training: the weights are partitioned and DeepSpeed's gathering hooks come with the
+            # engine, which train() builds; gather each module's weights around its forward instead.
+            gathered = gathered_per_module(model)
+        autocast_dtype = precision_dtype(self.args)
+        batch_size = self.generation_batch_size or self.eval_batch_size_for(dataset, model, autocast_dtype)
+        with gathered:
+            predictions = generate_predictions(
+                model, dataset, batch_size=batch_size, max_new_tokens=self.max_new_tokens,
+                num_workers=self.args.dataloader_num_workers, score_token_ids=self.score_token_ids,
+                desc=metric_key_prefix, disable_tqdm=self.args.disable_tqdm,
+                synced_gpus=(zero3 or self.is_fsdp_enabled) and self.args.world_size > 1,
+                autocast_dtype=autocast_dtype,
+            )
+            loss = None
+            if getattr(self.args, "compute_eval_loss", False):  # teacher-forced, one forward pass per batch
+                loss = evaluation_loss(model, dataset, self.args.per_device_eval_batch_size,
+                                       self.args.dataloader_num_workers, autocast_dtype)
+        metrics = {}
+        if predictions is not None:  # rank 0
+            metrics = {f"{metric_key_prefix}_{k}": v for k, v in self.task_metric(predictions).items()}
+            if loss is not None:
+                metrics[f"{metric_key_prefix}_loss"] = loss
+            metrics[f"{metric_key_prefix}_samples"] = len(predictions)
+            metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 2)
+            Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
+            with open(Path(self.args.output_dir) / f"{metric_key_prefix}.json", "w") as f:
+                json.dump({"metrics": metrics, "predictions": predictions}, f, indent=1, ensure_ascii=False)
+        if dist.is_available() and dist.is_initialized():
+            shared = [metrics]
+            dist.broadcast_object_list(shared, src=0)
+            metrics = shared[0]
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def eval_batch_size_for(self, dataset, model, autocast_dtype: torch.dtype | None) -> int:
+        """Prompts per generate() call: the longest prompt's KV cache (+ max_new_tokens) times the batch fits the
+        budget (the same on every rank: the lengths are the whole dataset's, the budget the smallest rank's)."""
+        config = getattr(model, "config", None) or self.model.config
+        dtype = autocast_dtype or next(model.parameters()).dtype
+        budget = kv_cache_budget_bytes(self.args.device, getattr(self.args, "eval_kv_cache_gb", None))
+        if dist.is_available() and dist.is_initialized():
+            shared = [None] * dist.get_world_size()
+            dist.all_gather_object(shared, budget)
+            budget = min(shared)
+        longest = max(prompt_lengths(dataset), default=1)
+        size = eval_batch_size(config, longest, self.max_new_tokens, dtype, budget)
+        logger.info(f"evaluation batch {size} prompts per process: KV cache of {longest} + {self.max_new_tokens} "
+                    f"tokens in {str(dtype).removeprefix('torch.')} within {budget / 2**30:.1f} GiB "
+                    "(--eval_kv_cache_gb; --eval_batch_size to override)")
+        return size

@@ -1,0 +1,150 @@
+"""The recipes' command line: (ModelArguments, DataArguments, RecipeTrainingArguments) from flags and settings files.
+
+    script.py [flags]   script.py run.yaml [flags]   script.py --config run.json [flags]
+
+Command-line errors are one line; settings files hold flag names without the dashes, command-line flags win.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser
+from transformers.integrations import is_deepspeed_available
+
+from phi3v.common.errors import BadValue, MissingFile, UserError
+from phi3v.flag_index import OneLineErrors, save_index, split_config_file, unknown_arguments
+from phi3v.train.arguments import DS_CONFIGS, ModelArguments
+from phi3v.train.training_arguments import RecipeTrainingArguments
+
+
+def parse_args(data_class: type, argv: list[str] | None = None, **defaults):
+    """Parse (ModelArguments, DataArguments, RecipeTrainingArguments); `defaults` are the script's own.
+
+    `argv` may start with a YAML or JSON file of settings, or name one with --config (see `with_config_file`).
+    Two defaults follow the original recipe and depend on the model flags, so those are read first:
+    flash attention implies --bf16 (as the original nlvr2/ucf101 scripts), and full fine-tuning on GPUs runs under
+    DeepSpeed ZeRO-2 (ds_configs/zero2.json) unless --deepspeed is given (--deepspeed none: plain DDP).
+    """
+    argv = with_config_file(sys.argv[1:] if argv is None else list(argv),
+                            (ModelArguments, data_class, RecipeTrainingArguments))
+    try:
+        model_args, data_args, training_args = _parse(data_class, argv, defaults)
+    except ValueError as error:  # a __post_init__ check of any group: the user's flags, said in one line
+        raise BadValue(str(error).strip()) from error
+    check_output_dir(training_args.output_dir)
+    resume = training_args.resume_from_checkpoint
+    if resume and resume.lower() not in ("last", "latest", "true") and not Path(resume).is_dir():
+        raise MissingFile(f"--resume_from_checkpoint {resume}: no such directory")
+    return model_args, data_args, training_args
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Refuse an --output_dir that cannot be written, before anything is loaded (it is created later, on save)."""
+    path = Path(output_dir).absolute()
+    if path.exists() and not path.is_dir():
+        raise BadValue(f"--output_dir {output_dir} is an existing file, not a folder: pass a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BadValue(f"--output_dir {output_dir}: {existing} is a file, so the folder cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BadValue(f"--output_dir {output_dir}: {existing} is not writable (read-only or another user's); pass "
+                       "a folder you can write to")
+
+
+class RecipeParser(OneLineErrors, HfArgumentParser):
+    """HfArgumentParser whose command-line errors are one line."""
+
+
+def _parse(data_class: type, argv: list[str], defaults: dict):
+    parser = RecipeParser((ModelArguments, data_class, RecipeTrainingArguments))
+    parser.set_defaults(**defaults)
+    save_index(parser, sys.modules[data_class.__module__].__file__)  # lets the next run answer --help at once
+    if not {"-h", "--help"} & set(argv):  # the model-only pre-parse would answer --help with its flags alone
+        model_args, _ = RecipeParser(ModelArguments).parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True
+        )
+        if model_args.attn_implementation == "flash_attention_2":
+            parser.set_defaults(bf16=True)
+        if model_args.tuning_mode in ("full", "frozen_vision") and torch.cuda.is_available() and \
+                is_deepspeed_available():
+            parser.set_defaults(deepspeed=str(DS_CONFIGS / "zero2.json"))
+    model_args, data_args, training_args, extra = parser.parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True)
+    if extra:
+        raise unknown_arguments(extra, parser)
+    training_args.run_record = run_record(data_class, argv, model_args, data_args)
+    return model_args, data_args, training_args
+
+
+def run_record(data_class: type, argv: list[str], model_args: ModelArguments, data_args) -> dict:
+    """What the model card says about a run: base model, mode, data flags given, and the command line."""
+    module = data_class.__module__
+    script = Path(sys.argv[0]).name if module == "__main__" else f"{module.replace('.', '/')}.py"
+    data = {f.name: getattr(data_args, f.name) for f in dataclasses.fields(data_args)
+            if f.init and getattr(data_args, f.name) != f.default}
+    return {"base_model": model_args.model_name_or_path, "mode": model_args.tuning_mode, "data": data,
+            "command": shlex.join(["python", script, *argv])}
+
+
+# ------------------------------------------------------------------------------------------------- config files
+
+def with_config_file(argv: list[str], groups: tuple[type, ...]) -> list[str]:
+    """`script.py run.yaml [flags]` or `script.py --config run.yaml [flags]` (as transformers' examples and TRL):
+    the file's settings become flags placed before the command line's, so flags given on the command line win."""
+    path, argv = split_config_file(argv)
+    if path is None:
+        return argv
+    return config_flags(read_config(path), path, groups) + argv
+
+
+def read_config(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"config file {path}: no such file")
+    text = file.read_text()
+    try:
+        if file.suffix.lower() == ".json":
+            settings = json.loads(text)
+        else:
+            import yaml
+
+            settings = yaml.safe_load(text)
+    except Exception as error:  # json.JSONDecodeError, yaml.YAMLError
+        raise UserError(f"config file {path} could not be read: {str(error).splitlines()[0]}") from None
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        raise UserError(f"config file {path} must hold a mapping of flag names to values, "
+                        f"got {type(settings).__name__}")
+    return settings
+
+
+def config_flags(settings: dict, path: str, groups: tuple[type, ...]) -> list[str]:
+    """{name: value} -> ["--name", "value", ...]: booleans as true/false, lists as several values, null left out
+    (the default applies). Names are the flags' (a leading "--" and dashes are accepted); unknown names are an error
+    with the list of them, before anything runs."""
+    known = {f.name for group in groups for f in dataclasses.fields(group) if f.init}
+    flags, unknown = [], []
+    for key, value in settings.items():
+        name = str(key).removeprefix("--").replace("-", "_")
+        if name not in known:
+            unknown.append(str(key))
+            continue
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        flags += [f"--{name}", *(json.dumps(v) if isinstance(v, dict) else str(v).lower() if isinstance(v, bool)
+                                 else str(v) for v in values)]
+    if unknown:
+        raise UserError(f"config file {path}: unknown setting(s) {', '.join(unknown)} (names are the flags of "
+                        "--help, without the dashes)")
+    return flags
