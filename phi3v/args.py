@@ -22,8 +22,9 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.integrations import is_deepspeed_available
 
-from phi3v.errors import BadValue, MissingFile, UserError
+from phi3v.errors import BadValue, UserError
 from phi3v.flag_index import OneLineErrors, save_index, split_config_file, unknown_arguments
+from phi3v.serving import RUN_INFO
 
 TUNING_MODES = ("full", "frozen_vision", "lora", "qlora")
 # ds_configs/ of the checkout, or its copy installed as phi3v/ds_configs by `pip install .`
@@ -114,6 +115,11 @@ class ModelArguments:
             raise ValueError(f"--num_crops must be between 1 and 16, got {self.num_crops}")
         if self.lora_rank < 1:
             raise ValueError(f"--lora_rank must be >= 1, got {self.lora_rank}")
+        if not 0 <= self.lora_dropout < 1:  # torch refuses it, but only once the model is loaded
+            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        for flag, value in (("--lora_alpha", self.lora_alpha), ("--lora_alpha_ratio", self.lora_alpha_ratio)):
+            if value is not None and not 0 < value < float("inf"):  # PEFT would train with that scale, silently
+                raise ValueError(f"{flag} must be a number > 0, got {value}")
         self.resolve_parts()
 
     def resolve_parts(self) -> None:
@@ -132,6 +138,9 @@ class ModelArguments:
                              f"--lora_alpha_ratio {self.lora_alpha_ratio}: give one of them")
         self.lora_alpha_ratio = 2.0 if self.lora_alpha_ratio is None else self.lora_alpha_ratio  # the original's
         self.lora_alpha = round(self.lora_rank * self.lora_alpha_ratio) if self.lora_alpha is None else self.lora_alpha
+        if self.lora_alpha < 1:
+            raise ValueError(f"--lora_rank {self.lora_rank} x --lora_alpha_ratio {self.lora_alpha_ratio} rounds to a "
+                             "LoRA alpha of 0 (adapters that change nothing): raise the ratio or pass --lora_alpha")
         if not self.use_lora:
             lora_only = [flag for flag, value in (
                 ("--lora_target_modules", self.lora_target_modules), ("--lora_exclude_modules",
@@ -342,9 +351,13 @@ def parse_args(data_class: type, argv: list[str] | None = None, **defaults):
     except ValueError as error:  # a __post_init__ check of any group: the user's flags, said in one line
         raise BadValue(str(error).strip()) from error
     check_output_dir(training_args.output_dir)
-    resume = training_args.resume_from_checkpoint
-    if resume and resume.lower() not in ("last", "latest", "true") and not Path(resume).is_dir():
-        raise MissingFile(f"--resume_from_checkpoint {resume}: no such directory")
+    from phi3v.training import resolve_checkpoint  # (phi3v.training imports this module)
+
+    resumed = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    training_args.resume_from_checkpoint = resumed  # `last` resolved once, here, before anything loads
+    check_not_a_source(training_args.output_dir, model_args.model_name_or_path, resumed)
+    if resumed:
+        check_resume_setup(resumed, model_args)
     return model_args, data_args, training_args
 
 
@@ -361,6 +374,73 @@ def check_output_dir(output_dir: str) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise BadValue(f"--output_dir {output_dir}: {existing} is not writable (read-only or another user's); pass "
                        "a folder you can write to")
+
+
+def recorded(path: Path) -> dict:
+    """A JSON file of a checkpoint, or {} where it is missing or unreadable (then its other files tell)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def check_not_a_source(output_dir: str, base: str, resumed: str | None) -> None:
+    """Refuse an --output_dir that is, or is inside, the model the run starts from: --model_name_or_path, or the
+    base a resumed adapter was trained on. Saving writes config.json, generation_config.json, the processor and
+    tokenizer files and model.safetensors, over the base checkpoint's own. Paths are compared resolved."""
+    sources = {f"--model_name_or_path {base}": base}
+    if resumed:
+        adapter_base = recorded(Path(resumed) / "adapter_config.json").get("base_model_name_or_path")
+        sources[f"{resumed}/adapter_config.json names {adapter_base} as its base"] = adapter_base
+    out = Path(output_dir).resolve()
+    for what, source in sources.items():
+        if isinstance(source, str) and Path(source).is_dir():
+            folder = Path(source).resolve()
+            if out == folder or folder in out.parents:
+                raise BadValue(f"--output_dir {output_dir} is {'' if out == folder else 'inside '}the base model "
+                               f"folder ({what}): the run would write {'over' if out == folder else 'into'} the "
+                               "checkpoint it starts from; pass a folder outside it")
+
+
+FREEZE_FLAGS = {"vision": "--freeze_vision_tower", "projector": "--freeze_projector", "language": "--freeze_llm"}
+
+
+def setup_name(mode: str, frozen: set[str]) -> str:
+    return f"{mode} mode" + (f" ({', '.join(sorted(frozen))} frozen)" if frozen else "")
+
+
+def setup_flags(mode: str, frozen: set[str]) -> str:
+    """The flags that select `mode` with the `frozen` parts."""
+    flags = {"lora": ["--use_lora"], "qlora": ["--use_qlora"]}.get(mode, [])
+    if {"vision", "projector"} <= frozen:
+        flags.append("--freeze_vision_model")
+        frozen = frozen - {"vision", "projector"}
+    flags += [FREEZE_FLAGS[part] for part in sorted(frozen) if part in FREEZE_FLAGS]
+    return " ".join(flags) or "no --use_lora, --use_qlora or --freeze_* flag"
+
+
+def check_resume_setup(checkpoint: str, model_args: ModelArguments) -> None:
+    """Refuse a checkpoint written in another tuning mode, in one line naming the flags that resume it. The Trainer
+    would fail only after loading the model: "Can't find a checkpoint index" for an adapter resumed without
+    --use_lora, an optimizer "parameter group doesn't match" for weights resumed with it or other parts frozen.
+    This recipe's checkpoints record their mode and frozen parts (run_info.json); for others, adapter_config.json
+    tells an adapter (LoRA/QLoRA) from model weights (full fine-tuning, frozen parts unknown)."""
+    run = recorded(Path(checkpoint) / RUN_INFO)
+    if isinstance(run.get("frozen"), list):
+        mode, frozen = str(run.get("mode")), set(map(str, run["frozen"]))
+        if (mode in ("lora", "qlora")) == model_args.use_lora and frozen == model_args.frozen_parts:
+            return  # LoRA and QLoRA adapters are the same tensors: either resumes the other
+        written, flags = setup_name(mode, frozen), setup_flags(mode, frozen)
+    else:
+        adapter = (Path(checkpoint) / "adapter_config.json").is_file()
+        if adapter == model_args.use_lora:
+            return
+        written = ("LoRA/QLoRA mode (it holds adapter_config.json)" if adapter
+                   else "full fine-tuning mode (it holds model weights, no adapter)")
+        flags = "--use_lora (or --use_qlora)" if adapter else "no --use_lora/--use_qlora"
+    raise BadValue(f"--resume_from_checkpoint {checkpoint} was written in {written}, this run is "
+                   f"{setup_name(model_args.tuning_mode, model_args.frozen_parts)}: resume it with {flags}")
 
 
 class RecipeParser(OneLineErrors, HfArgumentParser):
@@ -394,8 +474,8 @@ def run_record(data_class: type, argv: list[str], model_args: ModelArguments, da
     script = Path(sys.argv[0]).name if module == "__main__" else f"{module.replace('.', '/')}.py"
     data = {f.name: getattr(data_args, f.name) for f in dataclasses.fields(data_args)
             if f.init and getattr(data_args, f.name) != f.default}
-    return {"base_model": model_args.model_name_or_path, "mode": model_args.tuning_mode, "data": data,
-            "command": shlex.join(["python", script, *argv])}
+    return {"base_model": model_args.model_name_or_path, "mode": model_args.tuning_mode,
+            "frozen": sorted(model_args.frozen_parts), "data": data, "command": shlex.join(["python", script, *argv])}
 
 
 # ------------------------------------------------------------------------------------------------- config files

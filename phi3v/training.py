@@ -485,6 +485,7 @@ class Phi3VTrainer(Trainer):
         self.accelerator.wait_for_everyone()  # every rank has written its part (optimizer shards, RNG state)
         if self.args.should_save:
             save_training_curves(self.state.log_history, staged)
+            self.save_run_record(staged)  # its mode and frozen parts, which a resume must match (phi3v.args)
             mark_complete(staged, self.state.global_step)
             move_into_place(staged, run_dir / name)
             with contextlib.suppress(OSError):  # only when empty: other ranks' parts would be in it
@@ -525,12 +526,17 @@ class Phi3VTrainer(Trainer):
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         pass  # checkpoints stay local: the repo gets the final model in the serving layout
 
+    def save_run_record(self, folder: Path) -> dict:
+        """run_info.json: base model, mode, frozen parts, data flags and command line (phi3v.args.run_record)."""
+        record = dict(getattr(self.args, "run_record", None) or {})
+        (folder / RUN_INFO).write_text(json.dumps(record, indent=1, default=str) + "\n")
+        return record
+
     def write_run_info(self) -> Path | None:
         """run_info.json in the output directory, and the model card (README.md) of the run's servable model:
         the output directory (full modes) or OUTPUT_DIR/merged (LoRA, once merged). Returns that directory."""
         out = Path(self.args.output_dir)
-        record = dict(getattr(self.args, "run_record", None) or {})
-        (out / RUN_INFO).write_text(json.dumps(record, indent=1, default=str) + "\n")
+        record = self.save_run_record(out)
         lora = isinstance(self.model, PeftModel)
         model_dir = out / "merged" if lora else out
         if not (model_dir / "config.json").is_file():

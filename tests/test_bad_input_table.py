@@ -159,11 +159,25 @@ def escaping_tar(c: Ctx) -> list[str]:
     return ["--src", str(c.data / "videos.tar.gz"), "--out_dir", str(c.out), "--tmp_dir", str(c.data / "work")]
 
 
-def adapter(c: Ctx) -> Path:
+def adapter(c: Ctx, base: Path | None = None) -> Path:
     folder = c.tmp / "adapter"
     folder.mkdir()
-    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(c.tiny_dir)}))
+    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base or c.tiny_dir)}))
     return folder
+
+
+def resumable(c: Ctx, files: dict) -> Path:
+    """A checkpoint another run wrote, which resolves as resumable (a trainer state and weights): {tmp}/ckpt with
+    trainer_state.json and `files` ({name: JSON content, or None for an empty file})."""
+    folder = c.tmp / "ckpt"
+    folder.mkdir()
+    for name, content in {"trainer_state.json": {"global_step": 1}, **files}.items():
+        (folder / name).write_text("" if content is None else json.dumps(content))
+    return folder
+
+
+LORA_FILES = {"adapter_config.json": {"base_model_name_or_path": "microsoft/Phi-3.5-vision-instruct"},
+              "adapter_model.safetensors": None}
 
 
 def predict_args(c: Ctx, *extra: str) -> list[str]:
@@ -385,6 +399,58 @@ CASES = [
      "shard or index there would be mixed with the merged model)", None),
     ("export without an adapter", "export", lambda c: [str(c.tmp), str(c.out)],
      "error: {tmp} holds no LoRA adapter (adapter_config.json is missing)", None),
+    # issue 22: training flags and resume
+    ("--output_dir is the base model", "ucf101",
+     lambda c: c.jsonl([good("a")], None, "--output_dir", str(c.tmp / "model"), model=c.model_copy()),
+     "error: --output_dir {tmp}/model is the base model folder (--model_name_or_path {tmp}/model): the run would "
+     "write over the checkpoint it starts from; pass a folder outside it", None),
+    ("--output_dir inside the base model, through a link", "ucf101",
+     lambda c: c.jsonl([good("a")], None, "--output_dir", str(c.tmp / "link" / "run"), model=c.model_copy())
+     if (c.tmp / "link").symlink_to(c.tmp / "model") is None else None,
+     "error: --output_dir {tmp}/link/run is inside the base model folder (--model_name_or_path {tmp}/model): the run "
+     "would write into the checkpoint it starts from; pass a folder outside it", None),
+    ("--output_dir is the base of the resumed adapter", "ucf101",
+     lambda c: c.jsonl([good("a")], None, "--use_lora", "--output_dir", str(c.model_copy()),
+                       "--resume_from_checkpoint", str(resumable(c, {**LORA_FILES, "adapter_config.json": {
+                           "base_model_name_or_path": str(c.tmp / "model")}}))),
+     "error: --output_dir {tmp}/model is the base model folder ({tmp}/ckpt/adapter_config.json names {tmp}/model as "
+     "its base): the run would write over the checkpoint it starts from; pass a folder outside it", None),
+    ("export into the base model folder", "export",
+     lambda c: [str(adapter(c, c.tmp / "model")), str(c.model_copy())],
+     "error: {tmp}/model already holds model files (config.json, model.safetensors): pass a new or empty folder (an "
+     "old shard or index there would be mixed with the merged model)", None),
+    flag_case("--lora_dropout 1.5", ["--use_lora", "--lora_dropout", "1.5"],
+              "--lora_dropout must be in [0, 1), got 1.5"),
+    flag_case("--lora_alpha_ratio -1", ["--use_lora", "--lora_alpha_ratio", "-1"],
+              "--lora_alpha_ratio must be a number > 0, got -1.0"),
+    flag_case("--lora_alpha 0", ["--use_lora", "--lora_alpha", "0"], "--lora_alpha must be a number > 0, got 0"),
+    flag_case("LoRA alpha rounding to 0", ["--use_lora", "--lora_rank", "1", "--lora_alpha_ratio", "0.4"],
+              "--lora_rank 1 x --lora_alpha_ratio 0.4 rounds to a LoRA alpha of 0 (adapters that change nothing): "
+              "raise the ratio or pass --lora_alpha"),
+    ("resume a LoRA checkpoint without --use_lora", "ucf101",
+     lambda c: c.jsonl([good("a")], None, "--resume_from_checkpoint", str(resumable(c, LORA_FILES))),
+     "error: --resume_from_checkpoint {tmp}/ckpt was written in LoRA/QLoRA mode (it holds adapter_config.json), this "
+     "run is full mode: resume it with --use_lora (or --use_qlora)", None),
+    ("resume full weights with --use_lora", "ucf101",
+     lambda c: c.jsonl([good("a")], None, "--use_lora", "--resume_from_checkpoint",
+                       str(resumable(c, {"model.safetensors": None}))),
+     "error: --resume_from_checkpoint {tmp}/ckpt was written in full fine-tuning mode (it holds model weights, no "
+     "adapter), this run is lora mode: resume it with no --use_lora/--use_qlora", None),
+    ("resume a frozen-vision checkpoint in full mode", "ucf101",
+     lambda c: c.jsonl([good("a")], None, "--resume_from_checkpoint", str(resumable(c, {
+         "model.safetensors": None, "run_info.json": {"mode": "frozen_vision", "frozen": ["projector", "vision"]}}))),
+     "error: --resume_from_checkpoint {tmp}/ckpt was written in frozen_vision mode (projector, vision frozen), this "
+     "run is full mode: resume it with --freeze_vision_model", None),
+    flag_case("--eval_split for jsonl data", ["--eval_split", "train[-5:]"],
+              "--eval_split applies to Hugging Face datasets only, and {data}/ucf101_val.jsonl is a jsonl/json file "
+              "(ours format): leave it out"),
+    flag_case("--train_split for jsonl data", ["--train_split", "train[:5]"],
+              "--train_split applies to Hugging Face datasets only, and {data}/ucf101_train.jsonl is a jsonl/json "
+              "file (ours format): leave it out"),
+    flag_case("--test_split without test data", ["--test_split", "test"],
+              "--test_split applies to Hugging Face datasets only, and there is no test data: leave it out"),
+    flag_case("--dataset_config for jsonl data", ["--dataset_config", "ai2d"],
+              "--dataset_config applies to Hugging Face datasets only, and no data file is one: leave it out"),
 ]
 
 
