@@ -24,6 +24,7 @@ from phi3v.data import ConversationDataset, Problem, image_size, open_image, ren
 from phi3v.errors import UserError
 from phi3v.generation import world as world_rank_size
 from phi3v.validation_cache import FILE_NAME, ValidationCache, image_key
+from phi3v.video import VideoFrame
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,8 @@ def image_problem(ref, max_pixels: int | None) -> str | None:
         return f"image {name}: not an image file (or an unsupported format)"
     except Image.DecompressionBombError as error:
         return f"image {name}: {error}"
-    except ValueError as error:
-        return f"image {name}: {error}"
+    except ValueError as error:  # a video's reasons all come as a ValueError (phi3v.video.open_frame)
+        return f"{'video' if isinstance(ref, VideoFrame) else 'image'} {name}: {error}"
     except (OSError, SyntaxError) as error:
         return f"image {name}: truncated or corrupt ({error})"
     return None

@@ -204,6 +204,24 @@ def test_the_same_samples_in_every_format_give_identical_batches(processor, tmp_
     assert "careful" not in supervised and "Hi!" in supervised and "red" in supervised
 
 
+def test_files_with_a_byte_order_mark_are_read_as_without(processor, tmp_path):
+    """Windows editors start a UTF-8 file with a byte-order mark (EF BB BF): our jsonl, a LLaVA json array and a
+    messages jsonl with one validate and give the batches they give without it."""
+    import codecs
+
+    from phi3v.formats import load_data
+    from phi3v.validation import validate
+
+    files = write_three_formats(tmp_path)
+    reference = batch_of(load_data(files["ours"], processor))
+    for name in ("ours", "llava", "messages"):
+        files[name].write_bytes(codecs.BOM_UTF8 + files[name].read_bytes())
+        dataset = load_data(files[name], processor)
+        assert validate(dataset, disable_tqdm=True)[1] == [], name
+        batch = batch_of(dataset)
+        assert batch["sample_ids"] == ["a", "b", "c"] and torch.equal(batch["input_ids"], reference["input_ids"])
+
+
 def test_convert_writes_our_jsonl_from_every_format(processor, tmp_path):
     from phi3v.formats import load_data, main
 
@@ -256,7 +274,7 @@ def test_messages_parts_tags_and_mistakes(tmp_path):
     assert messages(("user", "Q"), images=()).turns[0].assistant is None  # a prompt without answer (evaluation)
     for turns, images, message in [
         ((("user", "<image> one tag"), ("assistant", "x")), ("a.png", "b.png"), r"1 <image> tag\(s\) but 2 image"),
-        ((("user", "Q"), ("user", "Q2")), (), "message 2 is from 'user' where a 'assistant' message was expected"),
+        ((("user", "Q"), ("user", "Q2")), (), "message 2 is from 'user' where an 'assistant' message was expected"),
         ((("user", "Q"), ("assistant", "<image>")), ("a.png",), "an assistant message cannot hold"),
         ((("user", [{"type": "audio"}]), ("assistant", "x")), (), "a content part must be"),
         ((("user", "Q"), ("assistant", "x")), ("../escape.png",), "outside the image root"),
@@ -311,8 +329,8 @@ def test_video_on_the_fly_gives_the_converters_frames(processor, tmp_path):
     record["videos"] = ["src/bad.avi"]
     (tmp_path / "bad.jsonl").write_text(json.dumps(record) + "\n")
     _, problems = validate(load_data(tmp_path / "bad.jsonl", processor, num_frames=4), disable_tqdm=True)
-    assert [str(p) for p in problems] == [f"bad.jsonl:1 (id train-0000000000): image {tmp_path}/src/bad.avi: "
-                                          "unreadable video: invalid data: not a video file, or a corrupt one"]
+    assert [str(p) for p in problems] == [f"bad.jsonl:1 (id train-0000000000): video {tmp_path}/src/bad.avi: "
+                                          "invalid data: not a video file, or a corrupt one"]
 
 
 def test_a_parquet_folder_of_several_configs_is_refused(tmp_path):
@@ -419,6 +437,22 @@ def test_validation_split_across_two_ranks_reports_as_one_process(tiny_dir, tmp_
         assert json.loads((tmp_path / "two" / f"report-{rank}.json").read_text()) == reference, rank
     assert (tmp_path / "two" / "skipped_samples_train.jsonl").read_text() == \
         (tmp_path / "one" / "skipped_samples_train.jsonl").read_text()
+
+
+def test_a_hub_dataset_with_an_integer_id_column_is_read(processor, tmp_path):
+    """In a json or jsonl file an "id" must be a string, as in ours (5 and "5" would both become "5"); a hub dataset's
+    column has one type for every row, so an integer id column is taken as text."""
+    import datasets
+
+    from phi3v.formats import load_data
+    from tests.conftest import make_image
+
+    features = datasets.Features({"id": datasets.Value("int64"), "images": [datasets.Image()], "messages": [
+        {"role": datasets.Value("string"), "content": datasets.Value("string")}]})
+    rows = {"id": [5], "images": [[make_image(40, 30)]],
+            "messages": [[{"role": "user", "content": "Which?"}, {"role": "assistant", "content": "a"}]]}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "hub"))
+    assert load_data(tmp_path / "hub", processor).conversation(0).id == "5"
 
 
 def test_cauldron_texts_from_a_folder_of_configs(processor, tmp_path):
