@@ -140,6 +140,10 @@ MUTANTS = [
     Mutant("normalize divides by std before subtracting the mean", "phi3v/image_processing.py",
            edit("values.sub_(mean[channel]).div_(std[channel])", "values.div_(std[channel]).sub_(mean[channel])"),
            ["tests/test_processor_unchanged.py"]),
+    # issue 22
+    Mutant("validation cache ignores the mtime", "phi3v/validation_cache.py",
+           edit("return [info.st_size, info.st_mtime_ns]", "return [info.st_size]"),
+           ["tests/test_own_data.py"]),
 ]
 
 

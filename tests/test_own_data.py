@@ -412,6 +412,72 @@ def test_a_restart_rechecks_only_changed_files(processor, tmp_path, monkeypatch)
     assert len(data["images"]) == 12 and list(data["splits"]) == ["train"]
 
 
+def test_a_file_rewritten_with_the_same_size_is_checked_again(processor, tmp_path):
+    """The cache knows a file by its size and modification time: new content of the same size, written later, is
+    decoded again and its problem reported (a cache keyed by size alone would reuse the old verdict)."""
+    from phi3v.data import jsonl_dataset
+    from phi3v.validation import prepare_dataset
+
+    path = image_dataset(tmp_path, 2)
+
+    def start():
+        return prepare_dataset(jsonl_dataset(path, tmp_path / "images", processor), "train", None, True,
+                               tmp_path / "out", workers=1, disable_tqdm=True, cache_dir=tmp_path / "cache").names
+
+    assert start() == ["data.jsonl:1", "data.jsonl:2"]
+    image = tmp_path / "images" / "1.png"
+    before = image.stat()
+    image.write_bytes(b"\x89PNG broken".ljust(before.st_size, b"\0"))
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    assert image.stat().st_size == before.st_size
+    assert start() == ["data.jsonl:1"]
+    skipped = json.loads((tmp_path / "out" / "skipped_samples_train.jsonl").read_text())
+    assert skipped == {"where": "data.jsonl:2", "sample_id": "1",
+                       "message": f"image {image}: not an image file (or an unsupported format)"}
+
+
+def test_duplicate_ids_are_found_across_the_shares_of_two_ranks(tiny_dir, tmp_path, monkeypatch):
+    """Under torchrun each rank checks every second item: here items 1 and 4 share an id but rank 0 checks item 1
+    and rank 1 item 4. Two threads stand in for the two ranks, exchanging their results as all_gather_object does."""
+    import threading
+
+    import phi3v.validation as validation
+    from phi3v.data import jsonl_dataset
+    from phi3v.processing import Phi3VProcessor
+
+    path = image_dataset(tmp_path, 4)
+    path.write_text(path.read_text().replace('"id": "3"', '"id": "0"'))
+    rank, barrier, parts, kept, failures = threading.local(), threading.Barrier(2, timeout=120), [None, None], {}, []
+
+    def all_gather_object(output, part):
+        parts[rank.value] = part
+        barrier.wait()
+        output[:] = parts
+
+    def run(value):
+        rank.value = value
+        try:
+            dataset = jsonl_dataset(path, tmp_path / "images", Phi3VProcessor.from_pretrained(tiny_dir))
+            kept[value] = validation.prepare_dataset(dataset, "train", None, True, tmp_path / "out", workers=1,
+                                                     disable_tqdm=True).names
+        except Exception as error:
+            failures.append(error)
+            barrier.abort()
+
+    monkeypatch.setattr(validation, "world_rank_size", lambda: (rank.value, 2))
+    monkeypatch.setattr(validation.dist, "all_gather_object", all_gather_object)
+    threads = [threading.Thread(target=run, args=(value,)) for value in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures
+    assert kept == dict.fromkeys((0, 1), ["data.jsonl:1", "data.jsonl:2", "data.jsonl:3"])  # the same on each rank
+    skipped = json.loads((tmp_path / "out" / "skipped_samples_train.jsonl").read_text())
+    assert skipped == {"where": "data.jsonl:4", "sample_id": "0",
+                       "message": "duplicate id: data.jsonl:1 has the same id"}
+
+
 @pytest.mark.slow
 def test_validation_split_across_two_ranks_reports_as_one_process(tiny_dir, tmp_path):
     from tests.test_distributed import free_port
