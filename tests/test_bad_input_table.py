@@ -185,6 +185,32 @@ def predict_args(c: Ctx, *extra: str) -> list[str]:
     return [str(c.tiny_dir), *extra]
 
 
+def llava(sample_id, **change) -> dict:
+    return {"id": sample_id, "image": "good.jpg", "conversations": [
+        {"from": "human", "value": "Which class?"}, {"from": "gpt", "value": "Archery"}], **change}
+
+
+def messages(sample_id, *roles: str, **change) -> dict:
+    return {"id": sample_id, "images": ["good.jpg"], **change,
+            "messages": [{"role": role, "content": "Archery?"} for role in roles or ("user", "assistant")]}
+
+
+def json_array(c: Ctx, items: list[str]) -> list[str]:
+    """DATA/train.json: a LLaVA array of the given item texts, one per line from line 2, as --train_file."""
+    c.jsonl([good("a")])
+    (c.data / "train.json").write_text("[\n" + ",\n".join(items) + "\n]\n")
+    return c.train_args("--train_file", str(c.data / "train.json"), "--eval_file", str(c.data / "ucf101_val.jsonl"),
+                        "--image_root", str(c.images))
+
+
+def empty_video(c: Ctx) -> list[str]:
+    argv = c.jsonl([good("v", images=[], videos=["empty.avi"])])
+    (c.images / "empty.avi").write_bytes(b"")
+    return argv
+
+
+REPEATED = "the key {} appears twice in one object (only the last value would be read): keep one of them"
+
 CASES = [
     # --- special tokens, image tags and text that is not what it says (jsonl, ucf101 recipe)
     text_case("<s> in the user text", "user", "Which <s> class?",
@@ -451,6 +477,28 @@ CASES = [
               "--test_split applies to Hugging Face datasets only, and there is no test data: leave it out"),
     flag_case("--dataset_config for jsonl data", ["--dataset_config", "ai2d"],
               "--dataset_config applies to Hugging Face datasets only, and no data file is one: leave it out"),
+    # issue 22: data
+    ("repeated key in our jsonl", "ucf101", lambda c: c.jsonl([json.dumps(good("a"))[:-1] + ', "id": "b"}']),
+     TRAIN_STOP, "  ucf101_train.jsonl:1: " + REPEATED.format('"id"')),
+    ("repeated key in a LLaVA jsonl turn", "ucf101",
+     lambda c: c.jsonl([json.dumps(llava("l")).replace('"gpt",', '"gpt", "value": "Darts",')]), TRAIN_STOP,
+     "  ucf101_train.jsonl:1: " + REPEATED.format('"value"')),
+    ("repeated key in a messages jsonl", "ucf101",
+     lambda c: c.jsonl([json.dumps(messages("m")).replace('"user",', '"user", "role": "assistant",')]), TRAIN_STOP,
+     "  ucf101_train.jsonl:1: " + REPEATED.format('"role"')),
+    ("repeated key in a LLaVA json array", "ucf101",
+     lambda c: json_array(c, [json.dumps(llava("a")), json.dumps(llava("b")).replace(
+         '"id": "b"', '"id": "b", "image": "other.jpg"')]), TRAIN_STOP_2,
+     "  train.json[1] (line 3): " + REPEATED.format('"image"')),
+    ("empty video file", "ucf101", empty_video, TRAIN_STOP,
+     "  ucf101_train.jsonl:1 (id v): video {images}/empty.avi: empty file (0 bytes)"),
+    ("messages: user after user", "ucf101", lambda c: c.jsonl([messages("m", "user", "user")]), TRAIN_STOP,
+     "  ucf101_train.jsonl:1 (id m): message 2 is from 'user' where an 'assistant' message was expected (a system "
+     "message may only come first; then user and assistant alternate)"),
+    ("LLaVA integer id", "ucf101", lambda c: c.jsonl([llava(7)]), TRAIN_STOP,
+     '  ucf101_train.jsonl:1: "id" must be a non-empty string, got int'),
+    ("messages integer id", "ucf101", lambda c: c.jsonl([messages(7)]), TRAIN_STOP,
+     '  ucf101_train.jsonl:1: "id" must be a non-empty string, got int'),
 ]
 
 
