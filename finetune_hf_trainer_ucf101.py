@@ -35,7 +35,7 @@ from transformers import set_seed
 
 from phi3v.common.errors import UserError, run_main
 from phi3v.common.metrics import accuracy
-from phi3v.data.formats import FORMATS, is_hub_id, load_data
+from phi3v.data.formats import FORMATS, detect_format, is_hub_id, load_data
 from phi3v.data.validation import prepare_splits
 from phi3v.serve.export import export_merged
 from phi3v.train.arguments import BaseDataArguments
@@ -65,10 +65,12 @@ class DataArguments(BaseDataArguments):
                 "save_to_disk folder, parquet files).", "choices": FORMATS})
     num_frames: int = field(default=8, metadata={"help": "Frames per video for records naming a video file."})
     dataset_config: str | None = field(default=None, metadata={"help": "Config of a Hugging Face dataset."})
-    train_split: str = field(default="train", metadata={"help": "Split of a Hugging Face --train_file."})
-    eval_split: str = field(default="test", metadata={
-        "help": "Split of a Hugging Face --eval_file (row ranges work: train[-200:])."})
-    test_split: str = field(default="test", metadata={"help": "Split of a Hugging Face --test_file."})
+    train_split: str | None = field(default=None, metadata={
+        "help": "Split of a Hugging Face --train_file (default train)."})
+    eval_split: str | None = field(default=None, metadata={
+        "help": "Split of a Hugging Face --eval_file (default test; row ranges work: train[-200:])."})
+    test_split: str | None = field(default=None, metadata={
+        "help": "Split of a Hugging Face --test_file (default test)."})
 
 
 def data_files(data_args: DataArguments) -> dict:
@@ -96,13 +98,37 @@ def data_files(data_args: DataArguments) -> dict:
     return {split: (file, roots[split]) for split, file in files.items()}
 
 
+SPLIT_FLAGS = {"train": "train_split", "val": "eval_split", "test": "test_split"}
+
+
+def check_hub_flags(data_args: DataArguments, files: dict) -> None:
+    """Refuse the flags that pick the data of a Hugging Face dataset where they would be ignored: a split flag for
+    a jsonl/json file (or for no file), --dataset_config when no file is a Hugging Face dataset."""
+    given = {split: getattr(data_args, name) for split, name in SPLIT_FLAGS.items()}
+    if all(value is None for value in [*given.values(), data_args.dataset_config]):
+        return  # (nothing read: the format is found when the data loads)
+    formats = {split: detect_format(file) if data_args.data_format == "auto" else data_args.data_format
+               for split, (file, _) in files.items()}
+    for split, value in given.items():
+        if value is not None and formats.get(split) != "hf":
+            what = (f"{files[split][0]} is a jsonl/json file ({formats[split]} format)" if split in files
+                    else f"there is no {split} data")
+            raise UserError(f"--{SPLIT_FLAGS[split]} applies to Hugging Face datasets only, and {what}: leave it out")
+    if data_args.dataset_config is not None and "hf" not in formats.values():
+        raise UserError("--dataset_config applies to Hugging Face datasets only, and no data file is one: leave it "
+                        "out")
+
+
 def load_splits(data_args: DataArguments, processor) -> dict:
     """{"train", "val"[, "test"]}: train yields training sequences, val and test prompts with reference answers."""
-    hub_splits = {"train": data_args.train_split, "val": data_args.eval_split, "test": data_args.test_split}
+    files = data_files(data_args)
+    check_hub_flags(data_args, files)
+    hub_splits = {"train": data_args.train_split or "train", "val": data_args.eval_split or "test",
+                  "test": data_args.test_split or "test"}
     return {split: load_data(file, processor, root, data_args.data_format, split != "train", hub_splits[split],
                              data_args.dataset_config, data_args.num_frames, data_args.max_image_pixels,
                              data_args.train_samples if split == "train" else data_args.eval_samples)
-            for split, (file, root) in data_files(data_args).items()}
+            for split, (file, root) in files.items()}
 
 
 def compute_task_metric(predictions: list[dict], data_args: DataArguments) -> dict:

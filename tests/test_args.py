@@ -132,3 +132,16 @@ def test_hf_batch_flags_are_honoured(argv, world, expected):
 def test_batch_flags_that_disagree_are_refused(argv, message):
     with pytest.raises(ValueError, match=message):
         parse(*argv)
+
+
+def test_output_dir_in_the_base_model_is_found_through_relative_paths(tmp_path, monkeypatch):
+    """Compared resolved: `./base/../base` is the base; `base-run` (same prefix) and `runs/x` are other folders."""
+    from phi3v.common.errors import BadValue
+
+    (tmp_path / "base").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for output_dir in ("base/../base", "./base/run"):
+        with pytest.raises(BadValue, match="the base model folder"):
+            parse("--model_name_or_path", "base", "--output_dir", output_dir)
+    for output_dir in ("base-run", "runs/x"):
+        parse("--model_name_or_path", "base", "--output_dir", output_dir)

@@ -159,17 +159,57 @@ def escaping_tar(c: Ctx) -> list[str]:
     return ["--src", str(c.data / "videos.tar.gz"), "--out_dir", str(c.out), "--tmp_dir", str(c.data / "work")]
 
 
-def adapter(c: Ctx) -> Path:
+def adapter(c: Ctx, base: Path | None = None) -> Path:
     folder = c.tmp / "adapter"
     folder.mkdir()
-    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(c.tiny_dir)}))
+    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base or c.tiny_dir)}))
     return folder
+
+
+def resumable(c: Ctx, files: dict) -> Path:
+    """A checkpoint another run wrote, which resolves as resumable (a trainer state and weights): {tmp}/ckpt with
+    trainer_state.json and `files` ({name: JSON content, or None for an empty file})."""
+    folder = c.tmp / "ckpt"
+    folder.mkdir()
+    for name, content in {"trainer_state.json": {"global_step": 1}, **files}.items():
+        (folder / name).write_text("" if content is None else json.dumps(content))
+    return folder
+
+
+LORA_FILES = {"adapter_config.json": {"base_model_name_or_path": "microsoft/Phi-3.5-vision-instruct"},
+              "adapter_model.safetensors": None}
 
 
 def predict_args(c: Ctx, *extra: str) -> list[str]:
     c.data.mkdir(exist_ok=True)
     return [str(c.tiny_dir), *extra]
 
+
+def llava(sample_id, **change) -> dict:
+    return {"id": sample_id, "image": "good.jpg", "conversations": [
+        {"from": "human", "value": "Which class?"}, {"from": "gpt", "value": "Archery"}], **change}
+
+
+def messages(sample_id, *roles: str, **change) -> dict:
+    return {"id": sample_id, "images": ["good.jpg"], **change,
+            "messages": [{"role": role, "content": "Archery?"} for role in roles or ("user", "assistant")]}
+
+
+def json_array(c: Ctx, items: list[str]) -> list[str]:
+    """DATA/train.json: a LLaVA array of the given item texts, one per line from line 2, as --train_file."""
+    c.jsonl([good("a")])
+    (c.data / "train.json").write_text("[\n" + ",\n".join(items) + "\n]\n")
+    return c.train_args("--train_file", str(c.data / "train.json"), "--eval_file", str(c.data / "ucf101_val.jsonl"),
+                        "--image_root", str(c.images))
+
+
+def empty_video(c: Ctx) -> list[str]:
+    argv = c.jsonl([good("v", images=[], videos=["empty.avi"])])
+    (c.images / "empty.avi").write_bytes(b"")
+    return argv
+
+
+REPEATED = "the key {} appears twice in one object (only the last value would be read): keep one of them"
 
 CASES = [
     # --- special tokens, image tags and text that is not what it says (jsonl, ucf101 recipe)
@@ -385,6 +425,80 @@ CASES = [
      "shard or index there would be mixed with the merged model)", None),
     ("export without an adapter", "export", lambda c: [str(c.tmp), str(c.out)],
      "error: {tmp} holds no LoRA adapter (adapter_config.json is missing)", None),
+    # issue 22: training flags and resume
+    ("--output_dir is the base model", "ucf101",
+     lambda c: c.jsonl([good("a")], None, "--output_dir", str(c.tmp / "model"), model=c.model_copy()),
+     "error: --output_dir {tmp}/model is the base model folder (--model_name_or_path {tmp}/model): the run would "
+     "write over the checkpoint it starts from; pass a folder outside it", None),
+    ("--output_dir inside the base model, through a link", "ucf101",
+     lambda c: c.jsonl([good("a")], None, "--output_dir", str(c.tmp / "link" / "run"), model=c.model_copy())
+     if (c.tmp / "link").symlink_to(c.tmp / "model") is None else None,
+     "error: --output_dir {tmp}/link/run is inside the base model folder (--model_name_or_path {tmp}/model): the run "
+     "would write into the checkpoint it starts from; pass a folder outside it", None),
+    ("--output_dir is the base of the resumed adapter", "ucf101",
+     lambda c: c.jsonl([good("a")], None, "--use_lora", "--output_dir", str(c.model_copy()),
+                       "--resume_from_checkpoint", str(resumable(c, {**LORA_FILES, "adapter_config.json": {
+                           "base_model_name_or_path": str(c.tmp / "model")}}))),
+     "error: --output_dir {tmp}/model is the base model folder ({tmp}/ckpt/adapter_config.json names {tmp}/model as "
+     "its base): the run would write over the checkpoint it starts from; pass a folder outside it", None),
+    ("export into the base model folder", "export",
+     lambda c: [str(adapter(c, c.tmp / "model")), str(c.model_copy())],
+     "error: {tmp}/model already holds model files (config.json, model.safetensors): pass a new or empty folder (an "
+     "old shard or index there would be mixed with the merged model)", None),
+    flag_case("--lora_dropout 1.5", ["--use_lora", "--lora_dropout", "1.5"],
+              "--lora_dropout must be in [0, 1), got 1.5"),
+    flag_case("--lora_alpha_ratio -1", ["--use_lora", "--lora_alpha_ratio", "-1"],
+              "--lora_alpha_ratio must be a number > 0, got -1.0"),
+    flag_case("--lora_alpha 0", ["--use_lora", "--lora_alpha", "0"], "--lora_alpha must be a number > 0, got 0"),
+    flag_case("LoRA alpha rounding to 0", ["--use_lora", "--lora_rank", "1", "--lora_alpha_ratio", "0.4"],
+              "--lora_rank 1 x --lora_alpha_ratio 0.4 rounds to a LoRA alpha of 0 (adapters that change nothing): "
+              "raise the ratio or pass --lora_alpha"),
+    ("resume a LoRA checkpoint without --use_lora", "ucf101",
+     lambda c: c.jsonl([good("a")], None, "--resume_from_checkpoint", str(resumable(c, LORA_FILES))),
+     "error: --resume_from_checkpoint {tmp}/ckpt was written in LoRA/QLoRA mode (it holds adapter_config.json), this "
+     "run is full mode: resume it with --use_lora (or --use_qlora)", None),
+    ("resume full weights with --use_lora", "ucf101",
+     lambda c: c.jsonl([good("a")], None, "--use_lora", "--resume_from_checkpoint",
+                       str(resumable(c, {"model.safetensors": None}))),
+     "error: --resume_from_checkpoint {tmp}/ckpt was written in full fine-tuning mode (it holds model weights, no "
+     "adapter), this run is lora mode: resume it with no --use_lora/--use_qlora", None),
+    ("resume a frozen-vision checkpoint in full mode", "ucf101",
+     lambda c: c.jsonl([good("a")], None, "--resume_from_checkpoint", str(resumable(c, {
+         "model.safetensors": None, "run_info.json": {"mode": "frozen_vision", "frozen": ["projector", "vision"]}}))),
+     "error: --resume_from_checkpoint {tmp}/ckpt was written in frozen_vision mode (projector, vision frozen), this "
+     "run is full mode: resume it with --freeze_vision_model", None),
+    flag_case("--eval_split for jsonl data", ["--eval_split", "train[-5:]"],
+              "--eval_split applies to Hugging Face datasets only, and {data}/ucf101_val.jsonl is a jsonl/json file "
+              "(ours format): leave it out"),
+    flag_case("--train_split for jsonl data", ["--train_split", "train[:5]"],
+              "--train_split applies to Hugging Face datasets only, and {data}/ucf101_train.jsonl is a jsonl/json "
+              "file (ours format): leave it out"),
+    flag_case("--test_split without test data", ["--test_split", "test"],
+              "--test_split applies to Hugging Face datasets only, and there is no test data: leave it out"),
+    flag_case("--dataset_config for jsonl data", ["--dataset_config", "ai2d"],
+              "--dataset_config applies to Hugging Face datasets only, and no data file is one: leave it out"),
+    # issue 22: data
+    ("repeated key in our jsonl", "ucf101", lambda c: c.jsonl([json.dumps(good("a"))[:-1] + ', "id": "b"}']),
+     TRAIN_STOP, "  ucf101_train.jsonl:1: " + REPEATED.format('"id"')),
+    ("repeated key in a LLaVA jsonl turn", "ucf101",
+     lambda c: c.jsonl([json.dumps(llava("l")).replace('"gpt",', '"gpt", "value": "Darts",')]), TRAIN_STOP,
+     "  ucf101_train.jsonl:1: " + REPEATED.format('"value"')),
+    ("repeated key in a messages jsonl", "ucf101",
+     lambda c: c.jsonl([json.dumps(messages("m")).replace('"user",', '"user", "role": "assistant",')]), TRAIN_STOP,
+     "  ucf101_train.jsonl:1: " + REPEATED.format('"role"')),
+    ("repeated key in a LLaVA json array", "ucf101",
+     lambda c: json_array(c, [json.dumps(llava("a")), json.dumps(llava("b")).replace(
+         '"id": "b"', '"id": "b", "image": "other.jpg"')]), TRAIN_STOP_2,
+     "  train.json[1] (line 3): " + REPEATED.format('"image"')),
+    ("empty video file", "ucf101", empty_video, TRAIN_STOP,
+     "  ucf101_train.jsonl:1 (id v): video {images}/empty.avi: empty file (0 bytes)"),
+    ("messages: user after user", "ucf101", lambda c: c.jsonl([messages("m", "user", "user")]), TRAIN_STOP,
+     "  ucf101_train.jsonl:1 (id m): message 2 is from 'user' where an 'assistant' message was expected (a system "
+     "message may only come first; then user and assistant alternate)"),
+    ("LLaVA integer id", "ucf101", lambda c: c.jsonl([llava(7)]), TRAIN_STOP,
+     '  ucf101_train.jsonl:1: "id" must be a non-empty string, got int'),
+    ("messages integer id", "ucf101", lambda c: c.jsonl([messages(7)]), TRAIN_STOP,
+     '  ucf101_train.jsonl:1: "id" must be a non-empty string, got int'),
 ]
 
 

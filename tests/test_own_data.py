@@ -205,6 +205,24 @@ def test_the_same_samples_in_every_format_give_identical_batches(processor, tmp_
     assert "careful" not in supervised and "Hi!" in supervised and "red" in supervised
 
 
+def test_files_with_a_byte_order_mark_are_read_as_without(processor, tmp_path):
+    """Windows editors start a UTF-8 file with a byte-order mark (EF BB BF): our jsonl, a LLaVA json array and a
+    messages jsonl with one validate and give the batches they give without it."""
+    import codecs
+
+    from phi3v.data.formats import load_data
+    from phi3v.data.validation import validate
+
+    files = write_three_formats(tmp_path)
+    reference = batch_of(load_data(files["ours"], processor))
+    for name in ("ours", "llava", "messages"):
+        files[name].write_bytes(codecs.BOM_UTF8 + files[name].read_bytes())
+        dataset = load_data(files[name], processor)
+        assert validate(dataset, disable_tqdm=True)[1] == [], name
+        batch = batch_of(dataset)
+        assert batch["sample_ids"] == ["a", "b", "c"] and torch.equal(batch["input_ids"], reference["input_ids"])
+
+
 def test_convert_writes_our_jsonl_from_every_format(processor, tmp_path):
     from phi3v.data.convert import main
     from phi3v.data.formats import load_data
@@ -258,7 +276,7 @@ def test_messages_parts_tags_and_mistakes(tmp_path):
     assert messages(("user", "Q"), images=()).turns[0].assistant is None  # a prompt without answer (evaluation)
     for turns, images, message in [
         ((("user", "<image> one tag"), ("assistant", "x")), ("a.png", "b.png"), r"1 <image> tag\(s\) but 2 image"),
-        ((("user", "Q"), ("user", "Q2")), (), "message 2 is from 'user' where a 'assistant' message was expected"),
+        ((("user", "Q"), ("user", "Q2")), (), "message 2 is from 'user' where an 'assistant' message was expected"),
         ((("user", "Q"), ("assistant", "<image>")), ("a.png",), "an assistant message cannot hold"),
         ((("user", [{"type": "audio"}]), ("assistant", "x")), (), "a content part must be"),
         ((("user", "Q"), ("assistant", "x")), ("../escape.png",), "outside the image root"),
@@ -313,8 +331,8 @@ def test_video_on_the_fly_gives_the_converters_frames(processor, tmp_path):
     record["videos"] = ["src/bad.avi"]
     (tmp_path / "bad.jsonl").write_text(json.dumps(record) + "\n")
     _, problems = validate(load_data(tmp_path / "bad.jsonl", processor, num_frames=4), disable_tqdm=True)
-    assert [str(p) for p in problems] == [f"bad.jsonl:1 (id train-0000000000): image {tmp_path}/src/bad.avi: "
-                                          "unreadable video: invalid data: not a video file, or a corrupt one"]
+    assert [str(p) for p in problems] == [f"bad.jsonl:1 (id train-0000000000): video {tmp_path}/src/bad.avi: "
+                                          "invalid data: not a video file, or a corrupt one"]
 
 
 def test_a_parquet_folder_of_several_configs_is_refused(tmp_path):
@@ -396,6 +414,73 @@ def test_a_restart_rechecks_only_changed_files(processor, tmp_path, monkeypatch)
     assert len(data["images"]) == 12 and list(data["splits"]) == ["train"]
 
 
+def test_a_file_rewritten_with_the_same_size_is_checked_again(processor, tmp_path):
+    """The cache knows a file by its size and modification time: new content of the same size, written later, is
+    decoded again and its problem reported (a cache keyed by size alone would reuse the old verdict)."""
+    from phi3v.data.jsonl import jsonl_dataset
+    from phi3v.data.validation import prepare_dataset
+
+    path = image_dataset(tmp_path, 2)
+
+    def start():
+        return prepare_dataset(jsonl_dataset(path, tmp_path / "images", processor), "train", None, True,
+                               tmp_path / "out", workers=1, disable_tqdm=True, cache_dir=tmp_path / "cache").names
+
+    assert start() == ["data.jsonl:1", "data.jsonl:2"]
+    image = tmp_path / "images" / "1.png"
+    before = image.stat()
+    image.write_bytes(b"\x89PNG broken".ljust(before.st_size, b"\0"))
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    assert image.stat().st_size == before.st_size
+    assert start() == ["data.jsonl:1"]
+    skipped = json.loads((tmp_path / "out" / "skipped_samples_train.jsonl").read_text())
+    assert skipped == {"where": "data.jsonl:2", "sample_id": "1",
+                       "message": f"image {image}: not an image file (or an unsupported format)"}
+
+
+def test_duplicate_ids_are_found_across_the_shares_of_two_ranks(tiny_dir, tmp_path, monkeypatch):
+    """Under torchrun each rank checks every second item: here items 1 and 4 share an id but rank 0 checks item 1
+    and rank 1 item 4. Two threads stand in for the two ranks, exchanging their results as all_gather_object does."""
+    import threading
+
+    import phi3v.validation as validation
+
+    from phi3v.data.jsonl import jsonl_dataset
+    from phi3v.models.phi3_v.processing import Phi3VProcessor
+
+    path = image_dataset(tmp_path, 4)
+    path.write_text(path.read_text().replace('"id": "3"', '"id": "0"'))
+    rank, barrier, parts, kept, failures = threading.local(), threading.Barrier(2, timeout=120), [None, None], {}, []
+
+    def all_gather_object(output, part):
+        parts[rank.value] = part
+        barrier.wait()
+        output[:] = parts
+
+    def run(value):
+        rank.value = value
+        try:
+            dataset = jsonl_dataset(path, tmp_path / "images", Phi3VProcessor.from_pretrained(tiny_dir))
+            kept[value] = validation.prepare_dataset(dataset, "train", None, True, tmp_path / "out", workers=1,
+                                                     disable_tqdm=True).names
+        except Exception as error:
+            failures.append(error)
+            barrier.abort()
+
+    monkeypatch.setattr(validation, "world_rank_size", lambda: (rank.value, 2))
+    monkeypatch.setattr(validation.dist, "all_gather_object", all_gather_object)
+    threads = [threading.Thread(target=run, args=(value,)) for value in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures
+    assert kept == dict.fromkeys((0, 1), ["data.jsonl:1", "data.jsonl:2", "data.jsonl:3"])  # the same on each rank
+    skipped = json.loads((tmp_path / "out" / "skipped_samples_train.jsonl").read_text())
+    assert skipped == {"where": "data.jsonl:4", "sample_id": "0",
+                       "message": "duplicate id: data.jsonl:1 has the same id"}
+
+
 @pytest.mark.slow
 def test_validation_split_across_two_ranks_reports_as_one_process(tiny_dir, tmp_path):
     from tests.test_distributed import free_port
@@ -421,6 +506,22 @@ def test_validation_split_across_two_ranks_reports_as_one_process(tiny_dir, tmp_
         assert json.loads((tmp_path / "two" / f"report-{rank}.json").read_text()) == reference, rank
     assert (tmp_path / "two" / "skipped_samples_train.jsonl").read_text() == \
         (tmp_path / "one" / "skipped_samples_train.jsonl").read_text()
+
+
+def test_a_hub_dataset_with_an_integer_id_column_is_read(processor, tmp_path):
+    """In a json or jsonl file an "id" must be a string, as in ours (5 and "5" would both become "5"); a hub dataset's
+    column has one type for every row, so an integer id column is taken as text."""
+    import datasets
+
+    from phi3v.data.formats import load_data
+    from tests.conftest import make_image
+
+    features = datasets.Features({"id": datasets.Value("int64"), "images": [datasets.Image()], "messages": [
+        {"role": datasets.Value("string"), "content": datasets.Value("string")}]})
+    rows = {"id": [5], "images": [[make_image(40, 30)]],
+            "messages": [[{"role": "user", "content": "Which?"}, {"role": "assistant", "content": "a"}]]}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "hub"))
+    assert load_data(tmp_path / "hub", processor).conversation(0).id == "5"
 
 
 def test_cauldron_texts_from_a_folder_of_configs(processor, tmp_path):

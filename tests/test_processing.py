@@ -102,7 +102,8 @@ def test_offsets_cover_the_text(processor):
 def test_save_and_load(processor, tmp_path):
     processor.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    assert config["tokenizer_class"] == "LlamaTokenizer" and "<|assistant|>" in config["chat_template"]
+    # no config.json here: a name transformers 5 reads as tokenizer.json as it is (tests/test_saved_tokenizers.py)
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and "<|assistant|>" in config["chat_template"]
     assert not (tmp_path / "processor_config.json").exists()  # without auto_map it misleads 4.x (layout.py)
     loaded = Phi3VProcessor.from_pretrained(tmp_path, num_crops=16)
     assert loaded.num_crops == 16

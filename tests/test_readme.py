@@ -47,9 +47,19 @@ def test_the_readme_starts_with_the_two_commands():
     assert code_blocks("bash")[0] == "make demo\nmake test\n"
 
 
+def checkpoint_to_resume(folder: Path) -> None:
+    """`--resume_from_checkpoint last` is resolved when the flags are checked: a full-mode checkpoint to find."""
+    (folder / "output" / "checkpoint-1").mkdir(parents=True)
+    (folder / "output" / "checkpoint-1" / "trainer_state.json").write_text('{"global_step": 1}')
+    (folder / "output" / "checkpoint-1" / "model.safetensors").write_text("")
+
+
 @pytest.mark.parametrize("command", commands())
-def test_readme_command(command):
+def test_readme_command(command, tmp_path, monkeypatch):
     program, args = script_and_args(command)
+    if "--resume_from_checkpoint" in args:
+        monkeypatch.chdir(tmp_path)
+        checkpoint_to_resume(tmp_path)
     if program == "make":
         makefile = (REPO / "Makefile").read_text()
         assert all(re.search(rf"^{target}:", makefile, flags=re.M) for target in args), command

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import finetune_hf_trainer_ucf101 as ucf101
+from phi3v.common.errors import BadValue
 from tests.conftest import ucf_args
 
 
@@ -34,6 +35,34 @@ def test_trains_and_writes_results(mode, tiny_dir, ucf_data, tmp_path):
     assert (out / ("adapter_config.json" if mode else "model.safetensors")).exists()
     assert (out / "training_curves.png").exists()
     assert (out / "checkpoint-2" / "checkpoint_complete.json").exists()
+    # the checkpoint records its mode; resumed in the other one, it is refused before loading, naming the flags
+    record = json.loads((out / "checkpoint-2" / "run_info.json").read_text())
+    assert (record["mode"], record["frozen"]) == ("lora" if mode else "full", [])
+    with pytest.raises(BadValue) as refused:
+        ucf101.main(ucf_args(tiny_dir, ucf_data, out, "--max_steps", "4", *([] if mode else ["--use_lora"]),
+                             "--resume_from_checkpoint", "last"))
+    assert str(refused.value) == f"--resume_from_checkpoint {out / 'checkpoint-2'} was written in " + (
+        "lora mode, this run is full mode: resume it with --use_lora" if mode else
+        "full mode, this run is lora mode: resume it with no --use_lora, --use_qlora or --freeze_* flag")
+
+
+def test_every_lora_flag_reaches_the_trained_adapter(tiny_dir, ucf_data, tmp_path):
+    """Each LoRA flag, set away from its default, read back from the adapter_config.json the run wrote. The expected
+    targets are worked out by hand from the tiny model (2 decoder layers; CLIP's layer 1 is after the feature layer,
+    so unused): the names given, minus the exclusion."""
+    out = tmp_path / "out"
+    ucf101.main(ucf_args(tiny_dir, ucf_data, out, "--max_steps", "1", "--no_eval_before_training",
+                         "--no_eval_after_training", "--use_lora", "--lora_rank", "4", "--lora_alpha_ratio", "3",
+                         "--lora_dropout", "0.25", "--lora_target_modules", "qkv_proj", "o_proj", "fc1",
+                         "--lora_exclude_modules", "layers.1.self_attn.o_proj", "--lora_modules_to_save",
+                         "img_projection", "--use_dora", "--use_rslora"))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 12, 0.25)
+    assert (config["use_dora"], config["use_rslora"]) == (True, True)
+    assert sorted(config["target_modules"]) == [
+        "model.layers.0.self_attn.o_proj", "model.layers.0.self_attn.qkv_proj", "model.layers.1.self_attn.qkv_proj",
+        "model.vision_embed_tokens.img_processor.vision_model.encoder.layers.0.mlp.fc1"]
+    assert config["modules_to_save"] == ["model.vision_embed_tokens.img_projection"]
 
 
 def test_resume_gives_the_same_losses(tiny_dir, ucf_data, tmp_path, monkeypatch):

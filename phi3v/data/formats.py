@@ -18,7 +18,9 @@ will be trained.
 
 from __future__ import annotations
 
+import codecs
 import functools
+import itertools
 import json
 import os
 import re
@@ -29,47 +31,70 @@ from phi3v.data.conversation import Conversation, Problem, Turn
 from phi3v.data.dataset import ConversationDataset
 from phi3v.data.hub_datasets import hub_image, load_hf_split
 from phi3v.data.images import resolve_image_path
-from phi3v.data.jsonl import SampleError, conversation_from_record, read_jsonl
+from phi3v.data.jsonl import KeyCheck, SampleError, conversation_from_record, read_jsonl, record_id, valid_id
 from phi3v.data.video import video_frames
 
 FORMATS = ("auto", "ours", "llava", "messages", "hf")
 PLACEHOLDER = re.compile(r"<image>|<video>")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+SEPARATORS = re.compile(r"[\s,]*")  # between the items of an array already known to be valid JSON
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 # ------------------------------------------------------------------------------------------------- reading files
 
 
+def is_json_array(path: str | os.PathLike) -> bool:
+    """Whether a data file is one JSON array (LLaVA's .json) rather than jsonl, after any byte-order mark."""
+    with open(path, "rb") as f:
+        return f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"[")
+
+
 def read_records(path: str | os.PathLike) -> tuple[list[tuple[str, dict]], list[Problem]]:
     """(where, record) for a JSON array file or a jsonl file, and the unreadable lines. A JSON file is one array
-    (LLaVA's .json) read whole; anything else is read line by line."""
+    (LLaVA's .json) read whole; anything else is read line by line. Both may start with a byte-order mark."""
     path, name = Path(path), Path(path).name
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
-    if head.startswith(b"["):
-        try:
-            array = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise UserError(f"{path}: not a valid JSON array ({str(error).splitlines()[0][:200]})") from error
-        except RecursionError:
-            raise UserError(f"{path}: not a valid JSON array (nested too deeply to read: thousands of [ or {{)"
-                            ) from None
-        records = [(f"{name}[{i}]", r) for i, r in enumerate(array) if isinstance(r, dict)]
-        problems = [Problem(f"{name}[{i}]", None, f"an item must be a JSON object, got {type(r).__name__}")
-                    for i, r in enumerate(array) if not isinstance(r, dict)]
-        return records, problems
-    records, errors = read_jsonl(path)
-    return ([(f"{name}:{line}", r) for line, r in records],
-            [Problem(f"{name}:{line}", None, message) for line, message in errors])
+    if not is_json_array(path):
+        records, errors = read_jsonl(path)
+        return ([(f"{name}:{line}", r) for line, r in records],
+                [Problem(f"{name}:{line}", None, message) for line, message in errors])
+    keys = KeyCheck()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        array = json.loads(text, object_pairs_hook=keys)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path}: not a valid JSON array ({str(error).splitlines()[0][:200]})") from error
+    except RecursionError:
+        raise UserError(f"{path}: not a valid JSON array (nested too deeply to read: thousands of [ or {{)"
+                        ) from None
+    repeated = repeated_keys(text) if keys.problem else {}
+    problems = [Problem(f"{name}[{i}] (line {line})", None, message) for i, (line, message) in repeated.items()]
+    problems += [Problem(f"{name}[{i}]", None, f"an item must be a JSON object, got {type(r).__name__}")
+                 for i, r in enumerate(array) if not isinstance(r, dict)]
+    records = [(f"{name}[{i}]", r) for i, r in enumerate(array) if isinstance(r, dict) and i not in repeated]
+    return records, problems
+
+
+def repeated_keys(text: str) -> dict[int, tuple[int, str]]:
+    """{item index: (its first line, problem)} for the items of a valid JSON array that repeat a key in an object,
+    found item by item (only once the whole array was seen to hold such an item)."""
+    found, position = {}, text.index("[") + 1
+    for index in itertools.count():
+        position = SEPARATORS.match(text, position).end()
+        if text.startswith("]", position):
+            return found
+        keys = KeyCheck()
+        _, end = json.JSONDecoder(object_pairs_hook=keys).raw_decode(text, position)
+        if keys.problem:
+            found[index] = (text.count("\n", 0, position) + 1, keys.problem)
+        position = end
 
 
 def first_records(path: str | os.PathLike, count: int) -> list[dict]:
     """The first `count` records of a data file, reading a jsonl file only as far as needed."""
+    if is_json_array(path):
+        return [record for _, record in read_records(path)[0][:count]]
     with open(path, "rb") as f:
-        if f.read(4096).lstrip().startswith(b"["):
-            return [record for _, record in read_records(path)[0][:count]]
-        f.seek(0)
         records = []
         for line in f:
             try:
@@ -154,10 +179,10 @@ def build_conversation(sample_id: str, messages: list[tuple[str, str]], images: 
     pending = {"<image>": iter(images), "<video>": iter(videos)}
     turns, user = [], None
     for number, (role, text) in enumerate(messages, start=1):
-        expected = "user" if user is None else "assistant"
+        expected, article = ("user", "a") if user is None else ("assistant", "an")
         if role != expected:
-            raise ValueError(f"message {number} is from {role!r} where a {expected!r} message was expected (a "
-                             "system message may only come first; then user and assistant alternate)")
+            raise ValueError(f"message {number} is from {role!r} where {article} {expected!r} message was expected "
+                             "(a system message may only come first; then user and assistant alternate)")
         if role == "assistant":
             if PLACEHOLDER.search(text):
                 raise ValueError(f"message {number}: an assistant message cannot hold an <image> or <video> tag")
@@ -203,10 +228,6 @@ def _text(content, number: int) -> str:
     return text
 
 
-def _sample_id(record: dict, where: str) -> str:
-    return str(record["id"]) if record.get("id") is not None else where
-
-
 def llava_conversation(item: tuple[str, dict], image_root: str | os.PathLike, num_frames: int = 8) -> Conversation:
     where, record = item
     try:
@@ -221,10 +242,10 @@ def llava_conversation(item: tuple[str, dict], image_root: str | os.PathLike, nu
             messages.append((role, turn["value"]))
         images = [resolve_image_path(image_root, p) for p in _as_list(record.get("image"))]
         videos = [resolve_image_path(image_root, p) for p in _as_list(record.get("video"))]
-        return build_conversation(_sample_id(record, where), messages, images, videos, num_frames,
+        return build_conversation(record_id(record, where), messages, images, videos, num_frames,
                                   record.get("system"))
     except ValueError as error:
-        raise SampleError(str(error), record.get("id")) from error
+        raise SampleError(str(error), valid_id(record)) from error
 
 
 def messages_conversation(item: tuple[str, dict], image_root: str | os.PathLike | None, num_frames: int = 8
@@ -244,9 +265,9 @@ def messages_conversation(item: tuple[str, dict], image_root: str | os.PathLike 
         else:
             images = [resolve_image_path(image_root, p) for p in _as_list(record.get("images"))]
             videos = [resolve_image_path(image_root, p) for p in _as_list(record.get("videos"))]
-        return build_conversation(_sample_id(record, where), pairs, images, videos, num_frames, record.get("system"))
+        return build_conversation(record_id(record, where), pairs, images, videos, num_frames, record.get("system"))
     except ValueError as error:
-        raise SampleError(str(error), record.get("id")) from error
+        raise SampleError(str(error), valid_id(record)) from error
 
 
 def ours_conversation(item: tuple[str, dict], image_root: str | os.PathLike, num_frames: int = 8) -> Conversation:
@@ -260,6 +281,8 @@ def hf_row_conversation(index: int, rows) -> Conversation:
         turns = [t if isinstance(t, dict) else {} for t in row["texts"]]
         messages = [{"role": role, "content": t.get(role)} for t in turns for role in ("user", "assistant")]
         row = {**row, "messages": messages}
+    if isinstance(row.get("id"), int):  # an integer column: typed, so unlike a JSON file it cannot mix 5 and "5"
+        row = {**row, "id": str(row["id"])}
     return messages_conversation((f"row {index}", row), None)
 
 

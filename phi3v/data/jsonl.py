@@ -17,20 +17,39 @@ from phi3v.data.images import resolve_image_path
 from phi3v.data.video import video_frames
 
 
+class KeyCheck:
+    """An `object_pairs_hook` for json.loads that notes the first key repeated within an object (JSON itself keeps
+    only the last value, silently) as `problem`."""
+
+    def __init__(self):
+        self.problem: str | None = None
+
+    def __call__(self, pairs: list[tuple[str, object]]) -> dict:
+        record = dict(pairs)
+        if len(record) < len(pairs) and self.problem is None:
+            seen = set()
+            key = next(key for key, _ in pairs if key in seen or seen.add(key))
+            self.problem = (f"the key {json.dumps(key)} appears twice in one object (only the last value would be "
+                            "read): keep one of them")
+        return record
+
+
 def read_jsonl(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
-    """(line number, record) for every parseable line, and (line number, error) for the others."""
+    """(line number, record) for every parseable line, and (line number, error) for the others. A byte-order mark
+    (Windows editors write one) is allowed; a key repeated within an object is not."""
     records, errors = [], []
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig")
             except UnicodeDecodeError as error:
                 errors.append((number, f"not valid UTF-8 (byte {error.start})"))
                 continue
             if not line.strip():
                 continue
+            keys = KeyCheck()
             try:
-                record = json.loads(line.strip())
+                record = json.loads(line.strip(), object_pairs_hook=keys)
             except json.JSONDecodeError as error:
                 errors.append((number, f"malformed JSON: {error.msg} at column {error.colno}"))
                 continue
@@ -39,6 +58,9 @@ def read_jsonl(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], list[tu
                 continue
             if not isinstance(record, dict):
                 errors.append((number, f"a line must be a JSON object, got {type(record).__name__}"))
+                continue
+            if keys.problem:
+                errors.append((number, keys.problem))
                 continue
             records.append((number, record))
     return records, errors
@@ -60,17 +82,31 @@ def conversation_from_record(record: dict, image_root: str | os.PathLike, num_fr
     except SampleError:
         raise
     except ValueError as error:
-        sample_id = record.get("id") if isinstance(record.get("id"), str) and record["id"].strip() else None
-        raise SampleError(str(error), sample_id) from error
+        raise SampleError(str(error), valid_id(record)) from error
+
+
+def valid_id(record: dict) -> str | None:
+    """The record's id if it is a valid one (to name the record in a problem), else None."""
+    value = record.get("id")
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def record_id(record: dict, default: str | None = None) -> str:
+    """A record's "id": a non-empty string in every file format, as in ours (in JSON, 5 and "5" would both become
+    "5"). Without the key, `default` (the record's place in its file) where the format makes the id optional."""
+    if "id" not in record:
+        if default is None:
+            raise ValueError('missing key "id"')
+        return default
+    if valid_id(record) is None:
+        value = record["id"]
+        shown = "empty" if isinstance(value, str) else "null" if value is None else type(value).__name__
+        raise ValueError(f'"id" must be a non-empty string, got {shown}')
+    return record["id"]
 
 
 def parse_record(record: dict, image_root: str | os.PathLike, num_frames: int = 8) -> Conversation:
-    if "id" not in record:
-        raise ValueError('missing key "id"')
-    if not isinstance(record["id"], str) or not record["id"].strip():
-        shown = "empty" if isinstance(record["id"], str) else "null" if record["id"] is None else \
-            type(record["id"]).__name__
-        raise ValueError(f'"id" must be a non-empty string, got {shown}')
+    sample_id = record_id(record)
     if not isinstance(record.get("conversations"), list):
         raise ValueError('"conversations" must be a list of {"images", "user", "assistant"} objects')
     if not record["conversations"]:
@@ -94,7 +130,7 @@ def parse_record(record: dict, image_root: str | os.PathLike, num_frames: int = 
     system = record.get("system")
     if system is not None and not isinstance(system, str):
         raise ValueError(f'"system" must be a string, got {type(system).__name__}')
-    return Conversation(str(record["id"]), turns, system)
+    return Conversation(sample_id, turns, system)
 
 
 def jsonl_item_conversation(item: tuple[int, dict], image_root: str | os.PathLike, num_frames: int = 8

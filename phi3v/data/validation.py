@@ -26,6 +26,7 @@ from phi3v.data.conversation import Problem, render, tag_warnings
 from phi3v.data.dataset import ConversationDataset
 from phi3v.data.images import image_size, open_image
 from phi3v.data.validation_cache import FILE_NAME, ValidationCache, image_key
+from phi3v.data.video import VideoFrame
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,8 @@ def image_problem(ref, max_pixels: int | None) -> str | None:
         return f"image {name}: not an image file (or an unsupported format)"
     except Image.DecompressionBombError as error:
         return f"image {name}: {error}"
-    except ValueError as error:
-        return f"image {name}: {error}"
+    except ValueError as error:  # a video's reasons all come as a ValueError (phi3v.data.video.open_frame)
+        return f"{'video' if isinstance(ref, VideoFrame) else 'image'} {name}: {error}"
     except (OSError, SyntaxError) as error:
         return f"image {name}: truncated or corrupt ({error})"
     return None
@@ -63,9 +64,13 @@ def check_image(ref, max_pixels: int | None) -> tuple[str | None, tuple[int, int
 def validate(dataset: ConversationDataset, max_length: int | None = None, workers: int = 8,
              disable_tqdm: bool = False, desc: str = "validating", chunk: int = 256,
              indices: list[int] | None = None, cache: ValidationCache | None = None,
-             limit_name: str = "--max_length") -> tuple[list[int | None], list[Problem]]:
+             limit_name: str = "--max_length", ids: dict[int, str] | None = None
+             ) -> tuple[list[int | None], list[Problem]]:
     """(token length per item (None if invalid or not checked), problems) for the items `indices` (default: all,
     and then the problems of unreadable lines too).
+
+    An id seen before is a problem; with `ids` (a dict to fill: item index -> id) that is left to the caller, who
+    may see the ids of other processes' items too.
 
     Items are checked `chunk` at a time, so a hub dataset's image bytes are never all in memory at once; an image
     shared by several items (a page with many questions) is decoded once, and an image `cache` knows (unchanged
@@ -75,7 +80,7 @@ def validate(dataset: ConversationDataset, max_length: int | None = None, worker
     lengths: list[int | None] = [None] * len(dataset)
     problems = list(dataset.load_problems) if indices is None else []
     verdicts: dict = {}  # image key -> (problem message or None, size)
-    first_seen: dict[str, str] = {}  # sample id -> where it first appeared (among the items checked here)
+    found_ids = {} if ids is None else ids
     progress = tqdm(total=len(order), desc=desc, disable=disable_tqdm, unit="sample")
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for first in range(0, len(order), chunk):
@@ -84,10 +89,7 @@ def validate(dataset: ConversationDataset, max_length: int | None = None, worker
                 sample_id = None
                 try:
                     conversation = dataset.conversation(index)
-                    sample_id = conversation.id
-                    if sample_id in first_seen:
-                        raise ValueError(f"duplicate id: {first_seen[sample_id]} has the same id")
-                    first_seen[sample_id] = dataset.where(index)
+                    sample_id = found_ids[index] = conversation.id
                     renders[index] = (sample_id, render(dataset.processor, conversation, dataset.for_generation))
                     for warning in tag_warnings(conversation):
                         logger.warning(f"{dataset.where(index)} (id {sample_id}): {warning}")
@@ -126,28 +128,45 @@ def validate(dataset: ConversationDataset, max_length: int | None = None, worker
                 lengths[index] = length
             progress.update(len(order[first:first + chunk]))
     progress.close()
+    if ids is None:
+        problems += duplicate_ids(dataset, found_ids, lengths)
     problems.sort(key=lambda p: _order(p.where))
     return lengths, problems
 
 
-def _gather(dataset: ConversationDataset, lengths, problems, shard, cache: ValidationCache):
+def duplicate_ids(dataset: ConversationDataset, ids: dict[int, str], lengths: list[int | None]) -> list[Problem]:
+    """A problem for each item whose id an earlier item has (`ids`: item index -> id), its length set to None."""
+    first_seen, problems = {}, []
+    for index in sorted(ids):
+        if ids[index] in first_seen:
+            problems.append(Problem(dataset.where(index), ids[index],
+                                    f"duplicate id: {first_seen[ids[index]]} has the same id"))
+            lengths[index] = None
+        else:
+            first_seen[ids[index]] = dataset.where(index)
+    return problems
+
+
+def _gather(dataset: ConversationDataset, lengths, problems, ids, shard, cache: ValidationCache):
     """Every rank's (lengths, problems, new cache entries) put together, on every rank, in the order one process
-    would have found them."""
+    would have found them; ids repeated anywhere in the dataset, whichever ranks checked them, are problems too."""
     _, world = world_rank_size()
-    part = ({i: lengths[i] for i in shard}, problems, cache.new_images, sorted(cache.used))
+    part = ({i: lengths[i] for i in shard}, problems, ids, cache.new_images, sorted(cache.used))
     parts = [part]
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, part)
     merged = [None] * len(dataset)
-    found = list(dataset.load_problems)
+    found, all_ids = list(dataset.load_problems), {}
     cache.used = set()
-    for shard_lengths, shard_problems, new_images, shard_images in parts:
+    for shard_lengths, shard_problems, shard_ids, new_images, shard_images in parts:
         for index, length in shard_lengths.items():
             merged[index] = length
         found += shard_problems
+        all_ids.update(shard_ids)
         cache.merge_images(new_images)
         cache.used.update(shard_images)
+    found += duplicate_ids(dataset, all_ids, merged)
     found.sort(key=lambda p: _order(p.where))
     return merged, found
 
@@ -181,11 +200,11 @@ def prepare_dataset(dataset: ConversationDataset, split: str, max_length: int | 
         lengths, problems = known[0], [Problem(**p) for p in known[1]]
         logger.info(f"{split}: validation results reused from {cache.path} (no file changed)")
     else:
-        shard = list(range(rank, len(dataset), world))  # interleaved: every rank gets a fair mix of items
+        shard, ids = list(range(rank, len(dataset), world)), {}  # interleaved: each rank gets a fair mix of items
         lengths, problems = validate(dataset, max_length, workers, disable_tqdm or not rank0,
                                      desc=f"validating {split}" + (f" (rank 0 of {world})" if world > 1 else ""),
-                                     indices=shard, cache=cache, limit_name=limit_name)
-        lengths, problems = _gather(dataset, lengths, problems, shard, cache)
+                                     indices=shard, cache=cache, limit_name=limit_name, ids=ids)
+        lengths, problems = _gather(dataset, lengths, problems, ids, shard, cache)
         if rank0:
             cache.store_split(split, fingerprint, lengths, [asdict(p) for p in problems], cache.used)
             cache.save()

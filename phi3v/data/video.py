@@ -36,6 +36,8 @@ def read_frames(path: str | os.PathLike, count: int) -> list:
     import av
 
     require_regular_file(path)
+    if os.path.getsize(path) == 0:
+        raise ValueError("empty file (0 bytes)")
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise ValueError("no video stream")
@@ -114,15 +116,16 @@ def _cached_frames(path: Path, count: int, stamp: tuple[int, int]) -> list:
 
 def open_frame(frame: VideoFrame):
     """The PIL image of a frame reference: the video is decoded once (per process, per size and mtime) for all its
-    frames; concurrent threads asking for the same video wait for one decode. Raises ValueError when unreadable."""
+    frames; concurrent threads asking for the same video wait for one decode. Raises ValueError, saying why, when
+    unreadable (the caller names the video)."""
     try:
         stat = frame.path.stat()
         with _locks_guard:
             lock = _locks.setdefault((frame.path, frame.count), threading.Lock())
         with lock:
             frames = _cached_frames(frame.path, frame.count, (stat.st_size, stat.st_mtime_ns))
-    except Exception as error:  # any unreadable video: one line naming it
-        raise ValueError(f"unreadable video: {describe_error(error)}") from error
+    except Exception as error:  # any unreadable video: one line
+        raise ValueError(describe_error(error)) from error
     return frames[frame.index]
 
 
@@ -137,4 +140,4 @@ def frame_size(frame: VideoFrame) -> tuple[int, int]:
             context = container.streams.video[0].codec_context
             return context.width, context.height
     except Exception as error:
-        raise ValueError(f"unreadable video: {describe_error(error)}") from error
+        raise ValueError(describe_error(error)) from error

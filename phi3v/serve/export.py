@@ -3,7 +3,7 @@
     python -m phi3v.export OUTPUT_DIR MERGED_DIR [--base BASE_DIR] [--dtype bfloat16]
     python -m phi3v.export OUTPUT_DIR MERGED_DIR --push_to_hub you/phi35v-ucf101 [--private]
 
-The result is the hub repo's layout (see phi3v.serving): config.json and preprocessor/processor configs with the
+The result is the hub repo's layout (the family's layout.py): config.json and preprocessor/processor configs with the
 official auto_map, the official *.py remote code (copied from a local --base, or fetched from the Hub, *.py only),
 5 GB weight shards with the official tensor names, generation_config.json with the chat stop ids, the tokenizer
 files with the chat template, and a model card (README.md). It loads with `Phi3VForCausalLM.from_pretrained` here,

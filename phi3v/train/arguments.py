@@ -101,6 +101,11 @@ class ModelArguments:
             raise ValueError(f"--num_crops must be between 1 and 16, got {self.num_crops}")
         if self.lora_rank < 1:
             raise ValueError(f"--lora_rank must be >= 1, got {self.lora_rank}")
+        if not 0 <= self.lora_dropout < 1:  # torch refuses it, but only once the model is loaded
+            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        for flag, value in (("--lora_alpha", self.lora_alpha), ("--lora_alpha_ratio", self.lora_alpha_ratio)):
+            if value is not None and not 0 < value < float("inf"):  # PEFT would train with that scale, silently
+                raise ValueError(f"{flag} must be a number > 0, got {value}")
         self.resolve_parts()
 
     def resolve_parts(self) -> None:
@@ -119,6 +124,9 @@ class ModelArguments:
                              f"--lora_alpha_ratio {self.lora_alpha_ratio}: give one of them")
         self.lora_alpha_ratio = 2.0 if self.lora_alpha_ratio is None else self.lora_alpha_ratio  # the original's
         self.lora_alpha = round(self.lora_rank * self.lora_alpha_ratio) if self.lora_alpha is None else self.lora_alpha
+        if self.lora_alpha < 1:
+            raise ValueError(f"--lora_rank {self.lora_rank} x --lora_alpha_ratio {self.lora_alpha_ratio} rounds to a "
+                             "LoRA alpha of 0 (adapters that change nothing): raise the ratio or pass --lora_alpha")
         if not self.use_lora:
             lora_only = [flag for flag, value in (
                 ("--lora_target_modules", self.lora_target_modules), ("--lora_exclude_modules",

@@ -15,6 +15,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from phi3v.common.errors import BadValue, MissingFile, UserError
 from phi3v.common.plotting import save_training_curves
+from phi3v.serve.publish import RUN_INFO
+from phi3v.train.arguments import ModelArguments
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +193,7 @@ class CheckpointsMixin:
         self.accelerator.wait_for_everyone()  # every rank has written its part (optimizer shards, RNG state)
         if self.args.should_save:
             save_training_curves(self.state.log_history, staged)
+            self.save_run_record(staged)  # its mode and frozen parts, which a resume must match (check_resume_setup)
             mark_complete(staged, self.state.global_step)
             move_into_place(staged, run_dir / name)
             with contextlib.suppress(OSError):  # only when empty: other ranks' parts would be in it
@@ -242,3 +245,52 @@ def clear_staging(output_dir: str | Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
     for leftover in Path(output_dir).glob(f"{STAGING}-replaced-*"):
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+def recorded(path: Path) -> dict:
+    """A JSON file of a checkpoint, or {} where it is missing or unreadable (then its other files tell)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+FREEZE_FLAGS = {"vision": "--freeze_vision_tower", "projector": "--freeze_projector", "language": "--freeze_llm"}
+
+
+def setup_name(mode: str, frozen: set[str]) -> str:
+    return f"{mode} mode" + (f" ({', '.join(sorted(frozen))} frozen)" if frozen else "")
+
+
+def setup_flags(mode: str, frozen: set[str]) -> str:
+    """The flags that select `mode` with the `frozen` parts."""
+    flags = {"lora": ["--use_lora"], "qlora": ["--use_qlora"]}.get(mode, [])
+    if {"vision", "projector"} <= frozen:
+        flags.append("--freeze_vision_model")
+        frozen = frozen - {"vision", "projector"}
+    flags += [FREEZE_FLAGS[part] for part in sorted(frozen) if part in FREEZE_FLAGS]
+    return " ".join(flags) or "no --use_lora, --use_qlora or --freeze_* flag"
+
+
+def check_resume_setup(checkpoint: str, model_args: ModelArguments) -> None:
+    """Refuse a checkpoint written in another tuning mode, in one line naming the flags that resume it. The Trainer
+    would fail only after loading the model: "Can't find a checkpoint index" for an adapter resumed without
+    --use_lora, an optimizer "parameter group doesn't match" for weights resumed with it or other parts frozen.
+    This recipe's checkpoints record their mode and frozen parts (run_info.json); for others, adapter_config.json
+    tells an adapter (LoRA/QLoRA) from model weights (full fine-tuning, frozen parts unknown)."""
+    run = recorded(Path(checkpoint) / RUN_INFO)
+    if isinstance(run.get("frozen"), list):
+        mode, frozen = str(run.get("mode")), set(map(str, run["frozen"]))
+        if (mode in ("lora", "qlora")) == model_args.use_lora and frozen == model_args.frozen_parts:
+            return  # LoRA and QLoRA adapters are the same tensors: either resumes the other
+        written, flags = setup_name(mode, frozen), setup_flags(mode, frozen)
+    else:
+        adapter = (Path(checkpoint) / "adapter_config.json").is_file()
+        if adapter == model_args.use_lora:
+            return
+        written = ("LoRA/QLoRA mode (it holds adapter_config.json)" if adapter
+                   else "full fine-tuning mode (it holds model weights, no adapter)")
+        flags = "--use_lora (or --use_qlora)" if adapter else "no --use_lora/--use_qlora"
+    raise BadValue(f"--resume_from_checkpoint {checkpoint} was written in {written}, this run is "
+                   f"{setup_name(model_args.tuning_mode, model_args.frozen_parts)}: resume it with {flags}")

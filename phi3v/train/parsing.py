@@ -18,9 +18,10 @@ import torch
 from transformers import HfArgumentParser
 from transformers.integrations import is_deepspeed_available
 
-from phi3v.common.errors import BadValue, MissingFile, UserError
+from phi3v.common.errors import BadValue, UserError
 from phi3v.flag_index import OneLineErrors, save_index, split_config_file, unknown_arguments
 from phi3v.train.arguments import DS_CONFIGS, ModelArguments
+from phi3v.train.checkpoints import check_resume_setup, recorded, resolve_checkpoint
 from phi3v.train.training_arguments import RecipeTrainingArguments
 
 
@@ -39,9 +40,11 @@ def parse_args(data_class: type, argv: list[str] | None = None, **defaults):
     except ValueError as error:  # a __post_init__ check of any group: the user's flags, said in one line
         raise BadValue(str(error).strip()) from error
     check_output_dir(training_args.output_dir)
-    resume = training_args.resume_from_checkpoint
-    if resume and resume.lower() not in ("last", "latest", "true") and not Path(resume).is_dir():
-        raise MissingFile(f"--resume_from_checkpoint {resume}: no such directory")
+    resumed = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    training_args.resume_from_checkpoint = resumed  # `last` resolved once, here, before anything loads
+    check_not_a_source(training_args.output_dir, model_args.model_name_or_path, resumed)
+    if resumed:
+        check_resume_setup(resumed, model_args)
     return model_args, data_args, training_args
 
 
@@ -58,6 +61,24 @@ def check_output_dir(output_dir: str) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise BadValue(f"--output_dir {output_dir}: {existing} is not writable (read-only or another user's); pass "
                        "a folder you can write to")
+
+
+def check_not_a_source(output_dir: str, base: str, resumed: str | None) -> None:
+    """Refuse an --output_dir that is, or is inside, the model the run starts from: --model_name_or_path, or the
+    base a resumed adapter was trained on. Saving writes config.json, generation_config.json, the processor and
+    tokenizer files and model.safetensors, over the base checkpoint's own. Paths are compared resolved."""
+    sources = {f"--model_name_or_path {base}": base}
+    if resumed:
+        adapter_base = recorded(Path(resumed) / "adapter_config.json").get("base_model_name_or_path")
+        sources[f"{resumed}/adapter_config.json names {adapter_base} as its base"] = adapter_base
+    out = Path(output_dir).resolve()
+    for what, source in sources.items():
+        if isinstance(source, str) and Path(source).is_dir():
+            folder = Path(source).resolve()
+            if out == folder or folder in out.parents:
+                raise BadValue(f"--output_dir {output_dir} is {'' if out == folder else 'inside '}the base model "
+                               f"folder ({what}): the run would write {'over' if out == folder else 'into'} the "
+                               "checkpoint it starts from; pass a folder outside it")
 
 
 class RecipeParser(OneLineErrors, HfArgumentParser):
@@ -91,8 +112,8 @@ def run_record(data_class: type, argv: list[str], model_args: ModelArguments, da
     script = Path(sys.argv[0]).name if module == "__main__" else f"{module.replace('.', '/')}.py"
     data = {f.name: getattr(data_args, f.name) for f in dataclasses.fields(data_args)
             if f.init and getattr(data_args, f.name) != f.default}
-    return {"base_model": model_args.model_name_or_path, "mode": model_args.tuning_mode, "data": data,
-            "command": shlex.join(["python", script, *argv])}
+    return {"base_model": model_args.model_name_or_path, "mode": model_args.tuning_mode,
+            "frozen": sorted(model_args.frozen_parts), "data": data, "command": shlex.join(["python", script, *argv])}
 
 
 # ------------------------------------------------------------------------------------------------- config files

@@ -20,7 +20,7 @@ class PublishingMixin:
     """Phi3VTrainer's saves: every model directory servable, pushed once at the end with its card."""
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """save_pretrained, plus what vLLM and transformers 4.x need (phi3v.serving) in every model directory:
+        """save_pretrained, plus what vLLM and transformers 4.x need (complete_layout) in every model directory:
         the final output and each checkpoint of the full modes (a LoRA output is an adapter; its merge is)."""
         super()._save(output_dir, state_dict)
         if self.args.should_save and not isinstance(self.model, PeftModel):
@@ -48,12 +48,17 @@ class PublishingMixin:
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         pass  # checkpoints stay local: the repo gets the final model in the serving layout
 
+    def save_run_record(self, folder: Path) -> dict:
+        """run_info.json: base model, mode, frozen parts, data flags and command line (train.parsing.run_record)."""
+        record = dict(getattr(self.args, "run_record", None) or {})
+        (folder / RUN_INFO).write_text(json.dumps(record, indent=1, default=str) + "\n")
+        return record
+
     def write_run_info(self) -> Path | None:
         """run_info.json in the output directory, and the model card (README.md) of the run's servable model:
         the output directory (full modes) or OUTPUT_DIR/merged (LoRA, once merged). Returns that directory."""
         out = Path(self.args.output_dir)
-        record = dict(getattr(self.args, "run_record", None) or {})
-        (out / RUN_INFO).write_text(json.dumps(record, indent=1, default=str) + "\n")
+        record = self.save_run_record(out)
         lora = isinstance(self.model, PeftModel)
         model_dir = out / "merged" if lora else out
         if not (model_dir / "config.json").is_file():

@@ -8,8 +8,9 @@ Both load Phi-3.5-vision through the hub's remote code, so a model directory we 
                               does not know and no auto_map, silently falls back to the tokenizer
     *.py                      the official remote code, from a local base folder or fetched from the Hub (*.py only)
     generation_config.json    eos [2, 32000, 32007]: the official 2 (`</s>`) never ends a chat turn; <|end|> does
-    model*.safetensors        5 GB shards + model.safetensors.index.json (phi3v.models.phi3_v.modeling), as the hub
-    tokenizer_config.json     additional_special_tokens (phi3v.processing), a form every 4.x and 5.x release reads
+    model*.safetensors        5 GB shards + model.safetensors.index.json (its modeling), as the hub repo
+    tokenizer_config.json     the official tokenizer_class and additional_special_tokens (its processing), a
+                              form every 4.x and 5.x release reads, tokenizer.json as it is
 
 Without the *.py files (`--no_remote_code_files`, or a local base that has none) auto_map names the code in its hub
 repo (`microsoft/Phi-3.5-vision-instruct--modeling_phi3_v.Phi3VForCausalLM`), which 4.x downloads at load time.

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, BatchFeature
+from transformers import BatchFeature, PreTrainedTokenizerFast
 
 from phi3v.common.errors import Unavailable
 from phi3v.common.hub import UNREACHABLE, hub_kwargs, offline_message
@@ -43,6 +43,26 @@ def check_image_tags(text: str, num_images: int) -> list[int]:
     return tags
 
 
+def tokenizer_class(directory: Path) -> str:
+    """The tokenizer_class for the tokenizer_config.json of `directory`: one that makes transformers 4.x and 5.x
+    both load tokenizer.json as it is, so that the folder tokenizes exactly as its base.
+
+    Measured with transformers 5.24 and the real vocabulary (llama.cpp's 47 test strings + 2 chat prompts): 5.x's
+    AutoTokenizer takes the class from config.json's model_type where there is one (phi3_v -> tokenizer.json as
+    it is, whatever the name), else from this name. Its LlamaTokenizer rebuilds the pipeline from the vocabulary
+    with no normalizer, so a LoRA folder (no config.json) named "LlamaTokenizer" lost the "▁" after each special
+    token ("<|user|>\n" -> [32010, 13], not [32010, 29871, 13]): 17 of 49 strings differ, 15 with legacy true,
+    47 with add_prefix_space false; "PreTrainedTokenizerFast" (and "TokenizersBackend", which 4.x does not know)
+    differ in none. transformers 4.x reads tokenizer.json as it is under either name (LlamaTokenizerFast or
+    PreTrainedTokenizerFast), but the official processor code (4.x remote code, vLLM) loads a LlamaTokenizerFast
+    and warns of "unexpected tokenization" when the config names another class. Hence the official
+    "LlamaTokenizer" in a phi3_v model folder, which 4.x and vLLM serve, and "PreTrainedTokenizerFast" elsewhere.
+    """
+    config = Path(directory) / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    return "LlamaTokenizer" if model_type == "phi3_v" else "PreTrainedTokenizerFast"
+
+
 class Phi3VProcessor:
     """Image processor + tokenizer, loaded from (and saved to) an official-layout checkpoint directory."""
 
@@ -54,14 +74,19 @@ class Phi3VProcessor:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, num_crops: int | None = None, **kwargs) -> Phi3VProcessor:
-        """Load `preprocessor_config.json` and the tokenizer files; `num_crops` overrides the saved value."""
+        """Load `preprocessor_config.json` and the tokenizer files; `num_crops` overrides the saved value.
+
+        The tokenizer is tokenizer.json as it is, whatever class tokenizer_config.json names (transformers 5's
+        AutoTokenizer rebuilds a "LlamaTokenizer" differently where config.json is missing, see tokenizer_class), so
+        LoRA folders written before that name was fixed load right too; and no config.json is read (its auto_map
+        made AutoTokenizer ask whether to run the official *.py files). A model merged by phi3v.export before that
+        fix holds the rebuilt tokenizer.json itself (no normalizer): export it again, or copy the base's
+        tokenizer.json over it.
+        """
         image_processor = Phi3VImageProcessor.from_pretrained(path, num_crops=num_crops)
-        # The hub folder ships the official *.py files and its config.json an auto_map, so AutoTokenizer (which
-        # reads config.json) would ask "Do you wish to run the custom code?" and wait 15 s. We never run them.
-        kwargs.setdefault("trust_remote_code", False)
         offline = hub_kwargs(path)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path, **{**offline, **kwargs})
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(path, **{**offline, **kwargs})
         except OSError as error:
             if Path(path).is_dir():
                 raise
@@ -71,11 +96,13 @@ class Phi3VProcessor:
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write preprocessor_config.json and the tokenizer files in a form transformers 4.x and 5.x both read.
 
-        tokenizer_config.json gets the official `tokenizer_class` and `chat_template` keys (transformers 5 also
-        writes chat_template.jinja and reads either), and `additional_special_tokens` instead of transformers 5's
-        list-valued `extra_special_tokens`, which 4.x releases that expect a dict there crash on (vLLM servers).
+        Call it after the model's save_pretrained (as the Trainer and phi3v.export do): the `tokenizer_class` written
+        depends on the folder's config.json (see tokenizer_class). tokenizer_config.json also gets `chat_template`
+        (transformers 5 also writes chat_template.jinja and reads either), and `additional_special_tokens` instead
+        of transformers 5's list-valued `extra_special_tokens`, which 4.x releases that expect a dict there crash
+        on (vLLM servers).
         special_tokens_map.json is written as in the official repo. processor_config.json is left to
-        phi3v.serving, which writes it with the auto_map 4.x needs (without one, 4.x AutoProcessor silently
+        layout.py, which writes it with the auto_map 4.x needs (without one, 4.x AutoProcessor silently
         returns the tokenizer).
         """
         directory = Path(directory)
@@ -83,8 +110,7 @@ class Phi3VProcessor:
         self.tokenizer.save_pretrained(directory)
         config_file = directory / "tokenizer_config.json"
         config = json.loads(config_file.read_text())
-        if config.get("tokenizer_class") in (None, "TokenizersBackend", "PreTrainedTokenizerFast"):
-            config["tokenizer_class"] = "LlamaTokenizer"
+        config["tokenizer_class"] = tokenizer_class(directory)
         if self.tokenizer.chat_template:
             config["chat_template"] = self.tokenizer.chat_template
         extra = config.pop("extra_special_tokens", None) or {}
