@@ -141,11 +141,11 @@ MUTANTS = [
            edit("values.sub_(mean[channel]).div_(std[channel])", "values.div_(std[channel]).sub_(mean[channel])"),
            ["tests/test_processor_unchanged.py"]),
     # issue 22
-    Mutant("LoRA dropout not passed to PEFT", "phi3v/model_loading.py",
+    Mutant("LoRA dropout not passed to PEFT", "phi3v/train/loading.py",
            edit("lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,",
                 "lora_alpha=model_args.lora_alpha,"),
            ["tests/test_scripts_ucf101.py::test_every_lora_flag_reaches_the_trained_adapter"]),
-    Mutant("validation cache ignores the mtime", "phi3v/validation_cache.py",
+    Mutant("validation cache ignores the mtime", "phi3v/data/validation_cache.py",
            edit("return [info.st_size, info.st_mtime_ns]", "return [info.st_size]"),
            ["tests/test_own_data.py"]),
 ]
