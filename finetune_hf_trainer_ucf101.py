@@ -20,13 +20,6 @@ num_crops defaults to 4 for video frames (8 frames x 757 tokens at 320x240).
 
 from __future__ import annotations
 
-import sys
-
-from phi3v.flag_index import answer_early
-
-if __name__ == "__main__":  # --help and bad flags are answered from the flag index, before the slow imports below
-    answer_early(__file__, sys.argv[1:])
-
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -21,13 +21,6 @@ README (vLLM).
 
 from __future__ import annotations
 
-import sys
-
-from phi3v.flag_index import Parser, answer_early, parse_checked
-
-if __name__ == "__main__":  # --help and bad flags are answered from the flag index, before the slow imports below
-    answer_early(__file__, sys.argv[1:])
-
 import argparse
 import json
 import os
@@ -38,7 +31,7 @@ import torch.distributed as dist
 from transformers import BitsAndBytesConfig, TextStreamer, set_seed
 
 from phi3v.data import Conversation, Turn, open_image, render
-from phi3v.errors import UserError, run_main
+from phi3v.errors import Parser, UserError, parse_checked, run_main
 from phi3v.export import adapter_base
 from phi3v.formats import load_data
 from phi3v.generation import decoding, generate_predictions
@@ -195,7 +188,7 @@ def check_inputs(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict] | str:
     parser = build_parser()
-    args = parse_checked(parser, argv, __file__)
+    args = parse_checked(parser, argv)
     if bool(args.jsonl) == bool(args.question):
         parser.error("pass either --question (with --image/--video) or --jsonl")
     check_inputs(args)

@@ -22,8 +22,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.integrations import is_deepspeed_available
 
-from phi3v.errors import BadValue, MissingFile, UserError
-from phi3v.flag_index import OneLineErrors, save_index, split_config_file, unknown_arguments
+from phi3v.errors import BadValue, MissingFile, OneLineErrors, UserError, unknown_arguments
 
 TUNING_MODES = ("full", "frozen_vision", "lora", "qlora")
 # ds_configs/ of the checkout, or its copy installed as phi3v/ds_configs by `pip install .`
@@ -370,7 +369,6 @@ class RecipeParser(OneLineErrors, HfArgumentParser):
 def _parse(data_class: type, argv: list[str], defaults: dict):
     parser = RecipeParser((ModelArguments, data_class, RecipeTrainingArguments))
     parser.set_defaults(**defaults)
-    save_index(parser, sys.modules[data_class.__module__].__file__)  # lets the next run answer --help at once
     if not {"-h", "--help"} & set(argv):  # the model-only pre-parse would answer --help with its flags alone
         model_args, _ = RecipeParser(ModelArguments).parse_args_into_dataclasses(
             args=argv, return_remaining_strings=True
@@ -383,7 +381,8 @@ def _parse(data_class: type, argv: list[str], defaults: dict):
     model_args, data_args, training_args, extra = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True)
     if extra:
-        raise unknown_arguments(extra, parser)
+        raise unknown_arguments(extra, parser, "flags start with --, and a settings file (first argument or "
+                                f"--config) ends in {', '.join(CONFIG_SUFFIXES)}")
     training_args.run_record = run_record(data_class, argv, model_args, data_args)
     return model_args, data_args, training_args
 
@@ -400,6 +399,9 @@ def run_record(data_class: type, argv: list[str], model_args: ModelArguments, da
 
 # ------------------------------------------------------------------------------------------------- config files
 
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
 def with_config_file(argv: list[str], groups: tuple[type, ...]) -> list[str]:
     """`script.py run.yaml [flags]` or `script.py --config run.yaml [flags]` (as transformers' examples and TRL):
     the file's settings become flags placed before the command line's, so flags given on the command line win."""
@@ -407,6 +409,24 @@ def with_config_file(argv: list[str], groups: tuple[type, ...]) -> list[str]:
     if path is None:
         return argv
     return config_flags(read_config(path), path, groups) + argv
+
+
+def split_config_file(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(settings file, the other arguments): the file is the first argument (.yaml, .yml or .json) or --config's."""
+    argv = list(argv)
+    path = None
+    if argv and not argv[0].startswith("-") and argv[0].lower().endswith(CONFIG_SUFFIXES):
+        path = argv.pop(0)
+    for i, arg in enumerate(argv):
+        if arg == "--config" or arg.startswith("--config="):
+            if path is not None:
+                raise UserError("give one config file (as the first argument or with --config), not two")
+            path = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
+            if not path:
+                raise UserError("--config needs a file: --config run.yaml")
+            del argv[i: i + (1 if "=" in arg else 2)]
+            break
+    return path, argv
 
 
 def read_config(path: str) -> dict:

@@ -10,11 +10,9 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 
 from phi3v.errors import UserError, run_main
-from phi3v.flag_index import answer_early
 
 TASKS = ("docvqa", "nlvr2", "hateful_memes", "ucf101")
 USAGE = (f"usage: phi3v-train --task {{{','.join(TASKS)}}} [flags | CONFIG.yaml]\n"
@@ -31,12 +29,6 @@ def task_and_rest(argv: list[str]) -> tuple[str | None, list[str]]:
     return None, argv
 
 
-def quickly_answered(module: str, argv: list[str] | None):
-    """Import `module`, after answering --help or a bad flag from its flag index (which needs no import)."""
-    answer_early(importlib.util.find_spec(module).origin, sys.argv[1:] if argv is None else argv)
-    return importlib.import_module(module)
-
-
 def train(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     task, rest = task_and_rest(argv)
@@ -48,15 +40,15 @@ def train(argv: list[str] | None = None):
             raise UserError(f"--task must be one of {', '.join(TASKS)}" + (f", got {task!r}" if task else "")
                             + "\n" + USAGE)
         return run_main(refuse, rest)
-    return run_main(quickly_answered(f"finetune_hf_trainer_{task}", rest).main, rest)
+    return run_main(importlib.import_module(f"finetune_hf_trainer_{task}").main, rest)
 
 
 def predict(argv: list[str] | None = None):
-    return run_main(quickly_answered("predict", argv).main, argv)
+    return run_main(importlib.import_module("predict").main, argv)
 
 
 def export(argv: list[str] | None = None):
-    return run_main(quickly_answered("phi3v.export", argv).main, argv)
+    return run_main(importlib.import_module("phi3v.export").main, argv)
 
 
 def convert_ucf101(argv: list[str] | None = None):

@@ -14,22 +14,16 @@ applied to the unquantized base, then the result is cast to --dtype).
 
 from __future__ import annotations
 
-import sys
-
-from phi3v.flag_index import Parser, answer_early, parse_checked
-
-if __name__ == "__main__":  # --help and bad flags are answered from the flag index, before the slow imports below
-    answer_early(__file__, sys.argv[1:])
-
 import argparse
 import json
 import shlex
+import sys
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 
-from phi3v.errors import UserError, run_main
+from phi3v.errors import Parser, UserError, parse_checked, run_main
 from phi3v.modeling import Phi3VForCausalLM
 from phi3v.processing import Phi3VProcessor
 from phi3v.serving import complete_layout, model_card, push_folder, read_run, remote_code_dir
@@ -112,7 +106,7 @@ def check_paths(adapter_dir: str | Path, out_dir: str | Path) -> None:
 
 def main(argv: list[str] | None = None) -> Path:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_checked(build_parser(), argv, __file__)
+    args = parse_checked(build_parser(), argv)
     check_paths(args.adapter_dir, args.out_dir)
     command = shlex.join(["python", "-m", "phi3v.export", *argv])
     out = export_merged(args.adapter_dir, args.out_dir, args.base, getattr(torch, args.dtype),

@@ -101,3 +101,29 @@ def test_every_example_config_parses_with_its_script(config):
         got = next(getattr(g, key) for g in groups if hasattr(g, key))
         value = [value] if isinstance(got, list) and not isinstance(value, list) else value  # one-item list flags
         assert got == value, (config, key, got, value)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["run.yaml", "--bf16"], ("run.yaml", ["--bf16"])),
+    (["--config", "run.yaml", "--bf16"], ("run.yaml", ["--bf16"])),
+    (["--bf16", "--config=run.yml"], ("run.yml", ["--bf16"])),
+    (["RUN.JSON"], ("RUN.JSON", [])),
+    (["--debug", "--output_dir", "x.json"], (None, ["--debug", "--output_dir", "x.json"])),  # a value, not a file
+])
+def test_the_settings_file_is_taken_out_of_the_command_line(argv, expected):
+    from phi3v.args import split_config_file
+
+    assert split_config_file(argv) == expected
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run.yaml", "--config", "other.yaml"], "give one config file (as the first argument or with --config), not two"),
+    (["--bf16", "--config"], "--config needs a file: --config run.yaml"),
+])
+def test_settings_file_mistakes_are_one_line(argv, message, tmp_path):
+    for name in ("run.yaml", "other.yaml", "a.yaml", "b.yaml"):
+        (tmp_path / name).write_text("learning_rate: 1.0e-4\n")
+    argv = [str(tmp_path / arg) if arg.endswith(".yaml") else arg for arg in argv]
+    with pytest.raises(UserError) as raised:
+        parse_args(script(SCRIPT_OF["docvqa"]).DataArguments, argv)
+    assert str(raised.value) == message

@@ -79,14 +79,10 @@ def test_success_returns_the_result(monkeypatch):
 
 @pytest.mark.parametrize("path", ENTRY_POINTS)
 def test_every_entry_point_runs_main_under_the_handler(path):
-    """The last `if __name__ == "__main__":` block of each entry point is exactly `run_main(main)` (an earlier one
-    may only answer --help and bad flags from the flag index, see tests/test_flag_index.py)."""
+    """The one `if __name__ == "__main__":` block of each entry point is exactly `run_main(main)`."""
     tree = ast.parse((ROOT / path).read_text())
     blocks = [node for node in tree.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)]
-    *early, last = blocks
-    assert [ast.unparse(statement) for statement in last.body] == ["run_main(main)"], path
-    assert [[ast.unparse(statement) for statement in block.body] for block in early] in (
-        [], [["answer_early(__file__, sys.argv[1:])"]]), path
+    assert [[ast.unparse(statement) for statement in block.body] for block in blocks] == [["run_main(main)"]], path
 
 
 def test_a_script_from_the_command_line(tmp_path):
