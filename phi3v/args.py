@@ -9,6 +9,7 @@ Every flag of the original scripts keeps its meaning and default (--use_flash_at
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -363,7 +364,24 @@ def check_output_dir(output_dir: str) -> None:
 
 
 class RecipeParser(OneLineErrors, HfArgumentParser):
-    """HfArgumentParser whose command-line errors are one line."""
+    """HfArgumentParser whose command-line errors are one line, and whose --help shows the settings file."""
+
+    def __init__(self, dataclass_types, **kwargs):
+        super().__init__(dataclass_types, **kwargs)
+        self.add_argument_group("settings file").add_argument(
+            "--config", metavar="FILE", action=AbbreviatedConfig, default=argparse.SUPPRESS,
+            help="Settings from a YAML or JSON file, named as the flags without the dashes (YAML: one "
+                 "`learning_rate: 1.0e-4` a line, a list for several values; JSON: {\"learning_rate\": 1e-4, "
+                 "\"use_lora\": true}); also as the first argument: script.py run.yaml [flags]. Flags given on "
+                 "the command line win over the file's.")
+
+
+class AbbreviatedConfig(argparse.Action):
+    """--config is taken out of the command line before parsing (split_config_file), so the parser meets it only
+    abbreviated (--conf FILE), which argparse would accept and the file then be ignored: refused."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error("write --config in full: an abbreviation of it is not read as a settings file")
 
 
 def _parse(data_class: type, argv: list[str], defaults: dict):
@@ -417,15 +435,15 @@ def split_config_file(argv: list[str]) -> tuple[str | None, list[str]]:
     path = None
     if argv and not argv[0].startswith("-") and argv[0].lower().endswith(CONFIG_SUFFIXES):
         path = argv.pop(0)
-    for i, arg in enumerate(argv):
-        if arg == "--config" or arg.startswith("--config="):
-            if path is not None:
-                raise UserError("give one config file (as the first argument or with --config), not two")
-            path = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
-            if not path:
-                raise UserError("--config needs a file: --config run.yaml")
-            del argv[i: i + (1 if "=" in arg else 2)]
-            break
+    flags = [i for i, arg in enumerate(argv) if arg == "--config" or arg.startswith("--config=")]
+    if len(flags) + (path is not None) > 1:
+        raise UserError("give one config file (as the first argument or with --config), not two")
+    if flags:
+        i, arg = flags[0], argv[flags[0]]
+        path = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
+        if not path:
+            raise UserError("--config needs a file: --config run.yaml")
+        del argv[i: i + (1 if "=" in arg else 2)]
     return path, argv
 
 

@@ -385,6 +385,9 @@ CASES = [
      "shard or index there would be mixed with the merged model)", None),
     ("export without an adapter", "export", lambda c: [str(c.tmp), str(c.out)],
      "error: {tmp} holds no LoRA adapter (adapter_config.json is missing)", None),
+    # issue 22: entry points
+    flag_case("--config abbreviated", ["--conf", "run.yaml"],
+              "write --config in full: an abbreviation of it is not read as a settings file; --help lists the flags"),
 ]
 
 
