@@ -29,27 +29,33 @@ def task_and_rest(argv: list[str]) -> tuple[str | None, list[str]]:
     return None, argv
 
 
-def train(argv: list[str] | None = None):
+def command(module: str, argv: list[str] | None) -> None:
+    """Run `module`'s main under run_main, its import included (Ctrl-C while it loads is one line too). Returns
+    nothing: the wrapper pip writes exits with what a command returns, so a result would be an error exit."""
+    run_main(lambda argv: importlib.import_module(module).main(argv), argv)
+
+
+def train(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     task, rest = task_and_rest(argv)
     if task is None and {"-h", "--help"} & set(rest):
         print(USAGE)
-        return None
+        return
     if task not in TASKS:
         def refuse(_argv):
             raise UserError(f"--task must be one of {', '.join(TASKS)}" + (f", got {task!r}" if task else "")
                             + "\n" + USAGE)
-        return run_main(refuse, rest)
-    return run_main(importlib.import_module(f"finetune_hf_trainer_{task}").main, rest)
+        run_main(refuse, rest)  # exits with status 2
+    command(f"finetune_hf_trainer_{task}", rest)
 
 
-def predict(argv: list[str] | None = None):
-    return run_main(importlib.import_module("predict").main, argv)
+def predict(argv: list[str] | None = None) -> None:
+    command("predict", argv)
 
 
-def export(argv: list[str] | None = None):
-    return run_main(importlib.import_module("phi3v.export").main, argv)
+def export(argv: list[str] | None = None) -> None:
+    command("phi3v.export", argv)
 
 
-def convert_ucf101(argv: list[str] | None = None):
-    return run_main(importlib.import_module("convert_ucf101").main, argv)
+def convert_ucf101(argv: list[str] | None = None) -> None:
+    command("convert_ucf101", argv)

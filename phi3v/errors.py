@@ -2,8 +2,9 @@
 
 A `UserError` is a problem with the user's input (a flag, a file, a dataset row): the entry point prints its message
 as one line (plus the list of problems when there are several) and exits with status 2. Anything else is a bug or an
-environment failure and keeps its traceback. `--debug` on the command line, or PHI3V_DEBUG=1, shows the traceback
-for user errors too. Parsers built with `Parser` (or `OneLineErrors`) say a bad command line in one line as well.
+environment failure and keeps its traceback. Ctrl-C prints `interrupted` and exits with status 130. `--debug` on the
+command line, or PHI3V_DEBUG=1, shows the traceback for user errors and interruptions too. Parsers built with
+`Parser` (or `OneLineErrors`) say a bad command line in one line as well.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Unavailable(UserError, OSError):
 
 
 USER_ERROR_EXIT = 2
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a command stopped with Ctrl-C
 
 
 def require_regular_file(path: str | os.PathLike) -> None:
@@ -50,7 +52,8 @@ def require_regular_file(path: str | os.PathLike) -> None:
 
 
 def run_main(main: Callable, argv: list[str] | None = None):
-    """Call `main(argv)`; a UserError becomes one line on stderr and exit status 2."""
+    """Call `main(argv)`; a UserError becomes one line on stderr and exit status 2, Ctrl-C the line `interrupted`
+    and status 130 (what was interrupted already said what it kept)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("PHI3V_DEBUG", "") not in ("", "0")
     argv = [arg for arg in argv if arg != "--debug"]
@@ -63,6 +66,11 @@ def run_main(main: Callable, argv: list[str] | None = None):
         for problem in error.problems:
             print(f"  {problem}", file=sys.stderr)
         raise SystemExit(USER_ERROR_EXIT) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(INTERRUPTED_EXIT) from None
 
 
 # ------------------------------------------------------------------------------------------------- command lines

@@ -138,6 +138,9 @@ MUTANTS = [
     Mutant("a misspelt flag gets no suggestion", "phi3v/errors.py",
            edit("close = difflib.get_close_matches(name, options, n=1, cutoff=0.75)", "close = []"),
            ["tests/test_args.py"]),
+    Mutant("an interrupted validation keeps nothing", "phi3v/validation.py",
+           edit("                cache.save()\n            raise", "                pass\n            raise"),
+           ["tests/test_own_data.py"]),
 ]
 
 
