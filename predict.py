@@ -108,6 +108,11 @@ def answer(model, processor, question: str, images: list, max_new_tokens: int = 
     return processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+def answer_record(sample_id: str, prediction: str, reference) -> str:
+    """One line of --out (and of the printed --jsonl answers)."""
+    return json.dumps({"id": sample_id, "prediction": prediction, "reference": reference}, ensure_ascii=False)
+
+
 def generation_settings(args: argparse.Namespace) -> dict:
     """The decoding flags given, as generate() arguments (sampling ones only with --do_sample)."""
     settings = {"do_sample": args.do_sample, "num_beams": args.num_beams,
@@ -144,10 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jsonl", help="answer every record of a data file in any training format (ours, LLaVA, "
                                         "messages; see the README)")
     parser.add_argument("--image_root", help="folder the jsonl image paths are relative to (default: beside it)")
-    parser.add_argument("--out", help="write the jsonl answers here (default: print them)")
+    parser.add_argument("--out", help="write the answers here, one jsonl record each ({id, prediction, reference}; "
+                                      "with --jsonl instead of printing them, with --question as well, id "
+                                      "\"question\")")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--base", help="base model of a LoRA adapter (default: from adapter_config.json)")
-    parser.add_argument("--num_crops", type=int, help="override the saved num_crops")
+    parser.add_argument("--num_crops", type=int, help="override the saved num_crops (1 to 16)")
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--dtype", default="float32" if not torch.cuda.is_available() else "bfloat16",
                         choices=["float32", "bfloat16", "float16"])
@@ -178,6 +185,10 @@ def check_inputs(args: argparse.Namespace) -> None:
     for flag in ("num_frames", "batch_size", "max_new_tokens"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.num_crops is not None and not 1 <= args.num_crops <= 16:  # as training says it
+        raise UserError(f"--num_crops must be between 1 and 16, got {args.num_crops}")
+    if args.out and (Path(args.out).is_dir() or not Path(args.out).absolute().parent.is_dir()):
+        raise UserError(f"--out {args.out}: pass a file name in an existing folder")
     for path in args.image:
         problem = image_problem(path, None)
         if problem:
@@ -200,7 +211,7 @@ def main(argv: list[str] | None = None) -> list[dict] | str:
                                           args.attn_implementation, args.device, args.device_map,
                                           args.load_in_4bit, args.merge_lora)
     processor = WithSystemMessage(processor, args.system) if args.system else processor
-    if args.num_crops:
+    if args.num_crops is not None:
         processor.image_processor.num_crops = args.num_crops
     set_seed(args.seed)
     settings = generation_settings(args)
@@ -211,6 +222,8 @@ def main(argv: list[str] | None = None) -> list[dict] | str:
                       generation_kwargs=settings)
         if not args.stream:
             print(text)
+        if args.out:
+            Path(args.out).write_text(answer_record("question", text, None) + "\n")
         return text
 
     dataset = load_data(args.jsonl, processor, args.image_root, for_generation=True, num_frames=args.num_frames)
@@ -226,8 +239,7 @@ def main(argv: list[str] | None = None) -> list[dict] | str:
         dist.destroy_process_group()
     if rank != 0:
         return []  # rank 0 holds every answer, in input order
-    lines = [json.dumps({"id": r["id"], "prediction": r["prediction"].strip(), "reference": r["reference"]},
-                        ensure_ascii=False) for r in results]
+    lines = [answer_record(r["id"], r["prediction"].strip(), r["reference"]) for r in results]
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
         print(f"{len(lines)} answers written to {args.out}")
