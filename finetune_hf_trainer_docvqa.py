@@ -23,12 +23,15 @@ import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# phi3v before transformers: importing it hides bitsandbytes' import-time notice (see phi3v/__init__.py)
+from phi3v.errors import run_main
+
+# isort: split
 from transformers import set_seed
 
 from phi3v.args import BaseDataArguments, parse_args
 from phi3v.collator import Phi3VCollator
 from phi3v.data import Conversation, ConversationDataset, Turn, cauldron_texts, expect, hub_image, load_hf_split
-from phi3v.errors import run_main
 from phi3v.export import export_merged
 from phi3v.metrics import anls
 from phi3v.model_loading import load_model, load_processor

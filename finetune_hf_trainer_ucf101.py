@@ -24,11 +24,14 @@ import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# phi3v before transformers: importing it hides bitsandbytes' import-time notice (see phi3v/__init__.py)
+from phi3v.errors import UserError, run_main
+
+# isort: split
 from transformers import set_seed
 
 from phi3v.args import BaseDataArguments, parse_args
 from phi3v.collator import Phi3VCollator
-from phi3v.errors import UserError, run_main
 from phi3v.export import export_merged
 from phi3v.formats import FORMATS, is_hub_id, load_data
 from phi3v.metrics import accuracy

@@ -26,12 +26,15 @@ import json
 import os
 from pathlib import Path
 
+# phi3v before transformers: importing it hides bitsandbytes' import-time notice (see phi3v/__init__.py)
+from phi3v.errors import Parser, UserError, parse_checked, run_main
+
+# isort: split
 import torch
 import torch.distributed as dist
 from transformers import BitsAndBytesConfig, TextStreamer, set_seed
 
 from phi3v.data import Conversation, Turn, open_image, render
-from phi3v.errors import Parser, UserError, parse_checked, run_main
 from phi3v.export import adapter_base
 from phi3v.formats import load_data
 from phi3v.generation import decoding, generate_predictions

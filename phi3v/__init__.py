@@ -5,6 +5,14 @@ imported on first use, so light modules (phi3v.synthetic, phi3v.metrics) do not 
 """
 
 import importlib
+import logging
+
+# bitsandbytes (which transformers and peft import) logs at import, on CPUs with AVX512-BF16, that the optional
+# `kernels` package for its CPU 4-bit kernel is missing: noise in every command's output, with nothing to act on.
+# Only that message is dropped (importing phi3v before transformers, as the entry points do, comes first); any other
+# bitsandbytes message still shows.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"))
 
 _EXPORTS = {
     "Phi3VConfig": "phi3v.modeling",
