@@ -14,13 +14,6 @@ and prints the accuracy before and after training (chance: 10%).
 
 from __future__ import annotations
 
-import sys
-
-from phi3v.flag_index import Parser, answer_early, parse_checked
-
-if __name__ == "__main__":  # --help and bad flags are answered from the flag index, before the slow imports below
-    answer_early(__file__, sys.argv[1:])
-
 import argparse
 import json
 import shutil
@@ -29,7 +22,7 @@ from pathlib import Path
 
 import convert_ucf101
 import finetune_hf_trainer_ucf101
-from phi3v.common.errors import run_main
+from phi3v.common.errors import Parser, parse_checked, run_main
 from phi3v.data.synthetic import make_video_dataset
 from phi3v.models.phi3_v.tiny import REAL_VOCAB, build_tiny_checkpoint
 
@@ -45,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_checked(build_parser(), argv, __file__)
+    args = parse_checked(build_parser(), argv)
 
     started = time.time()
     out = Path(args.out_dir)

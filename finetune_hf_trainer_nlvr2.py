@@ -17,20 +17,16 @@ frozen vision lr 2e-5 2 epochs 89.20. num_crops defaults to 16.
 
 from __future__ import annotations
 
-import sys
-
-from phi3v.flag_index import answer_early
-
-if __name__ == "__main__":  # --help and bad flags are answered from the flag index, before the slow imports below
-    answer_early(__file__, sys.argv[1:])
-
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# phi3v before transformers: importing it hides bitsandbytes' import-time notice (see phi3v/__init__.py)
+from phi3v.common.errors import run_main
+
+# isort: split
 from transformers import set_seed
 
-from phi3v.common.errors import run_main
 from phi3v.common.metrics import accuracy
 from phi3v.data.conversation import Conversation, Turn
 from phi3v.data.dataset import ConversationDataset

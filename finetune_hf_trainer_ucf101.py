@@ -20,20 +20,16 @@ num_crops defaults to 4 for video frames (8 frames x 757 tokens at 320x240).
 
 from __future__ import annotations
 
-import sys
-
-from phi3v.flag_index import answer_early
-
-if __name__ == "__main__":  # --help and bad flags are answered from the flag index, before the slow imports below
-    answer_early(__file__, sys.argv[1:])
-
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# phi3v before transformers: importing it hides bitsandbytes' import-time notice (see phi3v/__init__.py)
+from phi3v.common.errors import UserError, run_main
+
+# isort: split
 from transformers import set_seed
 
-from phi3v.common.errors import UserError, run_main
 from phi3v.common.metrics import accuracy
 from phi3v.data.formats import FORMATS, detect_format, is_hub_id, load_data
 from phi3v.data.validation import prepare_splits

@@ -11,11 +11,9 @@ them: the phi3v package never imports a script), which keep working as
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 
 from phi3v.common.errors import UserError, run_main
-from phi3v.flag_index import answer_early
 
 TASKS = ("docvqa", "nlvr2", "hateful_memes", "ucf101")
 USAGE = (f"usage: phi3v-train --task {{{','.join(TASKS)}}} [flags | CONFIG.yaml]\n"
@@ -32,33 +30,33 @@ def task_and_rest(argv: list[str]) -> tuple[str | None, list[str]]:
     return None, argv
 
 
-def quickly_answered(module: str, argv: list[str] | None):
-    """Import `module`, after answering --help or a bad flag from its flag index (which needs no import)."""
-    answer_early(importlib.util.find_spec(module).origin, sys.argv[1:] if argv is None else argv)
-    return importlib.import_module(module)
+def command(module: str, argv: list[str] | None) -> None:
+    """Run `module`'s main under run_main, its import included (Ctrl-C while it loads is one line too). Returns
+    nothing: the wrapper pip writes exits with what a command returns, so a result would be an error exit."""
+    run_main(lambda argv: importlib.import_module(module).main(argv), argv)
 
 
-def train(argv: list[str] | None = None):
+def train(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     task, rest = task_and_rest(argv)
     if task is None and {"-h", "--help"} & set(rest):
         print(USAGE)
-        return None
+        return
     if task not in TASKS:
         def refuse(_argv):
             raise UserError(f"--task must be one of {', '.join(TASKS)}" + (f", got {task!r}" if task else "")
                             + "\n" + USAGE)
-        return run_main(refuse, rest)
-    return run_main(quickly_answered(f"finetune_hf_trainer_{task}", rest).main, rest)
+        run_main(refuse, rest)  # exits with status 2
+    command(f"finetune_hf_trainer_{task}", rest)
 
 
-def predict(argv: list[str] | None = None):
-    return run_main(quickly_answered("predict", argv).main, argv)
+def predict(argv: list[str] | None = None) -> None:
+    command("predict", argv)
 
 
-def export(argv: list[str] | None = None):
-    return run_main(quickly_answered("phi3v.export", argv).main, argv)
+def export(argv: list[str] | None = None) -> None:
+    command("phi3v.export", argv)
 
 
-def convert_ucf101(argv: list[str] | None = None):
-    return run_main(importlib.import_module("convert_ucf101").main, argv)
+def convert_ucf101(argv: list[str] | None = None) -> None:
+    command("convert_ucf101", argv)

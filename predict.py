@@ -21,23 +21,19 @@ README (vLLM).
 
 from __future__ import annotations
 
-import sys
-
-from phi3v.flag_index import Parser, answer_early, parse_checked
-
-if __name__ == "__main__":  # --help and bad flags are answered from the flag index, before the slow imports below
-    answer_early(__file__, sys.argv[1:])
-
 import argparse
 import json
 import os
 from pathlib import Path
 
+# phi3v before transformers: importing it hides bitsandbytes' import-time notice (see phi3v/__init__.py)
+from phi3v.common.errors import Parser, UserError, parse_checked, run_main
+
+# isort: split
 import torch
 import torch.distributed as dist
 from transformers import BitsAndBytesConfig, TextStreamer, set_seed
 
-from phi3v.common.errors import UserError, run_main
 from phi3v.common.metrics import accuracy
 from phi3v.data.conversation import Conversation, Turn, render
 from phi3v.data.formats import load_data
@@ -123,6 +119,11 @@ def answer(model, processor, question: str, images: list, max_new_tokens: int = 
     return processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+def answer_record(sample_id: str, prediction: str, reference) -> str:
+    """One line of --out (and of the printed --jsonl answers)."""
+    return json.dumps({"id": sample_id, "prediction": prediction, "reference": reference}, ensure_ascii=False)
+
+
 def generation_settings(args: argparse.Namespace) -> dict:
     """The decoding flags given, as generate() arguments (sampling ones only with --do_sample)."""
     settings = {"do_sample": args.do_sample, "num_beams": args.num_beams,
@@ -159,10 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jsonl", help="answer every record of a data file in any training format (ours, LLaVA, "
                                         "messages; see the README)")
     parser.add_argument("--image_root", help="folder the jsonl image paths are relative to (default: beside it)")
-    parser.add_argument("--out", help="write the jsonl answers here (default: print them)")
+    parser.add_argument("--out", help="write the answers here, one jsonl record each ({id, prediction, reference}; "
+                                      "with --jsonl instead of printing them, with --question as well, id "
+                                      "\"question\")")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--base", help="base model of a LoRA adapter (default: from adapter_config.json)")
-    parser.add_argument("--num_crops", type=int, help="override the saved num_crops")
+    parser.add_argument("--num_crops", type=int, help="override the saved num_crops (1 to 16)")
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--dtype", default="float32" if not torch.cuda.is_available() else "bfloat16",
                         choices=["float32", "bfloat16", "float16"])
@@ -193,6 +196,10 @@ def check_inputs(args: argparse.Namespace) -> None:
     for flag in ("num_frames", "batch_size", "max_new_tokens"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.num_crops is not None and not 1 <= args.num_crops <= 16:  # as training says it
+        raise UserError(f"--num_crops must be between 1 and 16, got {args.num_crops}")
+    if args.out and (Path(args.out).is_dir() or not Path(args.out).absolute().parent.is_dir()):
+        raise UserError(f"--out {args.out}: pass a file name in an existing folder")
     for path in args.image:
         problem = image_problem(path, None)
         if problem:
@@ -203,7 +210,7 @@ def check_inputs(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict] | str:
     parser = build_parser()
-    args = parse_checked(parser, argv, __file__)
+    args = parse_checked(parser, argv)
     if bool(args.jsonl) == bool(args.question):
         parser.error("pass either --question (with --image/--video) or --jsonl")
     check_inputs(args)
@@ -215,7 +222,7 @@ def main(argv: list[str] | None = None) -> list[dict] | str:
                                           args.attn_implementation, args.device, args.device_map,
                                           args.load_in_4bit, args.merge_lora)
     processor = WithSystemMessage(processor, args.system) if args.system else processor
-    if args.num_crops:
+    if args.num_crops is not None:
         processor.image_processor.num_crops = args.num_crops
     set_seed(args.seed)
     settings = generation_settings(args)
@@ -226,6 +233,8 @@ def main(argv: list[str] | None = None) -> list[dict] | str:
                       generation_kwargs=settings)
         if not args.stream:
             print(text)
+        if args.out:
+            Path(args.out).write_text(answer_record("question", text, None) + "\n")
         return text
 
     dataset = load_data(args.jsonl, processor, args.image_root, for_generation=True, num_frames=args.num_frames)
@@ -241,8 +250,7 @@ def main(argv: list[str] | None = None) -> list[dict] | str:
         dist.destroy_process_group()
     if rank != 0:
         return []  # rank 0 holds every answer, in input order
-    lines = [json.dumps({"id": r["id"], "prediction": r["prediction"].strip(), "reference": r["reference"]},
-                        ensure_ascii=False) for r in results]
+    lines = [answer_record(r["id"], r["prediction"].strip(), r["reference"]) for r in results]
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
         print(f"{len(lines)} answers written to {args.out}")

@@ -6,6 +6,14 @@ transformers. The layout, the import floors and where each kind of change goes: 
 """
 
 import importlib
+import logging
+
+# bitsandbytes (which transformers and peft import) logs at import, on CPUs with AVX512-BF16, that the optional
+# `kernels` package for its CPU 4-bit kernel is missing: noise in every command's output, with nothing to act on.
+# Only that message is dropped (importing phi3v before transformers, as the entry points do, comes first); any other
+# bitsandbytes message still shows.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"))
 
 _EXPORTS = {
     "Phi3VConfig": "phi3v.models.phi3_v.configuration",

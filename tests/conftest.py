@@ -13,18 +13,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub; code 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def own_cache_dir(tmp_path_factory):
-    """Flag indexes (phi3v/flag_index.py) of this session go to a fresh folder, not the user's ~/.cache."""
-    previous = os.environ.get("PHI3V_CACHE_DIR")
-    os.environ["PHI3V_CACHE_DIR"] = str(tmp_path_factory.mktemp("phi3v-cache"))
-    yield
-    if previous is None:
-        del os.environ["PHI3V_CACHE_DIR"]
-    else:
-        os.environ["PHI3V_CACHE_DIR"] = previous
-
-
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     from phi3v.models.phi3_v.tiny import build_tiny_checkpoint

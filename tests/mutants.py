@@ -127,13 +127,7 @@ MUTANTS = [
     Mutant("edit distance counts a substitution twice", "phi3v/common/metrics.py",
            edit("previous[j - 1] + (char_a != char_b)", "previous[j - 1] + 2 * (char_a != char_b)"),
            ["tests/test_metrics.py"]),
-    # --- issue 15: the flag index and the faster image processor
-    Mutant("flag index kept when the script changes", "phi3v/flag_index.py",
-           edit("for source in [Path(script), *sorted(", "for source in [*sorted("),
-           ["tests/test_flag_index.py"]),
-    Mutant("flag index drops the choices", "phi3v/flag_index.py",
-           edit('if action["choices"] is not None:', 'if action["choices"] is None:'),
-           ["tests/test_flag_index.py"]),
+    # --- issue 15: the faster image processor
     Mutant("global view taps summed in index order", "phi3v/models/phi3_v/image_processing.py",
            edit("for j in (1, 0, 2, 3):", "for j in (0, 1, 2, 3):"),
            ["tests/test_image_processing.py", "tests/test_processor_unchanged.py"]),
@@ -147,6 +141,13 @@ MUTANTS = [
            ["tests/test_scripts_ucf101.py::test_every_lora_flag_reaches_the_trained_adapter"]),
     Mutant("validation cache ignores the mtime", "phi3v/data/validation_cache.py",
            edit("return [info.st_size, info.st_mtime_ns]", "return [info.st_size]"),
+           ["tests/test_own_data.py"]),
+    # --- issue 22: entry points
+    Mutant("a misspelt flag gets no suggestion", "phi3v/common/errors.py",
+           edit("close = difflib.get_close_matches(name, options, n=1, cutoff=0.75)", "close = []"),
+           ["tests/test_args.py"]),
+    Mutant("an interrupted validation keeps nothing", "phi3v/data/validation.py",
+           edit("                cache.save()\n            raise", "                pass\n            raise"),
            ["tests/test_own_data.py"]),
 ]
 

@@ -145,3 +145,56 @@ def test_output_dir_in_the_base_model_is_found_through_relative_paths(tmp_path, 
             parse("--model_name_or_path", "base", "--output_dir", output_dir)
     for output_dir in ("base-run", "runs/x"):
         parse("--model_name_or_path", "base", "--output_dir", output_dir)
+
+
+# argv, and what the parser says: None (accepted) or its one-line error (moved here with the flag index's removal)
+COMMAND_LINES = [
+    ([], None),
+    (["--learning_rate", "1e-4", "--bf16", "--no_eval_before_training", "--use_lora", "--lora_target_modules",
+      "o_proj", "fc1"], None),
+    (["--learning-rate", "1e-4", "--learning_r", "2e-4"], None),  # dashes, and a prefix as argparse allows
+    (["--lerning_rate", "1e-4"],
+     "unknown flag --lerning_rate (did you mean --learning_rate?); --help lists the flags"),
+    (["--bogus=1", "--use_lora"], "unknown flag --bogus=1; --help lists the flags"),
+    (["stray"], "unexpected argument stray: flags start with --, and a settings file (first argument or --config) "
+                "ends in .yaml, .yml, .json"),
+    (["--num_crops", "x"], "argument --num_crops/--num-crops: invalid int value: 'x'; --help lists the flags"),
+    (["--learning_rate", "fast"],
+     "argument --learning_rate/--learning-rate: invalid float value: 'fast'; --help lists the flags"),
+    (["--tuning_mode", "ful"], "argument --tuning_mode/--tuning-mode: invalid choice: 'ful' (choose from 'full', "
+                               "'frozen_vision', 'lora', 'qlora'); --help lists the flags"),
+    (["--learning_rate"], "argument --learning_rate/--learning-rate: expected one argument; --help lists the flags"),
+    (["--bf16", "maybe"], "argument --bf16: Truthy value expected: got maybe but expected one of yes/no, true/false, "
+                          "t/f, y/n, 1/0 (case insensitive).; --help lists the flags"),
+]
+
+
+@pytest.mark.parametrize("argv,message", COMMAND_LINES)
+def test_command_line_errors_are_one_line(argv, message, tmp_path, monkeypatch):
+    from finetune_hf_trainer_docvqa import DataArguments
+    from phi3v.common.errors import UserError
+
+    monkeypatch.chdir(tmp_path)  # --output_dir's default is relative
+    try:
+        parse_args(DataArguments, argv, num_crops=16)
+        said = None
+    except UserError as error:
+        said = str(error)
+    assert said == message
+
+
+@pytest.mark.parametrize("module,argv,message", [
+    ("predict", ["--imgae", "x.png"], "unknown flag --imgae (did you mean --image?); --help lists the flags"),
+    ("predict", ["out", "extra"], "unexpected argument extra: flags start with --"),
+    ("phi3v.export", ["a", "b", "--dtpye", "float16"],
+     "unknown flag --dtpye (did you mean --dtype?); --help lists the flags"),
+    ("demo", ["--epochs", "many"], "argument --epochs: invalid float value: 'many'; --help lists the flags"),
+])
+def test_the_argparse_entry_points_say_command_line_errors_in_one_line(module, argv, message):
+    import importlib
+
+    from phi3v.common.errors import UserError
+
+    with pytest.raises(UserError) as raised:
+        importlib.import_module(module).main(argv)
+    assert str(raised.value) == message

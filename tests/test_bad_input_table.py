@@ -499,6 +499,20 @@ CASES = [
      '  ucf101_train.jsonl:1: "id" must be a non-empty string, got int'),
     ("messages integer id", "ucf101", lambda c: c.jsonl([messages(7)]), TRAIN_STOP,
      '  ucf101_train.jsonl:1: "id" must be a non-empty string, got int'),
+    # issue 22: entry points
+    ("predict: --num_crops 0", "predict",
+     lambda c: predict_args(c, "--question", "q", "--num_crops", "0"),
+     "error: --num_crops must be between 1 and 16, got 0", None),
+    ("predict: --num_crops 17", "predict",
+     lambda c: predict_args(c, "--question", "q", "--num_crops", "17"),
+     "error: --num_crops must be between 1 and 16, got 17", None),
+    ("predict: --out in a missing folder", "predict",
+     lambda c: predict_args(c, "--question", "q", "--out", str(c.tmp / "none" / "answer.jsonl")),
+     "error: --out {tmp}/none/answer.jsonl: pass a file name in an existing folder", None),
+    ("predict: --out a folder", "predict", lambda c: predict_args(c, "--jsonl", "x.jsonl", "--out", str(c.data)),
+     "error: --out {data}: pass a file name in an existing folder", None),
+    flag_case("--config abbreviated", ["--conf", "run.yaml"],
+              "write --config in full: an abbreviation of it is not read as a settings file; --help lists the flags"),
 ]
 
 

@@ -101,3 +101,46 @@ def test_every_example_config_parses_with_its_script(config):
         got = next(getattr(g, key) for g in groups if hasattr(g, key))
         value = [value] if isinstance(got, list) and not isinstance(value, list) else value  # one-item list flags
         assert got == value, (config, key, got, value)
+
+
+@pytest.mark.parametrize("task", sorted(SCRIPT_OF))
+def test_help_lists_the_settings_file_in_both_forms(task, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # one help line per sentence part, whatever the terminal
+    with pytest.raises(SystemExit) as exited:
+        parse_args(script(SCRIPT_OF[task]).DataArguments, ["--help"])
+    assert exited.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "settings file: --config FILE Settings from a YAML or JSON file" in help_text
+    assert "YAML: one `learning_rate: 1.0e-4` a line" in help_text
+    assert 'JSON: {"learning_rate": 1e-4, "use_lora": true}' in help_text
+    assert "also as the first argument: script.py run.yaml [flags]" in help_text
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["run.yaml", "--bf16"], ("run.yaml", ["--bf16"])),
+    (["--config", "run.yaml", "--bf16"], ("run.yaml", ["--bf16"])),
+    (["--bf16", "--config=run.yml"], ("run.yml", ["--bf16"])),
+    (["RUN.JSON"], ("RUN.JSON", [])),
+    (["--debug", "--output_dir", "x.json"], (None, ["--debug", "--output_dir", "x.json"])),  # a value, not a file
+])
+def test_the_settings_file_is_taken_out_of_the_command_line(argv, expected):
+    from phi3v.train.parsing import split_config_file
+
+    assert split_config_file(argv) == expected
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run.yaml", "--config", "other.yaml"], "give one config file (as the first argument or with --config), not two"),
+    (["--config", "a.yaml", "--config", "b.yaml"],
+     "give one config file (as the first argument or with --config), not two"),
+    (["--bf16", "--config"], "--config needs a file: --config run.yaml"),
+    (["--conf", "run.yaml"],
+     "write --config in full: an abbreviation of it is not read as a settings file; --help lists the flags"),
+])
+def test_settings_file_mistakes_are_one_line(argv, message, tmp_path):
+    for name in ("run.yaml", "other.yaml", "a.yaml", "b.yaml"):
+        (tmp_path / name).write_text("learning_rate: 1.0e-4\n")
+    argv = [str(tmp_path / arg) if arg.endswith(".yaml") else arg for arg in argv]
+    with pytest.raises(UserError) as raised:
+        parse_args(script(SCRIPT_OF["docvqa"]).DataArguments, argv)
+    assert str(raised.value) == message

@@ -71,6 +71,44 @@ def test_debug_flag_and_env_keep_the_traceback(monkeypatch):
         run_main(main, [])
 
 
+def exit_status(command) -> int:
+    """The status `command()` exits with; a KeyboardInterrupt let through fails the test (instead of stopping
+    pytest, as a real Ctrl-C would)."""
+    try:
+        command()
+    except SystemExit as exited:
+        return exited.code
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt went through")
+    pytest.fail("no exit")
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):
+    monkeypatch.delenv("PHI3V_DEBUG", raising=False)
+    assert exit_status(lambda: run_main(failing(KeyboardInterrupt()), [])) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    with pytest.raises(KeyboardInterrupt):  # --debug: where it was stopped
+        run_main(failing(KeyboardInterrupt()), ["--debug"])
+
+
+def test_the_commands_import_their_script_under_the_handler(capsys, monkeypatch):
+    """Ctrl-C while a console command imports its script (seconds: torch, transformers) is one line too."""
+    import importlib
+
+    import phi3v_cli as cli
+
+    monkeypatch.delenv("PHI3V_DEBUG", raising=False)
+
+    def slow_import(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib, "import_module", slow_import)
+    for command, argv in ((cli.predict, ["out"]), (cli.export, ["a", "b"]), (cli.train, ["--task", "nlvr2"]),
+                          (cli.convert_ucf101, [])):
+        assert exit_status(lambda: command(argv)) == 130, command  # noqa: B023 (called at once, in the loop)
+        assert capsys.readouterr().err == "interrupted\n", command
+
+
 def test_success_returns_the_result(monkeypatch):
     assert run_main(lambda argv: argv, ["a"]) == ["a"]
     monkeypatch.setattr(sys, "argv", ["prog", "--y"])
@@ -79,14 +117,10 @@ def test_success_returns_the_result(monkeypatch):
 
 @pytest.mark.parametrize("path", ENTRY_POINTS)
 def test_every_entry_point_runs_main_under_the_handler(path):
-    """The last `if __name__ == "__main__":` block of each entry point is exactly `run_main(main)` (an earlier one
-    may only answer --help and bad flags from the flag index, see tests/test_flag_index.py)."""
+    """The one `if __name__ == "__main__":` block of each entry point is exactly `run_main(main)`."""
     tree = ast.parse((ROOT / path).read_text())
     blocks = [node for node in tree.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)]
-    *early, last = blocks
-    assert [ast.unparse(statement) for statement in last.body] == ["run_main(main)"], path
-    assert [[ast.unparse(statement) for statement in block.body] for block in early] in (
-        [], [["answer_early(__file__, sys.argv[1:])"]]), path
+    assert [[ast.unparse(statement) for statement in block.body] for block in blocks] == [["run_main(main)"]], path
 
 
 def test_a_script_from_the_command_line(tmp_path):

@@ -443,7 +443,7 @@ def test_duplicate_ids_are_found_across_the_shares_of_two_ranks(tiny_dir, tmp_pa
     and rank 1 item 4. Two threads stand in for the two ranks, exchanging their results as all_gather_object does."""
     import threading
 
-    import phi3v.validation as validation
+    import phi3v.data.validation as validation
 
     from phi3v.data.jsonl import jsonl_dataset
     from phi3v.models.phi3_v.processing import Phi3VProcessor
@@ -479,6 +479,40 @@ def test_duplicate_ids_are_found_across_the_shares_of_two_ranks(tiny_dir, tmp_pa
     skipped = json.loads((tmp_path / "out" / "skipped_samples_train.jsonl").read_text())
     assert skipped == {"where": "data.jsonl:4", "sample_id": "0",
                        "message": "duplicate id: data.jsonl:1 has the same id"}
+
+
+def test_an_interrupted_validation_keeps_what_it_checked(processor, tmp_path, monkeypatch):
+    """Ctrl-C at the 7th of 12 samples (its image check raises KeyboardInterrupt): the verdicts on images 0-5 are in
+    the cache, so the next start decodes only images 6-11, and finds what an uninterrupted start finds."""
+    import phi3v.data.validation as validation
+
+    from phi3v.data.jsonl import jsonl_dataset
+
+    path = image_dataset(tmp_path, 12)
+    decoded, stop_at, open_image = [], ["6.png"], validation.open_image
+
+    def stopped_once(ref, *args):
+        if Path(ref).name in stop_at:
+            stop_at.clear()
+            raise KeyboardInterrupt
+        decoded.append(Path(ref).name)
+        return open_image(ref, *args)
+
+    monkeypatch.setattr(validation, "open_image", stopped_once)
+
+    def start():
+        decoded.clear()
+        return validation.prepare_dataset(jsonl_dataset(path, tmp_path / "images", processor), "train", None, False,
+                                          tmp_path / "out", workers=2, disable_tqdm=True, cache_dir=tmp_path / "cache")
+
+    with pytest.raises(KeyboardInterrupt):
+        start()
+    cache = json.loads((tmp_path / "cache" / "validation_cache.json").read_text())
+    assert sorted(Path(key).name for key in cache["images"]) == [f"{i}.png" for i in range(6)]
+    assert cache["splits"] == {}  # the split was not finished: no result for it
+    lengths = start().lengths
+    assert sorted(decoded, key=lambda name: int(name.split(".")[0])) == [f"{i}.png" for i in range(6, 12)]
+    assert lengths == validation.validate(jsonl_dataset(path, tmp_path / "images", processor), disable_tqdm=True)[0]
 
 
 @pytest.mark.slow

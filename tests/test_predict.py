@@ -41,6 +41,15 @@ def test_sampling_is_reproducible_with_seed(tiny_dir, image_file):
     assert first != other and first != greedy  # the random tiny model is nearly uniform: samples differ
 
 
+def test_out_with_a_question_writes_the_answer_record(tiny_dir, image_file, tmp_path, capsys):
+    """One line of the --jsonl mode's --out shape: {id, prediction, reference}; the answer is printed as well."""
+    out = tmp_path / "answer.jsonl"
+    text = ask(tiny_dir, image_file, "--out", str(out))
+    assert text and capsys.readouterr().out == text + "\n"
+    assert out.read_text().count("\n") == 1
+    assert json.loads(out.read_text()) == {"id": "question", "prediction": text, "reference": None}
+
+
 def test_decoding_flags_reach_generate(tiny_dir, image_file, monkeypatch):
     seen = {}
     original = Phi3VForCausalLM.generate

@@ -2,12 +2,15 @@
 
 A `UserError` is a problem with the user's input (a flag, a file, a dataset row): the entry point prints its message
 as one line (plus the list of problems when there are several) and exits with status 2. Anything else is a bug or an
-environment failure and keeps its traceback. `--debug` on the command line, or PHI3V_DEBUG=1, shows the traceback
-for user errors too.
+environment failure and keeps its traceback. Ctrl-C prints `interrupted` and exits with status 130. `--debug` on the
+command line, or PHI3V_DEBUG=1, shows the traceback for user errors and interruptions too. Parsers built with
+`Parser` (or `OneLineErrors`) say a bad command line in one line as well.
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import os
 import stat
 import sys
@@ -35,6 +38,7 @@ class Unavailable(UserError, OSError):
 
 
 USER_ERROR_EXIT = 2
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a command stopped with Ctrl-C
 
 
 def require_regular_file(path: str | os.PathLike) -> None:
@@ -48,7 +52,8 @@ def require_regular_file(path: str | os.PathLike) -> None:
 
 
 def run_main(main: Callable, argv: list[str] | None = None):
-    """Call `main(argv)`; a UserError becomes one line on stderr and exit status 2."""
+    """Call `main(argv)`; a UserError becomes one line on stderr and exit status 2, Ctrl-C the line `interrupted`
+    and status 130 (what was interrupted already said what it kept)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("PHI3V_DEBUG", "") not in ("", "0")
     argv = [arg for arg in argv if arg != "--debug"]
@@ -61,3 +66,45 @@ def run_main(main: Callable, argv: list[str] | None = None):
         for problem in error.problems:
             print(f"  {problem}", file=sys.stderr)
         raise SystemExit(USER_ERROR_EXIT) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(INTERRUPTED_EXIT) from None
+
+
+# ------------------------------------------------------------------------------------------------- command lines
+
+class OneLineErrors:
+    """Mixin for argparse parsers: a bad command line is a UserError, one line, not the whole usage text."""
+
+    def error(self, message: str):
+        raise UserError(f"{message}; --help lists the flags")
+
+
+class Parser(OneLineErrors, argparse.ArgumentParser):
+    """argparse.ArgumentParser whose errors are one line (the entry points that are not recipes)."""
+
+
+def unknown_arguments(extra: list[str], parser: argparse.ArgumentParser,
+                      stray: str = "flags start with --") -> UserError:
+    """One line for what the parser did not take: misspelt flags (with the closest real one) or stray values
+    (`stray` says what is expected instead)."""
+    options = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+    flags = [arg for arg in extra if arg.startswith("-") and arg != "-"]
+    if not flags:
+        return UserError(f"unexpected argument{'s' if len(extra) > 1 else ''} {' '.join(extra)}: {stray}")
+    said = []
+    for flag in flags:
+        name = flag.split("=", 1)[0]
+        close = difflib.get_close_matches(name, options, n=1, cutoff=0.75)
+        said.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
+    return UserError(f"unknown flag{'s' if len(flags) > 1 else ''} {', '.join(said)}; --help lists the flags")
+
+
+def parse_checked(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, but unknown arguments are a UserError (one line, with "did you mean")."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        raise unknown_arguments(extra, parser)
+    return args

@@ -82,7 +82,8 @@ def validate(dataset: ConversationDataset, max_length: int | None = None, worker
     verdicts: dict = {}  # image key -> (problem message or None, size)
     found_ids = {} if ids is None else ids
     progress = tqdm(total=len(order), desc=desc, disable=disable_tqdm, unit="sample")
-    with ThreadPoolExecutor(max(1, workers)) as pool:
+    pool = ThreadPoolExecutor(max(1, workers))
+    try:
         for first in range(0, len(order), chunk):
             renders = {}
             for index in order[first:first + chunk]:
@@ -106,11 +107,11 @@ def validate(dataset: ConversationDataset, max_length: int | None = None, worker
                 known = {key: cache.image(ref, dataset.max_image_pixels) for key, ref in new.items()}
                 verdicts.update((key, verdict) for key, verdict in known.items() if verdict is not None)
                 new = {key: ref for key, ref in new.items() if known[key] is None}
-            checked = list(pool.map(lambda ref: check_image(ref, dataset.max_image_pixels), new.values()))
-            verdicts.update(zip(new, checked))
-            if cache is not None:
-                for ref, (problem, size) in zip(new.values(), checked):
-                    cache.store_image(ref, dataset.max_image_pixels, problem, size)
+            checked = pool.map(lambda ref: check_image(ref, dataset.max_image_pixels), new.values())
+            for (key, ref), verdict in zip(new.items(), checked):  # stored one by one: Ctrl-C keeps what was done
+                verdicts[key] = verdict
+                if cache is not None:
+                    cache.store_image(ref, dataset.max_image_pixels, *verdict)
             for index, (sample_id, (text, images, _)) in renders.items():
                 # a video's frames share one verdict: reported once
                 bad = list(dict.fromkeys(verdicts[_key(ref)][0] for ref in images if verdicts[_key(ref)][0]))
@@ -127,7 +128,9 @@ def validate(dataset: ConversationDataset, max_length: int | None = None, worker
                     continue
                 lengths[index] = length
             progress.update(len(order[first:first + chunk]))
-    progress.close()
+    finally:
+        pool.shutdown(cancel_futures=True)  # after Ctrl-C: no waiting for the images not yet started
+        progress.close()
     if ids is None:
         problems += duplicate_ids(dataset, found_ids, lengths)
     problems.sort(key=lambda p: _order(p.where))
@@ -201,9 +204,14 @@ def prepare_dataset(dataset: ConversationDataset, split: str, max_length: int | 
         logger.info(f"{split}: validation results reused from {cache.path} (no file changed)")
     else:
         shard, ids = list(range(rank, len(dataset), world)), {}  # interleaved: each rank gets a fair mix of items
-        lengths, problems = validate(dataset, max_length, workers, disable_tqdm or not rank0,
-                                     desc=f"validating {split}" + (f" (rank 0 of {world})" if world > 1 else ""),
-                                     indices=shard, cache=cache, limit_name=limit_name, ids=ids)
+        try:
+            lengths, problems = validate(dataset, max_length, workers, disable_tqdm or not rank0,
+                                         desc=f"validating {split}" + (f" (rank 0 of {world})" if world > 1 else ""),
+                                         indices=shard, cache=cache, limit_name=limit_name, ids=ids)
+        except KeyboardInterrupt:
+            if rank0:  # the images checked so far (rank 0's share), so that the next start checks only the rest
+                cache.save()
+            raise
         lengths, problems = _gather(dataset, lengths, problems, ids, shard, cache)
         if rank0:
             cache.store_split(split, fingerprint, lengths, [asdict(p) for p in problems], cache.used)

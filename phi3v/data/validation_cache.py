@@ -8,8 +8,9 @@ Two levels, both keyed by files' path, size and mtime:
   dataset's arrow files), its items, the processor, the limits and every image file it names are unchanged. Then
   a start does no rendering, tokenizing or decoding at all: a stat per image.
 
-The cache is one JSON file (OUTPUT_DIR/validation_cache.json, or in --cache_dir), written atomically by rank 0; a
-corrupt or foreign one is ignored and rewritten. Entries also carry a fingerprint of the code that computes lengths,
+The cache is one JSON file (OUTPUT_DIR/validation_cache.json, or in --cache_dir), written atomically by rank 0, also
+when validation is interrupted (Ctrl-C: the image verdicts found so far); a corrupt or foreign one is ignored and
+rewritten. Entries also carry a fingerprint of the code that computes lengths,
 so an update of the processor never reuses stale numbers.
 """
 

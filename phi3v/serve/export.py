@@ -14,22 +14,16 @@ applied to the unquantized base, then the result is cast to --dtype).
 
 from __future__ import annotations
 
-import sys
-
-from phi3v.flag_index import Parser, answer_early, parse_checked
-
-if __name__ == "__main__":  # --help and bad flags are answered from the flag index, before the slow imports below
-    answer_early(__file__, sys.argv[1:])
-
 import argparse
 import json
 import shlex
+import sys
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 
-from phi3v.common.errors import UserError, run_main
+from phi3v.common.errors import Parser, UserError, parse_checked
 from phi3v.models.registry import checkpoint_family
 from phi3v.serve.publish import model_card, push_folder, read_run
 
@@ -112,7 +106,7 @@ def check_paths(adapter_dir: str | Path, out_dir: str | Path) -> None:
 
 def main(argv: list[str] | None = None) -> Path:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_checked(build_parser(), argv, __file__)
+    args = parse_checked(build_parser(), argv)
     check_paths(args.adapter_dir, args.out_dir)
     command = shlex.join(["python", "-m", "phi3v.export", *argv])
     out = export_merged(args.adapter_dir, args.out_dir, args.base, getattr(torch, args.dtype),
@@ -122,6 +116,3 @@ def main(argv: list[str] | None = None) -> Path:
         print(f"uploaded to {push_folder(out, args.push_to_hub, private=args.private or None)}")
     return out
 
-
-if __name__ == "__main__":
-    run_main(main)

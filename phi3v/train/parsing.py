@@ -7,6 +7,7 @@ Command-line errors are one line; settings files hold flag names without the das
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -18,8 +19,7 @@ import torch
 from transformers import HfArgumentParser
 from transformers.integrations import is_deepspeed_available
 
-from phi3v.common.errors import BadValue, UserError
-from phi3v.flag_index import OneLineErrors, save_index, split_config_file, unknown_arguments
+from phi3v.common.errors import BadValue, OneLineErrors, UserError, unknown_arguments
 from phi3v.train.arguments import DS_CONFIGS, ModelArguments
 from phi3v.train.checkpoints import check_resume_setup, recorded, resolve_checkpoint
 from phi3v.train.training_arguments import RecipeTrainingArguments
@@ -82,13 +82,29 @@ def check_not_a_source(output_dir: str, base: str, resumed: str | None) -> None:
 
 
 class RecipeParser(OneLineErrors, HfArgumentParser):
-    """HfArgumentParser whose command-line errors are one line."""
+    """HfArgumentParser whose command-line errors are one line, and whose --help shows the settings file."""
+
+    def __init__(self, dataclass_types, **kwargs):
+        super().__init__(dataclass_types, **kwargs)
+        self.add_argument_group("settings file").add_argument(
+            "--config", metavar="FILE", action=AbbreviatedConfig, default=argparse.SUPPRESS,
+            help="Settings from a YAML or JSON file, named as the flags without the dashes (YAML: one "
+                 "`learning_rate: 1.0e-4` a line, a list for several values; JSON: {\"learning_rate\": 1e-4, "
+                 "\"use_lora\": true}); also as the first argument: script.py run.yaml [flags]. Flags given on "
+                 "the command line win over the file's.")
+
+
+class AbbreviatedConfig(argparse.Action):
+    """--config is taken out of the command line before parsing (split_config_file), so the parser meets it only
+    abbreviated (--conf FILE), which argparse would accept and the file then be ignored: refused."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error("write --config in full: an abbreviation of it is not read as a settings file")
 
 
 def _parse(data_class: type, argv: list[str], defaults: dict):
     parser = RecipeParser((ModelArguments, data_class, RecipeTrainingArguments))
     parser.set_defaults(**defaults)
-    save_index(parser, sys.modules[data_class.__module__].__file__)  # lets the next run answer --help at once
     if not {"-h", "--help"} & set(argv):  # the model-only pre-parse would answer --help with its flags alone
         model_args, _ = RecipeParser(ModelArguments).parse_args_into_dataclasses(
             args=argv, return_remaining_strings=True
@@ -101,7 +117,8 @@ def _parse(data_class: type, argv: list[str], defaults: dict):
     model_args, data_args, training_args, extra = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True)
     if extra:
-        raise unknown_arguments(extra, parser)
+        raise unknown_arguments(extra, parser, "flags start with --, and a settings file (first argument or "
+                                f"--config) ends in {', '.join(CONFIG_SUFFIXES)}")
     training_args.run_record = run_record(data_class, argv, model_args, data_args)
     return model_args, data_args, training_args
 
@@ -118,6 +135,9 @@ def run_record(data_class: type, argv: list[str], model_args: ModelArguments, da
 
 # ------------------------------------------------------------------------------------------------- config files
 
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
 def with_config_file(argv: list[str], groups: tuple[type, ...]) -> list[str]:
     """`script.py run.yaml [flags]` or `script.py --config run.yaml [flags]` (as transformers' examples and TRL):
     the file's settings become flags placed before the command line's, so flags given on the command line win."""
@@ -125,6 +145,24 @@ def with_config_file(argv: list[str], groups: tuple[type, ...]) -> list[str]:
     if path is None:
         return argv
     return config_flags(read_config(path), path, groups) + argv
+
+
+def split_config_file(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(settings file, the other arguments): the file is the first argument (.yaml, .yml or .json) or --config's."""
+    argv = list(argv)
+    path = None
+    if argv and not argv[0].startswith("-") and argv[0].lower().endswith(CONFIG_SUFFIXES):
+        path = argv.pop(0)
+    flags = [i for i, arg in enumerate(argv) if arg == "--config" or arg.startswith("--config=")]
+    if len(flags) + (path is not None) > 1:
+        raise UserError("give one config file (as the first argument or with --config), not two")
+    if flags:
+        i, arg = flags[0], argv[flags[0]]
+        path = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
+        if not path:
+            raise UserError("--config needs a file: --config run.yaml")
+        del argv[i: i + (1 if "=" in arg else 2)]
+    return path, argv
 
 
 def read_config(path: str) -> dict:
