@@ -444,7 +444,6 @@ def test_duplicate_ids_are_found_across_the_shares_of_two_ranks(tiny_dir, tmp_pa
     import threading
 
     import phi3v.data.validation as validation
-
     from phi3v.data.jsonl import jsonl_dataset
     from phi3v.models.phi3_v.processing import Phi3VProcessor
 
@@ -485,7 +484,6 @@ def test_an_interrupted_validation_keeps_what_it_checked(processor, tmp_path, mo
     """Ctrl-C at the 7th of 12 samples (its image check raises KeyboardInterrupt): the verdicts on images 0-5 are in
     the cache, so the next start decodes only images 6-11, and finds what an uninterrupted start finds."""
     import phi3v.data.validation as validation
-
     from phi3v.data.jsonl import jsonl_dataset
 
     path = image_dataset(tmp_path, 12)
