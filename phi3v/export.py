@@ -10,7 +10,7 @@ files with the chat template, and a model card (README.md). It loads with `Phi3V
 with transformers 4.x (with trust_remote_code), and in vLLM (`vllm serve MERGED_DIR --trust-remote-code`; vLLM
 cannot serve LoRA adapters for this model). The merge runs on CPU tensor by tensor, straight from the base's
 safetensors files to the shards written: base + scale * B @ A in fp32, cast once to --dtype, with at most one 5 GB
-shard in memory (~6 GiB at full size, where merging the whole model in fp32 took 18.5 GiB). After QLoRA the adapter
+shard in memory (5.6 GiB at full size; holding the whole model in fp32 took 18.5-20 GiB). After QLoRA the adapter
 is applied to the unquantized base. Adapters: LoRA, rsLoRA, DoRA and modules_to_save, what the recipes train.
 """
 
