@@ -56,7 +56,7 @@ def test_dora_rslora_and_modules_to_save_merge_as_peft_merges_them(tiny_dir, tmp
         for name, param in model.named_parameters():
             if "lora_magnitude_vector" in name or "modules_to_save" in name:
                 param.mul_(1 + torch.rand_like(param))
-    model.save_pretrained(tmp_path / "adapter")  # lm_head targeted: peft also stores its base weight (base_layer)
+    model.save_pretrained(tmp_path / "adapter", save_embedding_layers=True)  # and lm_head's base weight (base_layer)
     Phi3VProcessor.from_pretrained(tiny_dir).save_pretrained(tmp_path / "adapter")
     stored = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert {"base_model.model.model.layers.0.mlp.gate_up_proj.weight", "base_model.model.lm_head.base_layer.weight",
