@@ -39,6 +39,7 @@ lint: $(VENV)/.installed
 .PHONY: install test test-slow demo bench mutants lint check-full-size
 
 # The 4.2B model end to end on CPU (random weights, bf16, LoRA and QLoRA, one step, save, merged export, reload):
-# ~47 min on 2 busy cores, ~17 GB of disk, peak 18.5 GiB of memory (the export's fp32 merge). Run by hand.
+# ~47 min on 2 busy cores, ~17 GB of disk, peak 12.7 GiB of memory (the LoRA step; the export, merged shard by
+# shard, 5.6 GiB). Run by hand.
 check-full-size: $(VENV)/.installed
 	/usr/bin/time -v $(PY) bench/check_full_size.py

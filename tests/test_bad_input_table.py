@@ -178,6 +178,26 @@ def resumable(c: Ctx, files: dict) -> Path:
 
 LORA_FILES = {"adapter_config.json": {"base_model_name_or_path": "microsoft/Phi-3.5-vision-instruct"},
               "adapter_model.safetensors": None}
+def lora_adapter(c: Ctx, module: str = "model.layers.0.self_attn.o_proj", base: Path | None = None, **config) -> Path:
+    """A rank-1 LoRA adapter with its weights, on `module` of the tiny model (hidden size 64)."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = c.tmp / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "base_model_name_or_path": str(base or c.tiny_dir), "peft_type": "LORA", "r": 1, "lora_alpha": 2, **config}))
+    save_file({f"base_model.model.{module}.lora_A.weight": torch.ones(1, 64),
+               f"base_model.model.{module}.lora_B.weight": torch.ones(64, 1)}, folder / "adapter_model.safetensors")
+    return folder
+
+
+def without_lm_head(path: Path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    del tensors["lm_head.weight"]
+    save_file(tensors, path, metadata={"format": "pt"})
 
 
 def predict_args(c: Ctx, *extra: str) -> list[str]:
@@ -513,6 +533,26 @@ CASES = [
      "error: --out {data}: pass a file name in an existing folder", None),
     flag_case("--config abbreviated", ["--conf", "run.yaml"],
               "write --config in full: an abbreviation of it is not read as a settings file; --help lists the flags"),
+    # issue 22: export
+    ("export: adapter with a rank_pattern", "export",
+     lambda c: [str(lora_adapter(c, rank_pattern={"o_proj": 2})), str(c.out)],
+     "error: {tmp}/adapter/adapter_config.json: rank_pattern: phi3v.export merges LoRA, rsLoRA, DoRA and "
+     "modules_to_save adapters only; merge this one with peft (merge_and_unload)", None),
+    ("export: not a LoRA adapter", "export", lambda c: [str(lora_adapter(c, peft_type="LOHA")), str(c.out)],
+     "error: {tmp}/adapter/adapter_config.json: peft_type LOHA: phi3v.export merges LoRA, rsLoRA, DoRA and "
+     "modules_to_save adapters only; merge this one with peft (merge_and_unload)", None),
+    ("export: adapter without its weights", "export", lambda c: [str(adapter(c)), str(c.out)],
+     "error: {tmp}/adapter/adapter_model.safetensors is missing: the adapter's weights are needed to merge it (a "
+     "pickled adapter_model.bin is not loaded)", None),
+    ("export: adapter of another base", "export",
+     lambda c: [str(lora_adapter(c, "model.layers.7.self_attn.o_proj")), str(c.out)],
+     "error: {tmp}/adapter: the adapter changes model.layers.7.self_attn.o_proj.weight, which the base model has no "
+     "weight of: an adapter of another base model (pass that one with --base), or LoRA on a layer that is not Linear",
+     None),
+    ("export: base without lm_head", "export",
+     lambda c: [str(lora_adapter(c, base=c.model_copy(without_lm_head))), str(c.out)],
+     "error: {tmp}/model lacks 1 weight(s) of the model (lm_head.weight, ...): not a complete Phi-3.5-vision "
+     "checkpoint", None),
 ]
 
 

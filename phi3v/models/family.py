@@ -15,7 +15,8 @@ it by the checkpoint's config.json `model_type`. Code outside phi3v/models/ reac
   (full module paths, every part); `unused_parameters(model)` the weights in the checkpoint that never compute;
   `vision_modules` the module prefixes kept unquantized by --no_quantize_vision.
 - `complete_layout(out_dir, base, remote_code_files)` writes what serving needs beside saved weights;
-  `remote_code_dir(base)` fetches the base's remote code files (None where it has none), so an export fails early.
+  `remote_code_dir(base)` fetches the base's remote code files (None where it has none), so an export fails early;
+  `shard_size()` is the largest weights file its checkpoints are saved in.
 """
 
 from __future__ import annotations
@@ -40,3 +41,4 @@ class ModelFamily:
     vision_modules: tuple[str, ...]
     complete_layout: Callable[..., list[str]]
     remote_code_dir: Callable[[str], object]
+    shard_size: Callable[[], str]

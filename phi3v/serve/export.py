@@ -8,38 +8,134 @@ official auto_map, the official *.py remote code (copied from a local --base, or
 5 GB weight shards with the official tensor names, generation_config.json with the chat stop ids, the tokenizer
 files with the chat template, and a model card (README.md). It loads with `Phi3VForCausalLM.from_pretrained` here,
 with transformers 4.x (with trust_remote_code), and in vLLM (`vllm serve MERGED_DIR --trust-remote-code`; vLLM
-cannot serve LoRA adapters for this model). The merge happens in fp32 on CPU, also after QLoRA (the adapter is
-applied to the unquantized base, then the result is cast to --dtype).
+cannot serve LoRA adapters for this model). The merge runs on CPU tensor by tensor, straight from the base's
+safetensors files to the shards written: base + scale * B @ A in fp32, cast once to --dtype, with at most one 5 GB
+shard in memory (5.6 GiB at full size; holding the whole model in fp32 took 18.5-20 GiB). After QLoRA the adapter
+is applied to the unquantized base. Adapters: LoRA, rsLoRA, DoRA and modules_to_save, what the recipes train.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
 
 import torch
-from peft import PeftModel
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers.core_model_loading import revert_weight_conversion
 
-from phi3v.common.errors import Parser, UserError, parse_checked
+from phi3v.common.errors import MissingFile, Parser, UserError, parse_checked
+from phi3v.common.hub import resolve_file
 from phi3v.models.registry import checkpoint_family
 from phi3v.serve.publish import model_card, push_folder, read_run
 
+# adapter_config.json settings that change what a LoRA tensor adds where, or by how much, beyond plain LoRA,
+# rsLoRA and DoRA (peft 0.21's LoraConfig): refused rather than merged wrongly
+UNMERGEABLE = ("rank_pattern", "alpha_pattern", "fan_in_fan_out", "lora_bias", "layer_replication", "use_qalora",
+               "trainable_token_indices", "target_parameters", "alora_invocation_tokens", "arrow_config",
+               "use_bdlora", "velora_config", "monteclora_config", "kasa_config")
+LORA_PARTS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")  # DoRA: the trained norm of each row
+
+
+def adapter_config(adapter_dir: str | Path) -> dict:
+    """adapter_config.json of a LoRA adapter this module can merge."""
+    config_file = Path(adapter_dir) / "adapter_config.json"
+    if not config_file.is_file():
+        raise UserError(f"{adapter_dir} holds no LoRA adapter (adapter_config.json is missing)")
+    config = json.loads(config_file.read_text())
+    unsupported = [key for key in UNMERGEABLE if config.get(key)]
+    if config.get("peft_type", "LORA") != "LORA":
+        unsupported.insert(0, f"peft_type {config['peft_type']}")
+    if unsupported:
+        raise UserError(f"{config_file}: {', '.join(unsupported)}: phi3v.export merges LoRA, rsLoRA, DoRA and "
+                        "modules_to_save adapters only; merge this one with peft (merge_and_unload)")
+    return config
+
 
 def adapter_base(adapter_dir: str | Path) -> str:
-    config = Path(adapter_dir) / "adapter_config.json"
-    if not config.is_file():
-        raise UserError(f"{adapter_dir} holds no LoRA adapter (adapter_config.json is missing)")
-    return json.loads(config.read_text())["base_model_name_or_path"]
+    return adapter_config(adapter_dir)["base_model_name_or_path"]
 
 
-def merge_adapter(adapter_dir: str | Path, base: str | None = None) -> torch.nn.Module:
-    """The base model (fp32) with the adapter of `adapter_dir` merged into its weights."""
-    base = base or adapter_base(adapter_dir)
-    model = checkpoint_family(base).model_class.from_pretrained(base, dtype=torch.float32)
-    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+def adapter_parts(adapter_dir: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The adapter's tensors by the base tensor they change: LORA_PARTS, or "whole" for a tensor stored in full
+    (modules_to_save; the `base_layer` copy of a LoRA-wrapped embedding layer), which replaces the base's."""
+    parts = {}
+    for key, tensor in load_file(Path(adapter_dir) / "adapter_model.safetensors").items():
+        name = key.removeprefix("base_model.model.")
+        kind = next((kind for kind in LORA_PARTS if name.endswith("." + kind)), "whole")
+        target = name.removesuffix(kind) + "weight" if kind != "whole" else name.replace(".base_layer.", ".")
+        parts.setdefault(target, {})[kind] = tensor
+    return parts
+
+
+def merged_tensor(base: torch.Tensor, parts: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+    """One weight with its adapter parts merged, in fp32 (the base tensor itself when the adapter leaves it alone):
+    W + scale * B @ A, each row then rescaled to its trained norm under DoRA (as peft's merge)."""
+    weight = parts.get("whole", base)
+    if "lora_A.weight" not in parts:
+        return weight
+    weight = weight.float() + scale * (parts["lora_B.weight"].float() @ parts["lora_A.weight"].float())
+    if "lora_magnitude_vector" in parts:
+        weight *= (parts["lora_magnitude_vector"].float() / weight.norm(dim=1)).unsqueeze(1)
+    return weight
+
+
+def base_tensor_files(base: str) -> dict[str, Path]:
+    """The safetensors file of `base` (local folder or hub id) holding each tensor: model.safetensors, else the
+    shards its index names."""
+    try:
+        single = resolve_file(base, "model.safetensors")
+    except UserError:
+        weight_map = json.loads(resolve_file(base, "model.safetensors.index.json").read_text())["weight_map"]
+        shards = {shard: resolve_file(base, shard) for shard in set(weight_map.values())}
+        return {name: shards[shard] for name, shard in weight_map.items()}
+    with safe_open(single, "pt") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+def write_merged(adapter_dir: str | Path, base: str, out_dir: Path, dtype: torch.dtype) -> None:
+    """Base + adapter in `dtype`, written as `save_pretrained` writes the model (config, generation config, shards
+    of at most MAX_SHARD_SIZE, index), one tensor merged at a time: never more than a shard in memory.
+
+    Raises:
+        UserError: the adapter changes a tensor the base lacks, or the base lacks one of the model's tensors.
+    """
+    config = adapter_config(adapter_dir)
+    scale = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
+    family = checkpoint_family(base)
+    model = family.model_class.from_pretrained(base, dtype=dtype, device_map="meta")  # config and layout, no weights
+    # meta tensors: the names, order, shapes and dtypes save_pretrained writes for a loaded model (it sorts them)
+    layout = revert_weight_conversion(model, model.state_dict())
+    parts, files = adapter_parts(adapter_dir), base_tensor_files(base)
+    unknown, missing = sorted(set(parts) - set(layout)), sorted(set(layout) - set(files))
+    if unknown:
+        raise UserError(f"{adapter_dir}: the adapter changes {unknown[0]}, which the base model has no weight of: an "
+                        "adapter of another base model (pass that one with --base), or LoRA on a layer that is not "
+                        "Linear")
+    if missing:
+        raise UserError(f"{base} lacks {len(missing)} weight(s) of the model ({missing[0]}, ...): not a complete "
+                        f"{family.name} checkpoint")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    split = split_torch_state_dict_into_shards(layout, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=family.shard_size())
+    for shard, names in split.filename_to_tensors.items():
+        tensors = {}
+        for name in names:
+            with safe_open(files[name], "pt") as f:
+                tensor = f.get_tensor(name)
+            tensors[name] = merged_tensor(tensor, parts.get(name, {}), scale).to(layout[name].dtype).contiguous()
+        save_file(tensors, out_dir / shard, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {"total_parameters": model.num_parameters(), **split.metadata},
+                 "weight_map": split.tensor_to_filename}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    model.config.save_pretrained(out_dir)
+    model.generation_config.save_pretrained(out_dir)
 
 
 def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
@@ -58,9 +154,8 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | None
     family = checkpoint_family(base)
     if remote_code_files:
         family.remote_code_dir(base)  # fail now, not after the merge
-    model = merge_adapter(adapter_dir, base).to(dtype)
     out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
+    write_merged(adapter_dir, base, out_dir, dtype)
     family.processor_class.from_pretrained(adapter_dir).save_pretrained(out_dir)
     family.complete_layout(out_dir, base, remote_code_files)
     run, metrics = read_run(adapter_dir)
@@ -90,9 +185,10 @@ MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.inde
 
 
 def check_paths(adapter_dir: str | Path, out_dir: str | Path) -> None:
-    """Refuse to write into the adapter's own folder or over another model's files (a stale shard or index would
-    stay and be loaded with the merged weights). Other files (predictions, notes) may be there."""
-    adapter_base(adapter_dir)
+    """Refuse an adapter this module cannot merge, or one without its weights; refuse to write into the adapter's
+    own folder or over another model's files (a stale shard or index would stay and be loaded with the merged
+    weights). Other files (predictions, notes) may be there."""
+    adapter_config(adapter_dir)
     out = Path(out_dir)
     if out.resolve() == Path(adapter_dir).resolve():
         raise UserError(f"{out_dir} is the adapter folder itself: write the merged model to a new folder")
@@ -102,6 +198,10 @@ def check_paths(adapter_dir: str | Path, out_dir: str | Path) -> None:
     if stale:
         raise UserError(f"{out_dir} already holds model files ({', '.join(stale[:4])}): pass a new or empty folder "
                         "(an old shard or index there would be mixed with the merged model)")
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise MissingFile(f"{weights} is missing: the adapter's weights are needed to merge it (a pickled "
+                          "adapter_model.bin is not loaded)")
 
 
 def main(argv: list[str] | None = None) -> Path:

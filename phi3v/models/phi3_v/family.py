@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from phi3v.models.family import ModelFamily
+from phi3v.models.phi3_v import modeling
 from phi3v.models.phi3_v.layout import complete_layout, remote_code_dir
 from phi3v.models.phi3_v.modeling import Phi3VForCausalLM
 from phi3v.models.phi3_v.processing import Phi3VProcessor
@@ -38,5 +39,5 @@ PHI3_V = ModelFamily(
     name="Phi-3.5-vision", model_types=("phi3_v",), model_class=Phi3VForCausalLM, processor_class=Phi3VProcessor,
     part_of=part_of, lora_targets=lora_target_modules,
     unused_parameters=lambda model: model.model.vision_embed_tokens.unused_parameters(), vision_modules=(VISION,),
-    complete_layout=complete_layout, remote_code_dir=remote_code_dir,
+    complete_layout=complete_layout, remote_code_dir=remote_code_dir, shard_size=lambda: modeling.MAX_SHARD_SIZE,
 )
