@@ -21,13 +21,8 @@ USER, ASSISTANT, END, ENDOFTEXT = 32010, 32001, 32007, 32000
 
 
 @pytest.fixture(scope="module")
-def real_dir(tmp_path_factory):
-    """`python -m phi3v.tiny DIR --real_vocab`: the tiny checkpoint with the real vocabulary."""
-    from phi3v.models.phi3_v.tiny import main
-
-    directory = tmp_path_factory.mktemp("tiny-real-vocab")
-    main([str(directory), "--real_vocab"])
-    return directory
+def real_dir(real_vocab_dir):
+    return real_vocab_dir
 
 
 @pytest.fixture(scope="module")

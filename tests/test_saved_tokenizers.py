@@ -38,13 +38,9 @@ MODES = {"full": ([], "LlamaTokenizer"),
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """`python -m phi3v.tiny DIR --real_vocab`: laid out as the official repo (config.json, "LlamaTokenizer")."""
-    from phi3v.models.phi3_v.tiny import main
-
-    directory = tmp_path_factory.mktemp("base-real-vocab")
-    main([str(directory), "--real_vocab"])
-    return directory
+def base(real_vocab_dir):
+    """Laid out as the official repo (config.json, "LlamaTokenizer")."""
+    return real_vocab_dir
 
 
 @pytest.fixture(scope="module")
