@@ -43,9 +43,9 @@ def test_original_mode_flags_map_to_one_mode(argv, mode, vision_frozen):
 
 
 def test_original_spellings():
-    _, _, training = parse("--wd", "0.2", "--no-tqdm", "--lora_alpha_ratio", "0.5", "--lora_rank", "32")
+    _, _, training = parse("--wd", "0.2", "--no-tqdm", "--use_lora", "--lora_alpha_ratio", "0.5", "--lora_rank", "32")
     assert training.weight_decay == 0.2 and training.disable_tqdm
-    model, _, _ = parse("--lora_rank", "32", "--lora_alpha_ratio", "0.5")
+    model, _, _ = parse("--use_lora", "--lora_rank", "32", "--lora_alpha_ratio", "0.5")
     assert model.lora_alpha == 16  # the README's "rank 32 / alpha 16"
 
 

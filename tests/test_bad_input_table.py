@@ -520,6 +520,8 @@ CASES = [
     ("messages integer id", "ucf101", lambda c: c.jsonl([messages(7)]), TRAIN_STOP,
      '  ucf101_train.jsonl:1: "id" must be a non-empty string, got int'),
     # issue 22: entry points
+    flag_case("LoRA values without LoRA", ["--lora_rank", "8", "--lora-dropout=0.1"],
+              "--lora_rank, --lora_dropout need(s) --use_lora (or --use_qlora)"),
     ("predict: --num_crops 0", "predict",
      lambda c: predict_args(c, "--question", "q", "--num_crops", "0"),
      "error: --num_crops must be between 1 and 16, got 0", None),

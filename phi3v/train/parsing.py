@@ -39,6 +39,7 @@ def parse_args(data_class: type, argv: list[str] | None = None, **defaults):
         model_args, data_args, training_args = _parse(data_class, argv, defaults)
     except ValueError as error:  # a __post_init__ check of any group: the user's flags, said in one line
         raise BadValue(str(error).strip()) from error
+    check_lora_values_used(argv, model_args)
     check_output_dir(training_args.output_dir)
     resumed = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     training_args.resume_from_checkpoint = resumed  # `last` resolved once, here, before anything loads
@@ -46,6 +47,19 @@ def parse_args(data_class: type, argv: list[str] | None = None, **defaults):
     if resumed:
         check_resume_setup(resumed, model_args)
     return model_args, data_args, training_args
+
+
+LORA_VALUES = ("lora_rank", "lora_alpha", "lora_alpha_ratio", "lora_dropout")
+
+
+def check_lora_values_used(argv: list[str], model_args: ModelArguments) -> None:
+    """Refuse LoRA values given without LoRA. They have defaults, so the parsed flags cannot tell whether they were
+    given (ModelArguments refuses the other LoRA flags itself): they are looked for in the command line, which holds
+    the settings file's flags too."""
+    given = {arg[2:].split("=")[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    ignored = [f"--{name}" for name in LORA_VALUES if name in given]
+    if ignored and not model_args.use_lora:
+        raise BadValue(f"{', '.join(ignored)} need(s) --use_lora (or --use_qlora)")
 
 
 def check_output_dir(output_dir: str) -> None:
