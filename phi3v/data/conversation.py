@@ -25,7 +25,7 @@ from phi3v.models.family import IGNORE_INDEX, IMAGE_TAG
 
 logger = logging.getLogger(__name__)
 CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|endoftext|>")  # never inside message text
-ANY_CASE_IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>", re.IGNORECASE)
+ANY_CASE_IMAGE_TAG = re.compile(IMAGE_TAG.pattern, re.IGNORECASE)
 
 
 @dataclass

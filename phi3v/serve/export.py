@@ -17,6 +17,7 @@ is applied to the unquantized base. Adapters: LoRA, rsLoRA, DoRA and modules_to_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import shlex
@@ -31,6 +32,7 @@ from transformers.core_model_loading import revert_weight_conversion
 
 from phi3v.common.errors import MissingFile, Parser, UserError, parse_checked
 from phi3v.common.hub import resolve_file
+from phi3v.models.family import ModelFamily
 from phi3v.models.registry import checkpoint_family
 from phi3v.serve.publish import model_card, push_folder, read_run
 
@@ -98,7 +100,7 @@ def base_tensor_files(base: str) -> dict[str, Path]:
         return dict.fromkeys(f.keys(), single)
 
 
-def write_merged(adapter_dir: str | Path, base: str, out_dir: Path, dtype: torch.dtype) -> None:
+def write_merged(adapter_dir: str | Path, base: str, family: ModelFamily, out_dir: Path, dtype: torch.dtype) -> None:
     """Base + adapter in `dtype`, written as `save_pretrained` writes the model (config, generation config, shards
     of at most MAX_SHARD_SIZE, index), one tensor merged at a time: never more than a shard in memory.
 
@@ -107,7 +109,6 @@ def write_merged(adapter_dir: str | Path, base: str, out_dir: Path, dtype: torch
     """
     config = adapter_config(adapter_dir)
     scale = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
-    family = checkpoint_family(base)
     model = family.model_class.from_pretrained(base, dtype=dtype, device_map="meta")  # config and layout, no weights
     # meta tensors: the names, order, shapes and dtypes save_pretrained writes for a loaded model (it sorts them)
     layout = revert_weight_conversion(model, model.state_dict())
@@ -123,13 +124,12 @@ def write_merged(adapter_dir: str | Path, base: str, out_dir: Path, dtype: torch
     out_dir.mkdir(parents=True, exist_ok=True)
     split = split_torch_state_dict_into_shards(layout, filename_pattern="model{suffix}.safetensors",
                                                max_shard_size=family.shard_size())
-    for shard, names in split.filename_to_tensors.items():
-        tensors = {}
-        for name in names:
-            with safe_open(files[name], "pt") as f:
-                tensor = f.get_tensor(name)
-            tensors[name] = merged_tensor(tensor, parts.get(name, {}), scale).to(layout[name].dtype).contiguous()
-        save_file(tensors, out_dir / shard, metadata={"format": "pt"})
+    with contextlib.ExitStack() as opened:  # each base file opened once, its header read once
+        readers = {file: opened.enter_context(safe_open(file, "pt")) for file in set(files.values())}
+        for shard, names in split.filename_to_tensors.items():
+            tensors = {name: merged_tensor(readers[files[name]].get_tensor(name), parts.get(name, {}), scale)
+                       .to(layout[name].dtype).contiguous() for name in names}
+            save_file(tensors, out_dir / shard, metadata={"format": "pt"})
     if split.is_sharded:
         index = {"metadata": {"total_parameters": model.num_parameters(), **split.metadata},
                  "weight_map": split.tensor_to_filename}
@@ -155,7 +155,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | None
     if remote_code_files:
         family.remote_code_dir(base)  # fail now, not after the merge
     out_dir = Path(out_dir)
-    write_merged(adapter_dir, base, out_dir, dtype)
+    write_merged(adapter_dir, base, family, out_dir, dtype)
     family.processor_class.from_pretrained(adapter_dir).save_pretrained(out_dir)
     family.complete_layout(out_dir, base, remote_code_files)
     run, metrics = read_run(adapter_dir)
