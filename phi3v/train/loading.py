@@ -120,7 +120,7 @@ def modules_to_save(model: torch.nn.Module, model_args: ModelArguments) -> list[
 def select_lora_targets(model: torch.nn.Module, model_args: ModelArguments, saved: list[str]) -> list[str]:
     """Full paths of the Linear layers that get adapters: --lora_target_modules (default: the original's targets)
     minus --lora_exclude_modules, inside the parts not frozen."""
-    linear = used_linear_modules(model)
+    family, linear = model_family(model), used_linear_modules(model)
     if model_args.lora_target_modules:
         chosen = name_matcher(model_args.lora_target_modules, "--lora_target_modules")
         targets = [path for path in linear if chosen(path)]
@@ -129,12 +129,12 @@ def select_lora_targets(model: torch.nn.Module, model_args: ModelArguments, save
                             "layer of the model (e.g. qkv_proj o_proj gate_up_proj down_proj lm_head; q_proj k_proj "
                             "v_proj out_proj fc1 fc2 in CLIP; img_projection.0 img_projection.2; or all-linear)")
     else:
-        targets = [path for path in model_family(model).lora_targets(model) if path in linear]
+        targets = [path for path in family.lora_targets(model) if path in linear]
     if model_args.lora_exclude_modules:
         excluded = name_matcher(model_args.lora_exclude_modules, "--lora_exclude_modules")
         targets = [path for path in targets if not excluded(path)]
     # (PEFT itself leaves out targets inside the modules trained in full)
-    targets = [path for path in targets if model_family(model).part_of(path + ".") not in model_args.frozen_parts]
+    targets = [path for path in targets if family.part_of(path + ".") not in model_args.frozen_parts]
     if not targets and not saved:
         raise UserError("LoRA has no target left: every module named by --lora_target_modules is frozen or "
                         "excluded, and --lora_modules_to_save is empty")
