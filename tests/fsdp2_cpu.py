@@ -67,6 +67,7 @@ def main(tiny_dir: str, data_dir: str, out: str) -> None:
             "state_dict_keys_match": set(state) == set(official),
             "state_dict_values_match": all(torch.equal(state[k], official[k]) for k in official),
         }))
+    dist.barrier()  # rank 1 left while rank 0 still wrote: its gloo threads aborted it ("terminate called")
     dist.destroy_process_group()
 
 
