@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> list[dict] | str:
                                           args.load_in_4bit, args.merge_lora)
     processor = WithSystemMessage(processor, args.system) if args.system else processor
     if args.num_crops is not None:
-        processor.image_processor.num_crops = args.num_crops
+        processor.num_crops = args.num_crops
     set_seed(args.seed)
     settings = generation_settings(args)
     if args.question:

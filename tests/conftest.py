@@ -31,7 +31,7 @@ def processor(tiny_dir):
 def real_vocab_dir(tmp_path_factory):
     """`python -m phi3v.tiny DIR --real_vocab`: the tiny checkpoint with the real Phi-3 vocabulary, laid out as the
     official repo (config.json, "LlamaTokenizer"); read-only for the tests."""
-    from phi3v.models.phi3_v.tiny import main
+    from phi3v.tiny import main
 
     directory = tmp_path_factory.mktemp("tiny-real-vocab")
     main([str(directory), "--real_vocab"])

@@ -85,7 +85,7 @@ def test_prompt_for_generation_matches_training_prefix(processor):
 
 def test_text_only_conversation(processor):
     example = dataset_of(processor, [Conversation("t", [Turn("Say hi.", "hi")])])[0]
-    assert example["pixel_values"] is None and example["image_sizes"] is None
+    assert "pixel_values" not in example and "image_sizes" not in example
     answer = segment(processor, "\nhi")[len(segment(processor, "\n")):]
     expected = answer + special(processor, "<|end|>") + segment(processor, "\n") + special(processor, "<|endoftext|>")
     assert example["labels"][example["labels"] != -100].tolist() == expected

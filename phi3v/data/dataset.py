@@ -9,6 +9,8 @@ import torch
 from phi3v.data.conversation import Conversation, Problem, labels_from_spans, render
 from phi3v.data.images import image_size, open_image
 
+TEXT_KEYS = ("input_ids", "attention_mask", "offset_mapping")
+
 
 class ConversationDataset(torch.utils.data.Dataset):
     """Items (jsonl records, hub rows, ...) turned into model inputs on access, so decoding and processing run in
@@ -58,8 +60,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         text, refs, spans = render(self.processor, conversation, self.for_generation)
         images = [open_image(ref, self.max_image_pixels) for ref in refs]
         encoded = self.processor(text, images or None, return_offsets_mapping=True)
-        example = {"input_ids": encoded["input_ids"][0], "sample_id": conversation.id,
-                   "pixel_values": encoded.get("pixel_values"), "image_sizes": encoded.get("image_sizes")}
+        example = {"input_ids": encoded["input_ids"][0], "sample_id": conversation.id}
+        example.update((key, value) for key, value in encoded.items() if key not in TEXT_KEYS)  # the image tensors
         if self.for_generation:
             example["reference"] = conversation.turns[-1].assistant
         else:

@@ -29,6 +29,38 @@ IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")  # image k of a conversation in ren
 IGNORE_INDEX = -100  # the label of every token the loss skips: prompts, image placeholders, padding
 
 
+def check_image_tags(text: str, num_images: int) -> list[int]:
+    """Image numbers of the tags in `text`; raises ValueError unless they are 1..num_images, once each, in order."""
+    tags = [int(k) for k in IMAGE_TAG.findall(text)]
+    if tags != list(range(1, num_images + 1)):
+        shown = ", ".join(f"<|image_{k}|>" for k in tags) or "no image tags"
+        raise ValueError(
+            f"the prompt has {shown} but {num_images} image(s) were given: it must reference "
+            f"<|image_1|> ... <|image_{num_images}|> exactly once each, in increasing order"
+            if num_images
+            else f"the prompt has {shown} but no images were given"
+        )
+    return tags
+
+
+def encode_with_images(tokenizer, text: str, image_tokens: list[int], placeholder: Callable[[int], int],
+                       add_special_tokens: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and character spans of `text`: the chunks between image tags tokenized on their own, image tag k
+    replaced by image_tokens[k-1] ids `placeholder(k)`, which carry the span of their tag."""
+    check_image_tags(text, len(image_tokens))
+    ids, spans, start = [], [], 0
+    bounds = [(m.start(), m.end(), int(m.group(1))) for m in IMAGE_TAG.finditer(text)] + [(len(text), None, 0)]
+    for tag_start, tag_end, k in bounds:
+        encoding = tokenizer(text[start:tag_start], return_offsets_mapping=True, add_special_tokens=add_special_tokens)
+        ids += encoding["input_ids"]
+        spans += [(start + a, start + b) for a, b in encoding["offset_mapping"]]
+        if tag_end is not None:
+            ids += [placeholder(k)] * image_tokens[k - 1]
+            spans += [(tag_start, tag_end)] * image_tokens[k - 1]
+            start = tag_end
+    return ids, spans
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     name: str

@@ -9,8 +9,9 @@ from phi3v.common.errors import UserError
 from phi3v.common.hub import resolve_file
 from phi3v.models.family import ModelFamily
 from phi3v.models.phi3_v.family import PHI3_V
+from phi3v.models.phi4_mm.family import PHI4_MM
 
-FAMILIES = (PHI3_V,)
+FAMILIES = (PHI3_V, PHI4_MM)
 
 
 def family_of(model_type: str | None) -> ModelFamily:

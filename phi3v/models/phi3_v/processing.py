@@ -22,25 +22,11 @@ from transformers import BatchFeature, PreTrainedTokenizerFast
 
 from phi3v.common.errors import Unavailable
 from phi3v.common.hub import UNREACHABLE, hub_kwargs, offline_message
-from phi3v.models.family import IMAGE_TAG
+from phi3v.models.family import encode_with_images
 from phi3v.models.phi3_v.collator import Phi3VCollator
 from phi3v.models.phi3_v.image_processing import Phi3VImageProcessor
 
 END_TOKENS = ("<|end|>", "<|endoftext|>")  # a chat turn ends with <|end|>; <|endoftext|> ends the document
-
-
-def check_image_tags(text: str, num_images: int) -> list[int]:
-    """Image numbers of the tags in `text`; raises ValueError unless they are 1..num_images, once each, in order."""
-    tags = [int(k) for k in IMAGE_TAG.findall(text)]
-    if tags != list(range(1, num_images + 1)):
-        shown = ", ".join(f"<|image_{k}|>" for k in tags) or "no image tags"
-        raise ValueError(
-            f"the prompt has {shown} but {num_images} image(s) were given: it must reference "
-            f"<|image_1|> ... <|image_{num_images}|> exactly once each, in increasing order"
-            if num_images
-            else f"the prompt has {shown} but no images were given"
-        )
-    return tags
 
 
 def tokenizer_class(directory: Path) -> str:
@@ -127,6 +113,10 @@ class Phi3VProcessor:
     def num_crops(self) -> int:
         return self.image_processor.num_crops
 
+    @num_crops.setter
+    def num_crops(self, value: int) -> None:
+        self.image_processor.num_crops = value
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """Render messages ({"role", "content"} with string content) to the prompt string; BOS comes later."""
         return self.tokenizer.apply_chat_template(
@@ -134,22 +124,9 @@ class Phi3VProcessor:
         )
 
     def encode(self, text: str, image_tokens: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
-        """Token ids and character spans of `text`, with image tag k expanded to image_tokens[k-1] placeholders.
-
-        Placeholders carry the span of their tag; each chunk's BOS has an empty span at the chunk start.
-        """
-        check_image_tags(text, len(image_tokens))
-        ids, spans, start = [], [], 0
-        bounds = [(m.start(), m.end(), int(m.group(1))) for m in IMAGE_TAG.finditer(text)] + [(len(text), None, 0)]
-        for tag_start, tag_end, k in bounds:
-            encoding = self.tokenizer(text[start:tag_start], return_offsets_mapping=True)
-            ids += encoding["input_ids"]
-            spans += [(start + a, start + b) for a, b in encoding["offset_mapping"]]
-            if tag_end is not None:
-                ids += [-k] * image_tokens[k - 1]
-                spans += [(tag_start, tag_end)] * image_tokens[k - 1]
-                start = tag_end
-        return ids, spans
+        """Token ids and character spans of `text`, image tag k expanded to image_tokens[k-1] placeholders -k, each
+        chunk between tags with its own BOS (an empty span at the chunk start)."""
+        return encode_with_images(self.tokenizer, text, image_tokens, lambda k: -k, add_special_tokens=True)
 
     def num_tokens(self, text: str, image_sizes: list[tuple[int, int]]) -> int:
         """Sequence length of `text` with images of these (width, height) sizes, without decoding any pixels."""

@@ -1,6 +1,6 @@
 """Write a tiny random Phi-3.5-vision checkpoint in the official layout, offline, in about a second.
 
-    python -m phi3v.tiny OUT_DIR [--seed 0] [--like phi-3-vision-128k-instruct] [--real_vocab]
+    python -m phi3v.tiny OUT_DIR [--seed 0] [--like phi-3-vision-128k-instruct] [--real_vocab]   (phi3v/tiny.py)
 
 Same file set and tensor names as microsoft/Phi-3.5-vision-instruct (config.json, model.safetensors,
 preprocessor_config.json, tokenizer files with the Phi-3.5 chat template, generation_config.json), with tiny
@@ -13,7 +13,6 @@ config.json keys and LongRoPE factors, num_crops 16); `--real_vocab` uses the re
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-from phi3v.common.errors import UserError, run_main
+from phi3v.common.errors import UserError
 from phi3v.models.phi3_v.configuration import Phi3VConfig
 from phi3v.models.phi3_v.image_processing import Phi3VImageProcessor
 from phi3v.models.phi3_v.modeling import Phi3VForCausalLM
@@ -145,29 +144,3 @@ def build_tiny_checkpoint(directory: str | Path, seed: int = 0, num_crops: int |
     tokenizer = real_tokenizer(real_vocab) if real_vocab else build_tokenizer()
     Phi3VProcessor(Phi3VImageProcessor(num_crops=num_crops), tokenizer).save_pretrained(directory)
     return directory
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", help="directory to write the checkpoint to")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_crops", type=int, default=None,
-                        help="num_crops saved in preprocessor_config.json (default: the official one, 4 or 16)")
-    parser.add_argument("--like", default="phi-3.5-vision-instruct", choices=list(DEFAULT_NUM_CROPS),
-                        help="the official checkpoint whose config.json layout and LongRoPE factors to miniaturize")
-    parser.add_argument("--real_vocab", nargs="?", const=str(REAL_VOCAB), default=None, metavar="GGUF",
-                        help="use the real Phi-3 vocabulary (default file: tests/assets/phi3-vocab/) instead of the "
-                             "small trained tokenizer; needs the gguf package")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    directory = build_tiny_checkpoint(args.out_dir, args.seed, args.num_crops, real_vocab=args.real_vocab,
-                                      variant=args.like)
-    print(f"tiny {args.like} checkpoint written to {directory}"
-          + (" (real Phi-3 vocabulary)" if args.real_vocab else ""))
-
-
-if __name__ == "__main__":
-    run_main(main)
