@@ -3,17 +3,18 @@
 #   make test   install into .venv and run the default test suite
 #   make bench  the CPU benchmarks of bench/ (~12 min on 2 cores), results in bench/results/
 #   make mutants  plant ~20 realistic defects one at a time and check the tests kill each (tests/mutants.py)
-# TORCH picks the PyTorch build: the default is the CPU wheel; for CUDA use e.g. TORCH="torch==2.13.0" with the
-# index of your CUDA version, or install torch yourself first and pass TORCH=torch.
+# TORCH picks the PyTorch build: the default is PyPI's (CUDA 13, runs on CPU too) with its torchvision, which
+# transformers' Phi-4-multimodal image processor needs (PyPI's torchvision does not load with a +cpu torch). For
+# another CUDA version use its index, or install torch and torchvision yourself first and pass TORCH=torch.
 PYTHON ?= python3
 VENV ?= .venv
-TORCH ?= torch==2.13.0
+TORCH ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)" -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --quiet $(TORCH) -r requirements.txt -r requirements-dev.txt
 	touch $@
 
 install: $(VENV)/.installed

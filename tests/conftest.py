@@ -45,6 +45,22 @@ def tiny_model(tiny_dir):
     return Phi3VForCausalLM.from_pretrained(tiny_dir).eval()
 
 
+@pytest.fixture(scope="session")
+def phi4_dir(tmp_path_factory):
+    """`python -m phi3v.tiny DIR --like phi-4-multimodal-instruct`: tiny Phi-4-multimodal in the native layout, with
+    a built-in vision-lora/ folder; read-only for the tests."""
+    from phi3v.models.phi4_mm.tiny import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-phi4mm"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def phi4_processor(phi4_dir):
+    from phi3v.models.phi4_mm.processing import Phi4MMProcessor
+
+    return Phi4MMProcessor.from_pretrained(phi4_dir)
+
+
 def make_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
     """A random-noise image of the given size and mode."""
     rng = np.random.default_rng(seed)
