@@ -1,9 +1,10 @@
 """The main job on an embedded default: fine-tune a tiny Phi-3.5-vision on a video dataset made here, offline, on CPU.
 
     python demo.py                  # or: make demo   (writes ./demo_output, a few minutes on 2 CPU cores)
+    python demo.py --like phi-4-multimodal-instruct    # the same with a tiny Phi-4-multimodal (about 10 minutes)
 
 Each step is the same as with real data, through the same code paths:
-  1. a tiny random checkpoint in the official layout       python -m phi3v.tiny demo_output/tiny-model
+  1. a tiny random checkpoint in the official layout       python -m phi3v.tiny demo_output/tiny-model [--like ...]
      (--real_vocab: with the real Phi-3 vocabulary instead of the small tokenizer trained here)
   2. 220 short synthetic videos (10 UCF-101 class names, AVI, MPEG-4 written with PyAV): one colour and stripe
      texture per class, a moving square, noise
@@ -24,7 +25,8 @@ import convert_ucf101
 import finetune_hf_trainer_ucf101
 from phi3v.common.errors import Parser, parse_checked, run_main
 from phi3v.data.synthetic import make_video_dataset
-from phi3v.models.phi3_v.tiny import REAL_VOCAB, build_tiny_checkpoint
+from phi3v.tiny import PHI4_MM
+from phi3v.tiny import main as build_tiny
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,8 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out_dir", default="demo_output", help="everything goes here (replaced if it exists)")
     parser.add_argument("--epochs", type=float, default=6)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--like", default="phi-3.5-vision-instruct", choices=["phi-3.5-vision-instruct", PHI4_MM],
+                        help="the model the tiny one is a miniature of")
     parser.add_argument("--real_vocab", action="store_true",
-                        help="the tiny model gets the real Phi-3 vocabulary (tests/assets/phi3-vocab; needs gguf)")
+                        help="the tiny Phi-3.5-vision gets the real Phi-3 vocabulary (tests/assets/phi3-vocab; needs "
+                             "gguf)")
     return parser
 
 
@@ -43,8 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     out = Path(args.out_dir)
     shutil.rmtree(out, ignore_errors=True)
-    model_dir = build_tiny_checkpoint(out / "tiny-model", seed=args.seed,
-                                      real_vocab=REAL_VOCAB if args.real_vocab else None)
+    model_dir = out / "tiny-model"
+    build_tiny([str(model_dir), "--seed", str(args.seed), "--like", args.like, *["--real_vocab"] * args.real_vocab])
     make_video_dataset(out / "videos", videos_per_split={"train": 16, "val": 3, "test": 3}, seed=args.seed)
     convert_ucf101.main(["--src", str(out / "videos"), "--out_dir", str(out / "data"), "--num_frames", "2"])
     metrics = finetune_hf_trainer_ucf101.main([

@@ -12,6 +12,11 @@ from phi3v.models.phi3_v.family import PHI3_V
 from phi3v.models.phi4_mm.family import PHI4_MM
 
 FAMILIES = (PHI3_V, PHI4_MM)
+REMOTE_CODE_LAYOUTS = {  # checkpoints of a known model in a layout transformers 5 does not load natively
+    "phi4mm": ": this is Phi-4-multimodal in its remote-code layout (the hub repo's main branch); use the layout "
+              "transformers loads natively (model_type phi4_multimodal), e.g. `hf download "
+              "microsoft/Phi-4-multimodal-instruct --revision refs/pr/70 --local-dir DIR`",
+}
 
 
 def family_of(model_type: str | None) -> ModelFamily:
@@ -19,7 +24,9 @@ def family_of(model_type: str | None) -> ModelFamily:
         if model_type in family.model_types:
             return family
     known = ", ".join(t for family in FAMILIES for t in family.model_types)
-    raise UserError(f"model_type {model_type!r} is not a model family this project fine-tunes (it knows: {known})")
+    hint = REMOTE_CODE_LAYOUTS.get(model_type, "")
+    raise UserError(f"model_type {model_type!r} is not a model family this project fine-tunes (it knows: {known})"
+                    + hint)
 
 
 def checkpoint_family(path: str | os.PathLike) -> ModelFamily:
