@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 
 from phi3v import Phi3VForCausalLM, Phi3VProcessor
 from phi3v.common.errors import UserError, run_main
+from phi3v.models.phi3_v.family import PHI3_V
 from phi3v.models.phi3_v.layout import complete_layout
+from phi3v.models.phi4_mm.family import PHI4_MM
 from phi3v.serve.export import main as export_main
 from phi3v.serve.publish import model_card
 from tests.conftest import make_image
@@ -261,14 +263,16 @@ def test_model_card():
     card = model_card("microsoft/Phi-3.5-vision-instruct", "lora", {"data_dir": "/d", "train examples": 300},
                       {"eval_before_accuracy": 0.25, "eval_after_accuracy": 0.875, "eval_after_runtime": 9.0,
                        "test_accuracy": 0.8, "test_runtime": 1.0},
-                      ["python finetune_hf_trainer_ucf101.py --use_lora", "python -m phi3v.export out m"])
+                      ["python finetune_hf_trainer_ucf101.py --use_lora", "python -m phi3v.export out m"], PHI3_V)
     front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
     assert "base_model: microsoft/Phi-3.5-vision-instruct\n" in front and "pipeline_tag: image-text-to-text" in front
     assert "- **Tuning mode**: lora" in body and "- **Data**: data_dir /d, train examples 300" in body
     assert "| accuracy | 0.2500 | 0.8750 |" in body and "runtime" not in body
     assert "- test_accuracy: 0.8000" in body
     assert "python finetune_hf_trainer_ucf101.py --use_lora\npython -m phi3v.export out m\n" in body
-    assert "vllm serve REPO_OR_DIR --trust-remote-code" in body
+    assert "vllm serve REPO_OR_DIR --trust-remote-code" in body and "- phi3_v\n" in front
+    phi4 = model_card("microsoft/Phi-4-multimodal-instruct", "lora", {}, {}, [], PHI4_MM)
+    assert "- phi4_multimodal\n" in phi4 and "vllm serve REPO_OR_DIR\n" in phi4 and "remote-code" not in phi4
 
 
 class FakeHub:

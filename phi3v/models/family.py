@@ -16,7 +16,8 @@ it by the checkpoint's config.json `model_type`. Code outside phi3v/models/ reac
   `vision_modules` the module prefixes kept unquantized by --no_quantize_vision.
 - `complete_layout(out_dir, base, remote_code_files)` writes what serving needs beside saved weights;
   `remote_code_dir(base)` fetches the base's remote code files (None where it has none), so an export fails early;
-  `shard_size()` is the largest weights file its checkpoints are saved in.
+  `shard_size()` is the largest weights file its checkpoints are saved in; `serving` the model card's word on how
+  that layout is served.
 """
 
 from __future__ import annotations
@@ -74,3 +75,4 @@ class ModelFamily:
     complete_layout: Callable[..., list[str]]
     remote_code_dir: Callable[[str], object]
     shard_size: Callable[[], str]
+    serving: str  # the model card's "Serving" section: how its layout is served

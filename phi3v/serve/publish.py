@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from phi3v.common.errors import UserError
+from phi3v.models.family import ModelFamily
 
 
 def read_json(path: Path) -> dict:
@@ -20,7 +21,7 @@ UPLOADED = ("config.json", "generation_config.json", "preprocessor_config.json",
             "training_curves.png")
 
 
-def model_card(base_model: str, mode: str, data: dict, metrics: dict, commands: list[str]) -> str:
+def model_card(base_model: str, mode: str, data: dict, metrics: dict, commands: list[str], family: ModelFamily) -> str:
     """README.md of a model repo: hub metadata, then base model, data, mode, metrics before/after, commands, and
     how to serve it.
 
@@ -28,6 +29,7 @@ def model_card(base_model: str, mode: str, data: dict, metrics: dict, commands: 
         data: what was trained and evaluated on, e.g. {"data_dir": ..., "train examples": 300}.
         metrics: all_results.json of the run (`eval_before_X`, `eval_after_X`, `test_X`, `train_loss`, ...).
         commands: the command lines that produced the model, in order (training, then export).
+        family: the model's family (its model_type is a tag; its `serving` text the card's last section).
     """
     names = sorted({k.removeprefix("eval_after_") for k in metrics if k.startswith("eval_after_")}
                    | {k.removeprefix("eval_before_") for k in metrics if k.startswith("eval_before_")})
@@ -39,7 +41,7 @@ def model_card(base_model: str, mode: str, data: dict, metrics: dict, commands: 
     hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", base_model) and not Path(base_model).exists()
     lines = ["---", *([f"base_model: {base_model}"] if hub_id else []),  # the Hub links base models by id only
              "library_name: transformers", "pipeline_tag: image-text-to-text",
-             "tags:", "- phi3_v", "- vision", "- fine-tuned", "---", "",
+             "tags:", f"- {family.model_types[0]}", "- vision", "- fine-tuned", "---", "",
              f"# Fine-tuned from {base_model}", "",
              f"- **Base model**: {base_model}", f"- **Tuning mode**: {mode}"]
     lines += ["- **Data**: " + (", ".join(f"{k} {v}" for k, v in data.items()) if data else "not recorded")]
@@ -52,8 +54,7 @@ def model_card(base_model: str, mode: str, data: dict, metrics: dict, commands: 
     if not names and not tests:
         lines += ["No evaluation was recorded."]
     lines += ["", "## How it was made", "", "```bash", *commands, "```", "",
-              "## Serving", "", "Official Phi-3.5-vision layout with its remote code, for vLLM and transformers 4.x:",
-              "", "```bash", "vllm serve REPO_OR_DIR --trust-remote-code", "```", ""]
+              "## Serving", "", family.serving, ""]
     return "\n".join(lines)
 
 

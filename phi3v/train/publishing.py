@@ -69,7 +69,8 @@ class PublishingMixin:
             data["evaluation examples"] = len(self.eval_dataset)
         mode = record.get("mode", "?") + (", adapter merged into the base" if lora else "")
         base = record.get("base_model") or self.model.config._name_or_path
-        (model_dir / "README.md").write_text(model_card(base, mode, data, metrics, [record.get("command", "")]))
+        card = model_card(base, mode, data, metrics, [record.get("command", "")], model_family(self.model))
+        (model_dir / "README.md").write_text(card)
         if lora and (out / "all_results.json").is_file():
             shutil.copy2(out / "all_results.json", model_dir / "all_results.json")
         return model_dir

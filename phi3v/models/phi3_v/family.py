@@ -40,4 +40,6 @@ PHI3_V = ModelFamily(
     part_of=part_of, lora_targets=lora_target_modules,
     unused_parameters=lambda model: model.model.vision_embed_tokens.unused_parameters(), vision_modules=(VISION,),
     complete_layout=complete_layout, remote_code_dir=remote_code_dir, shard_size=lambda: modeling.MAX_SHARD_SIZE,
+    serving="Official Phi-3.5-vision layout with its remote code, for vLLM and transformers 4.x:\n\n```bash\n"
+            "vllm serve REPO_OR_DIR --trust-remote-code\n```",
 )

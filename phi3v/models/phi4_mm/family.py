@@ -54,4 +54,6 @@ PHI4_MM = ModelFamily(
     processor_class=Phi4MMProcessor, part_of=part_of, lora_targets=lora_targets, unused_parameters=unused_parameters,
     vision_modules=(IMAGE, AUDIO), complete_layout=lambda out_dir, base, remote_code_files=True: [],
     remote_code_dir=lambda base: None, shard_size=lambda: "5GB",
+    serving="transformers' native Phi-4-multimodal layout (`AutoModelForCausalLM`, `AutoProcessor`), which vLLM "
+            "serves as `Phi4MultimodalForCausalLM`:\n\n```bash\nvllm serve REPO_OR_DIR\n```",
 )
