@@ -1,10 +1,7 @@
 """The one error type a user can act on, and the handler every entry point runs `main` under.
 
-A `UserError` is a problem with the user's input (a flag, a file, a dataset row): the entry point prints its message
-as one line (plus the list of problems when there are several) and exits with status 2. Anything else is a bug or an
-environment failure and keeps its traceback. Ctrl-C prints `interrupted` and exits with status 130. `--debug` on the
-command line, or PHI3V_DEBUG=1, shows the traceback for user errors and interruptions too. Parsers built with
-`Parser` (or `OneLineErrors`) say a bad command line in one line as well.
+A `UserError` (a bad flag, file or dataset row) is printed as one line and exits with status 2; anything else is a
+bug and keeps its traceback. Ctrl-C exits with status 130. `--debug`, or PHI3V_DEBUG=1, shows every traceback.
 """
 
 from __future__ import annotations
@@ -42,8 +39,8 @@ INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a command stopp
 
 
 def require_regular_file(path: str | os.PathLike) -> None:
-    """Raise unless `path` is a regular file: opening a named pipe or a device could block forever or never end.
-    (FileNotFoundError for a missing file and IsADirectoryError for a folder, as open() would raise.)"""
+    """Raise unless `path` is a regular file (as open() would for a missing file or a folder): opening a named pipe
+    or a device could block forever."""
     mode = os.stat(path).st_mode
     if stat.S_ISDIR(mode):
         raise IsADirectoryError(f"{path} is a directory")
@@ -52,8 +49,7 @@ def require_regular_file(path: str | os.PathLike) -> None:
 
 
 def run_main(main: Callable, argv: list[str] | None = None):
-    """Call `main(argv)`; a UserError becomes one line on stderr and exit status 2, Ctrl-C the line `interrupted`
-    and status 130 (what was interrupted already said what it kept)."""
+    """Call `main(argv)`; a UserError becomes one line on stderr and exit status 2, Ctrl-C `interrupted` and 130."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("PHI3V_DEBUG", "") not in ("", "0")
     argv = [arg for arg in argv if arg != "--debug"]
@@ -86,10 +82,9 @@ class Parser(OneLineErrors, argparse.ArgumentParser):
     """argparse.ArgumentParser whose errors are one line (the entry points that are not recipes)."""
 
 
-def unknown_arguments(extra: list[str], parser: argparse.ArgumentParser,
-                      stray: str = "flags start with --") -> UserError:
-    """One line for what the parser did not take: misspelt flags (with the closest real one) or stray values
-    (`stray` says what is expected instead)."""
+def unknown_arguments(extra: list[str], parser: argparse.ArgumentParser, stray: str = "flags start with --"
+                      ) -> UserError:
+    """One line for what the parser did not take: misspelt flags (with the closest real one) or stray values."""
     options = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
     flags = [arg for arg in extra if arg.startswith("-") and arg != "-"]
     if not flags:

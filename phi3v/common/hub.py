@@ -13,12 +13,10 @@ from phi3v.common.errors import MissingFile, Unavailable
 
 
 def offline_message(name: str, error: BaseException | str) -> str:
-    return (
-        f"Could not load {name!r}: it is not a local directory, and fetching it from the Hugging Face Hub failed "
-        f"({str(error).splitlines()[0] if str(error) else type(error).__name__}). If this machine is offline, "
-        f"download the checkpoint where the Hub is reachable (`hf download {name} --local-dir DIR`), copy DIR here "
-        f"and pass the local directory instead (for the scripts: --model_name_or_path DIR)."
-    )
+    return (f"Could not load {name!r}: it is not a local directory, and fetching it from the Hugging Face Hub failed "
+            f"({str(error).splitlines()[0] if str(error) else type(error).__name__}). If this machine is offline, "
+            f"download the checkpoint where the Hub is reachable (`hf download {name} --local-dir DIR`), copy DIR "
+            "here and pass the local directory instead (for the scripts: --model_name_or_path DIR).")
 
 
 PROBE_SECONDS = 1.5
@@ -27,12 +25,8 @@ UNREACHABLE = f"the Hugging Face Hub did not answer within {PROBE_SECONDS} s"
 
 @functools.cache
 def hub_reachable(timeout: float = PROBE_SECONDS) -> bool:
-    """Whether a TCP connection to the Hub (HF_ENDPOINT) opens within `timeout` seconds; asked once per process.
-
-    Offline, huggingface_hub retries every request for ~25 s before it gives up; this probe lets a run fall back to
-    the local cache, or fail with its message, within 2 s. HF_HUB_OFFLINE=1: False without asking. Behind a proxy
-    (HTTPS_PROXY / ALL_PROXY) only the proxy knows: True, and huggingface_hub decides.
-    """
+    """Whether a TCP connection to the Hub (HF_ENDPOINT) opens within `timeout` seconds, asked once per process
+    (offline, huggingface_hub retries for ~25 s). HF_HUB_OFFLINE=1: False; behind a proxy: True, unasked."""
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:

@@ -31,9 +31,8 @@ def levenshtein(a: str, b: str) -> int:
 
 
 def anls_score(prediction: str, references: list[str], threshold: float = 0.5, case_sensitive: bool = False) -> float:
-    """Max over references of 1 - NL(reference, prediction), zeroed when NL >= threshold. The standard DocVQA form
-    lowercases and collapses whitespace on both sides; `case_sensitive=True` reproduces the original script, which
-    only strips the prediction (whitespace, then periods) and scores an empty prediction 0."""
+    """Max over references of 1 - NL(reference, prediction), zeroed when NL >= threshold; standard DocVQA lowercases
+    and collapses whitespace, `case_sensitive=True` is the original script's (the prediction only stripped)."""
     if case_sensitive:
         prediction = prediction.strip().strip(".")
         if not prediction:
@@ -60,8 +59,7 @@ def anls(predictions: list[str], references: list[list[str]], threshold: float =
 
 
 def roc_auc(scores: list[float], labels: list[int]) -> float:
-    """Area under the ROC curve: the probability that a random positive scores above a random negative (ties
-    count one half). Raises if only one class is present, where the AUC is undefined."""
+    """Area under the ROC curve: P(a random positive scores above a random negative), ties counting one half."""
     if len(scores) != len(labels):
         raise ValueError(f"{len(scores)} scores for {len(labels)} labels")
     positives = sum(1 for label in labels if label)

@@ -9,10 +9,8 @@ SKIP = ("_runtime", "_samples", "_samples_per_second", "_steps_per_second")
 
 
 def curve_data(log_history: list[dict]) -> dict[str, list[tuple[int, float]]]:
-    """{"loss": [(step, value), ...], "learning_rate": [...], "eval_accuracy": [...], ...} from Trainer logs.
-
-    The evaluations before training, during it (--eval_strategy steps) and after it form one curve per metric.
-    """
+    """{"loss": [(step, value), ...], "learning_rate": [...], "eval_accuracy": [...], ...} from Trainer logs; the
+    evaluations before, during and after training form one curve per metric."""
     curves: dict[str, list[tuple[int, float]]] = {}
     for entry in log_history:
         step = entry.get("step", 0)

@@ -1,16 +1,13 @@
 """Conversations -> training sequences: one chat template, one processor call, every assistant turn supervised.
 
-A conversation (from a jsonl line or a hub row) is a list of turns, each with a user text, its images and an
-answer. Image tags are numbered across the whole conversation, so turn 2's first image is <|image_3|> when turn 1
-had two:
+A conversation is a list of turns (user text, its images, an answer); image tags are numbered across it:
 
     <|user|>\\n<|image_1|><|image_2|>\\nSame animal?<|end|>\\n<|assistant|>\\nyes<|end|>\\n<|user|>\\n<|image_3|>\\n
     And here?<|end|>\\n<|assistant|>\\nno<|end|>\\n<|endoftext|>
                                                ^^^^^^^^^^^^^^                            ^^^^^^^^^^^^^^^^^^^^^^^^^^
 
-Labels are the token ids under the marked spans (each answer with its <|end|>, and <|endoftext|> at the end) and
--100 everywhere else: prompts, image placeholders, BOS tokens and padding. Spans are found on the rendered text
-and mapped to tokens through the tokenizer's offsets, so this holds for any tokenizer and chat template.
+Labels are the token ids under the marked spans and -100 elsewhere; spans are found on the rendered text and mapped
+to tokens through the tokenizer's offsets, so this holds for any tokenizer and chat template.
 """
 
 from __future__ import annotations
@@ -111,9 +108,8 @@ def tag_warnings(conversation: Conversation) -> list[str]:
 def render(processor, conversation: Conversation, for_generation: bool = False):
     """(text, images, supervised character spans). For generation, the last answer is left for the model.
 
-    Each turn is rendered on its own and the pieces joined, which one render of the whole conversation confirms
-    (linear in the number of turns); a template that does not render message by message is applied to each prefix.
-    """
+    Turns are rendered one by one and joined (linear in the turns), confirmed by one render of the whole; a template
+    that does not render message by message is applied to each prefix instead."""
     messages, images, spans, pieces = [], [], [], []
     turns = conversation.turns
     if not turns:

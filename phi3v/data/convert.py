@@ -61,9 +61,8 @@ def convert(source: str, target: str, data_format: str = "auto", image_root: str
         if problems:
             raise UserError(f"{source}: {len(problems)} unreadable record(s)", [str(p) for p in problems])
         root = Path(image_root) if image_root else Path(source).parent
-        reader = functools.partial(READERS[data_format], image_root=root, num_frames=num_frames)
+        read = functools.partial(READERS[data_format], image_root=root, num_frames=num_frames)
         items = [(where, (where, record)) for where, record in records]
-        read = reader
 
     def save_image(ref, name: str) -> str:
         from phi3v.data.images import open_image

@@ -8,12 +8,10 @@
     hf        a Hugging Face dataset with `messages` (or the Cauldron's `texts`) and `images` columns: a hub id, a
               `save_to_disk` folder, a folder of parquet files or one parquet file (images embedded, as on the hub)
 
-The format is recognised from the content (the first record), or forced with `data_format`. Everything becomes a
-Conversation: `<image>` tags (and `<video>` tags, each `num_frames` frames) become <|image_k|> tags numbered within
-their turn; images without any tag go in front of the first user message, as in LLaVA, which renders exactly as
-our own untagged turns ("<|image_1|><|image_2|>\\n..."). A system message is rendered as the chat template renders
-it. `python -m phi3v.data convert IN OUT` (phi3v.data.convert) writes any of them in our jsonl, to inspect what
-will be trained.
+The format is recognised from the first records, or forced with `data_format`. Everything becomes a Conversation:
+`<image>` tags (and `<video>` tags, each `num_frames` frames) become <|image_k|> tags numbered within their turn;
+untagged images go in front of the first user message, as in LLaVA. `python -m phi3v.data convert IN OUT` writes any
+of them in our jsonl, to inspect what will be trained.
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ from phi3v.data.conversation import Conversation, Problem, Turn
 from phi3v.data.dataset import ConversationDataset
 from phi3v.data.hub_datasets import hub_image, load_hf_split
 from phi3v.data.images import resolve_image_path
-from phi3v.data.jsonl import KeyCheck, SampleError, conversation_from_record, read_jsonl, record_id, valid_id
+from phi3v.data.jsonl import KeyCheck, SampleError, jsonl_item_conversation, read_jsonl, record_id, valid_id
 from phi3v.data.video import video_frames
 
 FORMATS = ("auto", "ours", "llava", "messages", "hf")
@@ -51,8 +49,7 @@ def is_json_array(path: str | os.PathLike) -> bool:
 
 
 def read_records(path: str | os.PathLike) -> tuple[list[tuple[str, dict]], list[Problem]]:
-    """(where, record) for a JSON array file or a jsonl file, and the unreadable lines. A JSON file is one array
-    (LLaVA's .json) read whole; anything else is read line by line. Both may start with a byte-order mark."""
+    """(where, record) for a JSON array file (LLaVA's .json, read whole) or a jsonl file, and the unreadable lines."""
     path, name = Path(path), Path(path).name
     if not is_json_array(path):
         records, errors = read_jsonl(path)
@@ -76,8 +73,7 @@ def read_records(path: str | os.PathLike) -> tuple[list[tuple[str, dict]], list[
 
 
 def repeated_keys(text: str) -> dict[int, tuple[int, str]]:
-    """{item index: (its first line, problem)} for the items of a valid JSON array that repeat a key in an object,
-    found item by item (only once the whole array was seen to hold such an item)."""
+    """{item index: (its first line, problem)} for the items of a valid JSON array that repeat a key in an object."""
     found, position = {}, text.index("[") + 1
     for index in itertools.count():
         position = SEPARATORS.match(text, position).end()
@@ -160,8 +156,8 @@ def _as_list(value) -> list:
 
 def build_conversation(sample_id: str, messages: list[tuple[str, str]], images: list, videos: list,
                        num_frames: int, system: str | None = None) -> Conversation:
-    """Conversation from (role, text) messages with <image>/<video> tags and the sample's images and videos (as
-    ImageRefs, and video paths). Images or videos without any tag go in front of the first user message."""
+    """Conversation from (role, text) messages with <image>/<video> tags and the sample's images and video paths;
+    untagged ones go in front of the first user message."""
     if messages and messages[0][0] == "system":
         if system is not None:
             raise ValueError("two system messages (a system key and a system turn)")
@@ -270,10 +266,6 @@ def messages_conversation(item: tuple[str, dict], image_root: str | os.PathLike 
         raise SampleError(str(error), valid_id(record)) from error
 
 
-def ours_conversation(item: tuple[str, dict], image_root: str | os.PathLike, num_frames: int = 8) -> Conversation:
-    return conversation_from_record(item[1], image_root, num_frames)
-
-
 def hf_row_conversation(index: int, rows) -> Conversation:
     """A row with `messages`, or with the Cauldron's `texts` ([{"user", "assistant"}]), and `images`."""
     row = rows[index]
@@ -286,7 +278,7 @@ def hf_row_conversation(index: int, rows) -> Conversation:
     return messages_conversation((f"row {index}", row), None)
 
 
-READERS = {"ours": ours_conversation, "llava": llava_conversation, "messages": messages_conversation}
+READERS = {"ours": jsonl_item_conversation, "llava": llava_conversation, "messages": messages_conversation}
 
 
 # ------------------------------------------------------------------------------------------------- datasets
@@ -302,7 +294,6 @@ def load_data(path: str | os.PathLike, processor, image_root: str | os.PathLike 
         image_root: folder the image and video paths are relative to (default: the file's folder).
         data_format: "auto" (from the content) or one of ours, llava, messages, hf.
         split, config: for a Hugging Face dataset, the split (hub syntax: "train", "train[:100]") and config.
-        num_frames: evenly spaced frames per video.
     """
     path = str(path)
     if data_format not in FORMATS:

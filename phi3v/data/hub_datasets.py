@@ -14,12 +14,9 @@ from phi3v.data.images import ImageRef
 
 def load_hf_split(hub_id: str, config: str | None, split: str, local_path: str | None = None,
                   columns: Sequence[str] = ()):
-    """One split of a hub dataset, or of a local copy of it: a `save_to_disk` folder or a folder of parquet files in
-    the hub layout (e.g. `data/train-00000-of-00001.parquet` or `docvqa/train-*.parquet`). Images stay encoded
-    (`decode=False`) so that sizes can be read from headers and decoding happens in DataLoader workers.
-
-    `split` may carry a row range the way the hub does, e.g. "train[500:]" or "train[:500]"; the split must have
-    those rows, and every name in `columns`.
+    """One split of a hub dataset, or of a local copy (a `save_to_disk` folder or parquet files in the hub layout),
+    with images left encoded (sizes read from headers, decoding in DataLoader workers). `split` may carry a row
+    range as on the hub ("train[500:]"); the split must have those rows, and every name in `columns`.
     """
     import datasets
 
@@ -75,8 +72,7 @@ def load_hf_split(hub_id: str, config: str | None, split: str, local_path: str |
 
 def parquet_files(path: str | os.PathLike, split: str, config: str | None) -> list[str]:
     """The parquet files of one split of one config: `path` itself if it is a file, else the files in the hub layout
-    under it (CONFIG/SPLIT-*.parquet, data/SPLIT-*.parquet or SPLIT/*.parquet). Files of different configs (the
-    Cauldron's docvqa/, nlvr2/, ...) are never merged into one split: name the config, or point to its folder."""
+    under it (CONFIG/SPLIT-*.parquet, data/SPLIT-*.parquet or SPLIT/*.parquet); several configs are never merged."""
     path = Path(path)
     if path.is_file():
         return [str(path)]
@@ -116,11 +112,8 @@ def undecoded_list(dataset, column: str, feature):
 
 
 def hub_image(value) -> ImageRef:
-    """An image cell of a hub dataset (`{"bytes", "path"}` when not decoded, or a PIL image) as an ImageRef.
-
-    Only embedded bytes are used: a path in a dataset row is never opened (rows are data, not file pointers).
-    `save_to_disk` and the hub's parquet files embed the bytes.
-    """
+    """An image cell of a hub dataset (`{"bytes", "path"}`, or a PIL image) as an ImageRef: only embedded bytes are
+    used, a path in a row is never opened (rows are data, not file pointers)."""
     if isinstance(value, dict):
         if value.get("bytes"):
             return value["bytes"]

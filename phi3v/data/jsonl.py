@@ -133,8 +133,7 @@ def parse_record(record: dict, image_root: str | os.PathLike, num_frames: int = 
     return Conversation(sample_id, turns, system)
 
 
-def jsonl_item_conversation(item: tuple[int, dict], image_root: str | os.PathLike, num_frames: int = 8
-                            ) -> Conversation:
+def jsonl_item_conversation(item: tuple, image_root: str | os.PathLike, num_frames: int = 8) -> Conversation:
     return conversation_from_record(item[1], image_root, num_frames)
 
 
@@ -145,11 +144,9 @@ def jsonl_dataset(path: str | os.PathLike, image_root: str | os.PathLike, proces
     records, errors = read_jsonl(path)
     records = records[:limit] if limit is not None else records
     name = Path(path).name
-    dataset = ConversationDataset(
-        records, functools.partial(jsonl_item_conversation, image_root=image_root, num_frames=num_frames), processor,
-        where=[f"{name}:{line}" for line, _ in records], for_generation=for_generation,
-        max_image_pixels=max_image_pixels,
-        load_problems=[Problem(f"{name}:{line}", None, message) for line, message in errors],
-    )
+    reader = functools.partial(jsonl_item_conversation, image_root=image_root, num_frames=num_frames)
+    dataset = ConversationDataset(records, reader, processor, where=[f"{name}:{line}" for line, _ in records],
+                                  for_generation=for_generation, max_image_pixels=max_image_pixels,
+                                  load_problems=[Problem(f"{name}:{line}", None, message) for line, message in errors])
     dataset.sources = [str(path)]
     return dataset

@@ -1,10 +1,5 @@
-"""Small synthetic video datasets, written with real codecs (PyAV), for the demo, the tests and the benchmarks.
-
-Every class has its own colours and motion, so a model can learn to tell them apart from a few frames:
-
-    make_video_dataset(root, classes=["Archery", "Basketball"], videos_per_split={"train": 8, "val": 2, "test": 2})
-    -> root/train/Archery/v_Archery_g01_c01.avi, ...   (the UCF-101 folder layout convert_ucf101.py reads)
-"""
+"""Small synthetic video datasets in the UCF-101 folder layout, written with real codecs (PyAV), for the demo, the
+tests and the benchmarks. Every class has its own colours and motion, so a model can learn to tell them apart."""
 
 from __future__ import annotations
 

@@ -20,8 +20,7 @@ HUB_REPO, HUB_FILE = "sayakpaul/ucf101-subset", "UCF101_subset.tar.gz"
 
 
 def convert_video(job: tuple[str, Path, list[Path], bool]) -> str | None:
-    """Write the frames of one video (atomically, skipping a video already done unless `redo`); the error message,
-    or None."""
+    """Write the frames of one video (atomically; one already done is skipped unless `redo`): an error, or None."""
     source, _, targets, redo = job
     if not redo and all(t.is_file() for t in targets):
         return None

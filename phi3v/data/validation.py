@@ -1,9 +1,8 @@
 """Check a whole dataset before the first step and report every problem at once, with file:line or row.
 
-Each item is converted (schema), rendered (image tags vs images, answers), its images opened and fully decoded
-(missing, not an image, truncated, corrupt, too many pixels, outside the image root) and its length counted
-(image tokens included, against --max_length). Bad items stop the run, or with --skip_bad_samples are dropped,
-logged and written to OUTPUT_DIR/skipped_samples_<split>.jsonl. The token lengths feed length-grouped batching.
+Each item is converted, rendered, its images fully decoded and its length counted (image tokens included). Bad
+items stop the run, or with --skip_bad_samples are dropped, logged and written to
+OUTPUT_DIR/skipped_samples_<split>.jsonl. The token lengths feed length-grouped batching.
 """
 
 from __future__ import annotations
@@ -67,14 +66,11 @@ def validate(dataset: ConversationDataset, max_length: int | None = None, worker
              limit_name: str = "--max_length", ids: dict[int, str] | None = None
              ) -> tuple[list[int | None], list[Problem]]:
     """(token length per item (None if invalid or not checked), problems) for the items `indices` (default: all,
-    and then the problems of unreadable lines too).
+    and then the problems of unreadable lines too). Repeated ids are problems, or with `ids` (a dict to fill: item
+    index -> id) left to the caller, who sees other processes' ids too.
 
-    An id seen before is a problem; with `ids` (a dict to fill: item index -> id) that is left to the caller, who
-    may see the ids of other processes' items too.
-
-    Items are checked `chunk` at a time, so a hub dataset's image bytes are never all in memory at once; an image
-    shared by several items (a page with many questions) is decoded once, and an image `cache` knows (unchanged
-    since an earlier start) not at all.
+    Items are checked `chunk` at a time (a hub dataset's image bytes are never all in memory); an image shared by
+    several items is decoded once, and one that `cache` knows not at all.
     """
     order = list(range(len(dataset))) if indices is None else list(indices)
     lengths: list[int | None] = [None] * len(dataset)
@@ -120,8 +116,7 @@ def validate(dataset: ConversationDataset, max_length: int | None = None, worker
                     continue
                 length = dataset.processor.num_tokens(text, [verdicts[_key(ref)][1] for ref in images])
                 if max_length is not None and length > max_length:
-                    problems.append(Problem(
-                        dataset.where(index), sample_id,
+                    problems.append(Problem(dataset.where(index), sample_id,
                         f"{length} tokens (images included) exceed {limit_name} {max_length}; a sample is never cut "
                         "inside an image: " + ("raise --max_length" if limit_name == "--max_length" else "shorten it")
                         + ", lower --num_crops, or drop it with --skip_bad_samples"))
@@ -167,7 +162,7 @@ def _gather(dataset: ConversationDataset, lengths, problems, ids, shard, cache: 
             merged[index] = length
         found += shard_problems
         all_ids.update(shard_ids)
-        cache.merge_images(new_images)
+        cache.images.update(new_images)
         cache.used.update(shard_images)
     found += duplicate_ids(dataset, all_ids, merged)
     found.sort(key=lambda p: _order(p.where))
@@ -189,11 +184,8 @@ def _order(where: str):
 def prepare_dataset(dataset: ConversationDataset, split: str, max_length: int | None, skip_bad_samples: bool,
                     output_dir: str | Path, workers: int = 8, disable_tqdm: bool = False,
                     cache_dir: str | Path | None = None, limit_name: str = "--max_length") -> ConversationDataset:
-    """Validate (each rank its share of the items, results gathered; what an earlier start found is reused from
-    the cache in `cache_dir`), then stop on problems unless they may be skipped.
-
-    Returns the dataset (without the bad items when skipping) with `.lengths` set for length grouping.
-    """
+    """Validate (each rank its share, results gathered, an earlier start's reused from the cache in `cache_dir`),
+    then stop on problems unless skipped. Returns the dataset (less the bad items) with `.lengths` set."""
     rank, world = world_rank_size()
     rank0 = rank == 0
     cache = ValidationCache(Path(cache_dir) / FILE_NAME if cache_dir is not None else None)
@@ -222,11 +214,9 @@ def prepare_dataset(dataset: ConversationDataset, split: str, max_length: int | 
         unreadable = len(dataset.load_problems)  # lines that never became items
         bad, total = len(dataset) - len(good) + unreadable, len(dataset) + unreadable
         if not skip_bad_samples:
-            raise DatasetError(
-                f"{split}: {len(problems)} problem(s) in {bad} of {total} samples; nothing was trained."
-                f"\n  {listing}\nFix them, or pass --skip_bad_samples to train "
-                f"without them (they are then listed in {Path(output_dir) / f'skipped_samples_{split}.jsonl'})."
-            )
+            raise DatasetError(f"{split}: {len(problems)} problem(s) in {bad} of {total} samples; nothing was trained."
+                               f"\n  {listing}\nFix them, or pass --skip_bad_samples to train without them (they "
+                               f"are then listed in {Path(output_dir) / f'skipped_samples_{split}.jsonl'}).")
         if rank0:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             with open(Path(output_dir) / f"skipped_samples_{split}.jsonl", "w") as f:
@@ -255,11 +245,8 @@ def cache_dir(data_args, training_args) -> str | None:
 
 
 def prepare_splits(splits: dict[str, ConversationDataset], data_args, training_args) -> dict[str, ConversationDataset]:
-    """`prepare_dataset` for every split; with --validate_only, also print a summary of each.
-
-    Training sequences are limited by --max_length, or else by the model's context; evaluation prompts by the
-    context less --max_new_tokens (the answer must fit after the prompt).
-    """
+    """`prepare_dataset` for every split (with --validate_only, a summary of each printed): training sequences
+    limited by --max_length or the model's context, evaluation prompts by the context less --max_new_tokens."""
     prepared = {}
     context = getattr(next(iter(splits.values()), None), "processor", None)
     context = getattr(context, "context_length", None)
@@ -270,11 +257,9 @@ def prepare_splits(splits: dict[str, ConversationDataset], data_args, training_a
         else:
             limit = context - data_args.max_new_tokens if context else None
             name = f"the model's context ({context}) less --max_new_tokens ({data_args.max_new_tokens}) ="
-        prepared[split] = prepare_dataset(
-            dataset, split, limit, data_args.skip_bad_samples, training_args.output_dir,
-            training_args.dataloader_num_workers or 4, training_args.disable_tqdm, cache_dir(data_args, training_args),
-            limit_name=name,
-        )
+        prepared[split] = prepare_dataset(dataset, split, limit, data_args.skip_bad_samples, training_args.output_dir,
+                                          training_args.dataloader_num_workers or 4, training_args.disable_tqdm,
+                                          cache_dir(data_args, training_args), limit_name=name)
         if data_args.validate_only:
             print(summarize(split, prepared[split]))
     return prepared

@@ -1,17 +1,11 @@
 """What validation found, kept between starts: a restart re-checks only what changed.
 
-Two levels, both keyed by files' path, size and mtime:
+Two levels, keyed by files' path, size and mtime (embedded images by a digest of their bytes): per image file, its
+problem or (width, height); per split, the token lengths and problems of the whole dataset, reused when its source
+files, items, processor, limits and image files are unchanged (then a start only stats each image).
 
-- per image (or video) file: its problem or its (width, height), so a changed file is decoded again and an unchanged
-  one never; embedded images (hub datasets) are keyed by a digest of their bytes;
-- per split: the token lengths and problems of a whole dataset, reused when its source files (the jsonl, the
-  dataset's arrow files), its items, the processor, the limits and every image file it names are unchanged. Then
-  a start does no rendering, tokenizing or decoding at all: a stat per image.
-
-The cache is one JSON file (OUTPUT_DIR/validation_cache.json, or in --cache_dir), written atomically by rank 0, also
-when validation is interrupted (Ctrl-C: the image verdicts found so far); a corrupt or foreign one is ignored and
-rewritten. Entries also carry a fingerprint of the code that computes lengths,
-so an update of the processor never reuses stale numbers.
+One JSON file (OUTPUT_DIR/validation_cache.json, or in --cache_dir), written atomically by rank 0, also on Ctrl-C;
+a corrupt or foreign one is ignored and rewritten. A fingerprint of the code that computes lengths is kept with it.
 """
 
 from __future__ import annotations
@@ -34,8 +28,7 @@ FILE_NAME = "validation_cache.json"
 
 @functools.cache
 def code_fingerprint() -> str:
-    """A digest of the modules whose rules decide a sample's length and validity: phi3v.data and the model families'
-    processors (all of phi3v/models/, which changes rarely)."""
+    """A digest of the modules that decide a sample's length and validity: phi3v/data/ and phi3v/models/."""
     package = Path(__file__).resolve().parent.parent
     digest = hashlib.blake2b(digest_size=8)
     for file in sorted([*(package / "data").glob("*.py"), *(package / "models").rglob("*.py")]):
@@ -108,14 +101,10 @@ class ValidationCache:
         entry = [stamp(key[1]) if key[1] is not None else None, max_pixels, problem, list(size) if size else None]
         self.images[key[0]] = self.new_images[key[0]] = entry
 
-    def merge_images(self, entries: dict[str, list]) -> None:
-        self.images.update(entries)
-
     # --- splits
     @staticmethod
     def split_fingerprint(dataset, max_length: int | None) -> str | None:
-        """A digest of everything a split's result depends on except its image files; None when the dataset does
-        not name the files it was read from (then only images are cached)."""
+        """A digest of what a split's result depends on but its image files; None without the dataset's sources."""
         sources = getattr(dataset, "sources", None)
         if not sources:
             return None

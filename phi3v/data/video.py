@@ -1,9 +1,7 @@
 """Video files -> evenly spaced RGB frames, with PyAV: one rule for the converter, training on the fly and predict.py.
 
-A video counts as `num_frames` images. Frame k of n is frame floor(k * total / n) of the decoded stream, so
-convert_ucf101.py (frames written once) and a record naming the video itself (frames decoded in DataLoader workers)
-train on the same frames. In a dataset a video frame is a `VideoFrame` reference; the frames of one video are
-decoded once per process and reused for its other frames.
+A video counts as `num_frames` images: frame k of n is frame floor(k * total / n) of the decoded stream, whether
+convert_ucf101.py writes them or a record names the video. In a dataset a frame is a `VideoFrame` reference.
 """
 
 from __future__ import annotations
@@ -31,8 +29,8 @@ def frame_indices(total: int, count: int) -> list[int]:
 
 
 def read_frames(path: str | os.PathLike, count: int) -> list:
-    """`count` evenly spaced RGB frames (PIL images) of a video. Frame indices come from the decoded frame count
-    when the container's count is missing or wrong. Raises ValueError (or av.error.*) for an unreadable video."""
+    """`count` evenly spaced RGB frames (PIL images) of a video, counted by decoding where the container's count is
+    missing or wrong. Raises ValueError (or av.error.*) for an unreadable video."""
     import av
 
     require_regular_file(path)
@@ -115,9 +113,8 @@ def _cached_frames(path: Path, count: int, stamp: tuple[int, int]) -> list:
 
 
 def open_frame(frame: VideoFrame):
-    """The PIL image of a frame reference: the video is decoded once (per process, per size and mtime) for all its
-    frames; concurrent threads asking for the same video wait for one decode. Raises ValueError, saying why, when
-    unreadable (the caller names the video)."""
+    """The PIL image of a frame reference, the video decoded once per process (and size and mtime) for all its
+    frames, by one thread. Raises ValueError, saying why, when unreadable."""
     try:
         stat = frame.path.stat()
         with _locks_guard:

@@ -1,9 +1,5 @@
-"""Batched greedy generation over an evaluation set sharded across processes, gathered on rank 0.
-
-Each process takes every world_size-th prompt, generates in left-padded batches with the KV cache, and rank 0
-collects {index, id, prediction, reference[, scores]} for all prompts in the original order. Used by all four
-recipes; the metric is the script's business.
-"""
+"""Batched greedy generation over an evaluation set sharded across processes (every world_size-th prompt, in
+left-padded batches), gathered on rank 0 in the original order. The metric is the script's business."""
 
 from __future__ import annotations
 
@@ -27,11 +23,8 @@ CPU_KV_BUDGET_GB = 2.0
 
 
 def kv_cache_bytes_per_token(config, dtype: torch.dtype) -> int:
-    """Keys + values of one token across all decoder layers: 2 x layers x kv heads x head dim x element size.
-
-    Phi-3.5-vision in bf16: 2 x 32 x 32 x 96 x 2 = 393,216 bytes (384 KiB); a 2,500-token DocVQA prompt + 64 new
-    tokens holds ~0.94 GiB of cache (twice that in fp32).
-    """
+    """Keys + values of one token across all decoder layers: 2 x layers x kv heads x head dim x element size
+    (Phi-3.5-vision in bf16: 384 KiB; ~0.94 GiB for a 2,500-token DocVQA prompt + 64 new tokens)."""
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = config.num_key_value_heads or heads
@@ -70,11 +63,8 @@ def prompt_lengths(dataset: ConversationDataset) -> list[int]:
 @contextlib.contextmanager
 def gathered_per_module(model: torch.nn.Module):
     """ZeRO-3 weights outside the DeepSpeed engine (the evaluation before training): each module's own parameters
-    are gathered just before its forward and released after it, so at most one layer is whole at a time.
-
-    Gathering the whole model at once (deepspeed.zero.GatheredParameters(model.parameters())) needs its full size
-    on every GPU: the 8.3 GB of bf16 weights that zero3_offload exists to keep off it. Every rank must run the same
-    modules in the same order (generate with synced_gpus=True).
+    are gathered just before its forward and released after it, so at most one layer is whole at a time (the whole
+    model would need its full size on every GPU). Every rank must run the same modules (synced_gpus=True).
     """
     import deepspeed
 
@@ -146,10 +136,8 @@ def generate_predictions(model, dataset: ConversationDataset, batch_size: int = 
 
     Args:
         generation_kwargs: other decoding settings for `generate` (do_sample, temperature, num_beams, ...).
-        score_token_ids: also return, per prompt, the softmax probabilities of these token ids at the first
-            generated position (e.g. "yes"/"no" for ROC AUC).
-        synced_gpus: DeepSpeed ZeRO-3 and FSDP: all ranks must run the same number of forward passes (a rank whose
-            answers are done keeps stepping, or the others wait for it forever).
+        score_token_ids: also return the softmax probabilities of these token ids at the first generated position.
+        synced_gpus: ZeRO-3 and FSDP: every rank runs as many forward passes as the others.
         autocast_dtype: run under torch.autocast in this dtype (the training precision); None: the weights' dtype.
     Returns:
         On rank 0, a list of {"index", "id", "prediction", "reference"[, "scores"]} in dataset order; else None.
@@ -160,10 +148,8 @@ def generate_predictions(model, dataset: ConversationDataset, batch_size: int = 
     indices = list(range(len(dataset)))
     indices += indices[-1:] * (-len(indices) % size) if indices else []
     shard = indices[rank::size]
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, shard), batch_size=batch_size, num_workers=num_workers,
-        collate_fn=processor.collator(padding_side="left"),
-    )
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=batch_size,
+                                         num_workers=num_workers, collate_fn=processor.collator(padding_side="left"))
     was_training = model.training
     model.eval()
     device = next(p for p in model.parameters()).device

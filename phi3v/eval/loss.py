@@ -1,9 +1,7 @@
 """The loss on the evaluation set: the cheap signal every trainer logs, next to the generated-answer metric.
 
-The evaluation set holds prompts (the last answer left for the model to generate) with their references; for the
-loss, each conversation is taken whole with its first reference as the last answer, and labelled exactly as in
-training. One forward pass per batch, no generation; the LM head runs only on the answer tokens. The result is the
-mean over all answer tokens of the set (not a mean of batch means), the same on every process.
+Each evaluation conversation is taken whole with its first reference as the last answer, labelled as in training,
+one forward pass per batch. The result is the mean over all answer tokens of the set, the same on every process.
 """
 
 from __future__ import annotations
@@ -31,15 +29,13 @@ def with_first_reference(item, to_conversation) -> Conversation:
 
 
 class LossShard(torch.utils.data.Dataset):
-    """This process's share of the training-format examples of an evaluation dataset, padded by repeats to the same
-    length on every process (ranks stay in step); repeats are marked `counted=False`. An example that cannot be
-    built (no usable reference) is None and left out of the loss."""
+    """This process's share of the training-format examples of an evaluation dataset, padded by repeats (marked
+    `counted=False`) to the same length on every process; an example without a usable reference is None."""
 
     def __init__(self, dataset: ConversationDataset, rank: int, size: int):
-        self.examples = ConversationDataset(
-            dataset.items, functools.partial(with_first_reference, to_conversation=dataset.to_conversation),
-            dataset.processor, dataset.names, for_generation=False, max_image_pixels=dataset.max_image_pixels,
-        )
+        reader = functools.partial(with_first_reference, to_conversation=dataset.to_conversation)
+        self.examples = ConversationDataset(dataset.items, reader, dataset.processor, dataset.names,
+                                            for_generation=False, max_image_pixels=dataset.max_image_pixels)
         real = list(range(len(dataset)))[rank::size]
         per_rank = -(-len(dataset) // size)
         self.order = real + (real[-1:] or [0]) * (per_rank - len(real)) if len(dataset) else []
@@ -78,8 +74,7 @@ def evaluation_loss(model, dataset: ConversationDataset, batch_size: int, num_wo
     across processes; None if no example has a usable reference."""
     rank, size = world()
     loader = torch.utils.data.DataLoader(LossShard(dataset, rank, size), batch_size=batch_size,
-                                         num_workers=num_workers,
-                                         collate_fn=SkipNone(dataset.processor.collator()))
+                                         num_workers=num_workers, collate_fn=SkipNone(dataset.processor.collator()))
     was_training = model.training
     model.eval()
     device = next(p for p in model.parameters()).device

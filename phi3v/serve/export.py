@@ -3,15 +3,11 @@
     python -m phi3v.export OUTPUT_DIR MERGED_DIR [--base BASE_DIR] [--dtype bfloat16]
     python -m phi3v.export OUTPUT_DIR MERGED_DIR --push_to_hub you/phi35v-ucf101 [--private]
 
-The result is the hub repo's layout (the family's layout.py): config.json and preprocessor/processor configs with the
-official auto_map, the official *.py remote code (copied from a local --base, or fetched from the Hub, *.py only),
-5 GB weight shards with the official tensor names, generation_config.json with the chat stop ids, the tokenizer
-files with the chat template, and a model card (README.md). It loads with `Phi3VForCausalLM.from_pretrained` here,
-with transformers 4.x (with trust_remote_code), and in vLLM (`vllm serve MERGED_DIR --trust-remote-code`; vLLM
-cannot serve LoRA adapters for this model). The merge runs on CPU tensor by tensor, straight from the base's
-safetensors files to the shards written: base + scale * B @ A in fp32, cast once to --dtype, with at most one 5 GB
-shard in memory (5.6 GiB at full size; holding the whole model in fp32 took 18.5-20 GiB). After QLoRA the adapter
-is applied to the unquantized base. Adapters: LoRA, rsLoRA, DoRA and modules_to_save, what the recipes train.
+The result is the hub repo's layout (the family's layout.py) plus a model card: it loads here, with transformers 4.x
+(trust_remote_code) and in vLLM, which cannot serve LoRA adapters for this model. The merge runs on CPU tensor by
+tensor from the base's safetensors files to the shards written, base + scale * B @ A in fp32 cast once to --dtype,
+with at most one 5 GB shard in memory. After QLoRA the adapter is applied to the unquantized base. Adapters: LoRA,
+rsLoRA, DoRA and modules_to_save, what the recipes train.
 """
 
 from __future__ import annotations
@@ -101,12 +97,8 @@ def base_tensor_files(base: str) -> dict[str, Path]:
 
 
 def write_merged(adapter_dir: str | Path, base: str, family: ModelFamily, out_dir: Path, dtype: torch.dtype) -> None:
-    """Base + adapter in `dtype`, written as `save_pretrained` writes the model (config, generation config, shards
-    of at most MAX_SHARD_SIZE, index), one tensor merged at a time: never more than a shard in memory.
-
-    Raises:
-        UserError: the adapter changes a tensor the base lacks, or the base lacks one of the model's tensors.
-    """
+    """Base + adapter in `dtype`, written as `save_pretrained` writes the model, one tensor merged at a time: never
+    more than a shard in memory. Raises UserError where the adapter and the base's tensors do not match."""
     config = adapter_config(adapter_dir)
     scale = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
     model = family.model_class.from_pretrained(base, dtype=dtype, device_map="meta")  # config and layout, no weights
@@ -146,9 +138,6 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | None
     Args:
         remote_code_files: False: no *.py files (auto_map then points at the base's code on the Hub).
         command: the export command line, for the model card.
-    Raises:
-        UserError: no adapter in `adapter_dir`, or the base's remote code cannot be fetched (checked before the
-            merge, which takes minutes at full size).
     """
     base = base or adapter_base(adapter_dir)
     family = checkpoint_family(base)
@@ -186,9 +175,8 @@ MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.inde
 
 
 def check_paths(adapter_dir: str | Path, out_dir: str | Path) -> None:
-    """Refuse an adapter this module cannot merge, or one without its weights; refuse to write into the adapter's
-    own folder or over another model's files (a stale shard or index would stay and be loaded with the merged
-    weights). Other files (predictions, notes) may be there."""
+    """Refuse an adapter this module cannot merge or without its weights, and an out_dir that is the adapter's own
+    folder or holds another model's files (a stale shard would be loaded with the merged weights)."""
     adapter_config(adapter_dir)
     out = Path(out_dir)
     if out.resolve() == Path(adapter_dir).resolve():

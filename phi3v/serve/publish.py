@@ -22,15 +22,8 @@ UPLOADED = ("config.json", "generation_config.json", "preprocessor_config.json",
 
 
 def model_card(base_model: str, mode: str, data: dict, metrics: dict, commands: list[str], family: ModelFamily) -> str:
-    """README.md of a model repo: hub metadata, then base model, data, mode, metrics before/after, commands, and
-    how to serve it.
-
-    Args:
-        data: what was trained and evaluated on, e.g. {"data_dir": ..., "train examples": 300}.
-        metrics: all_results.json of the run (`eval_before_X`, `eval_after_X`, `test_X`, `train_loss`, ...).
-        commands: the command lines that produced the model, in order (training, then export).
-        family: the model's family (its model_type is a tag; its `serving` text the card's last section).
-    """
+    """README.md of a model repo: hub metadata, base model, data, mode, metrics before/after (from all_results.json),
+    the commands that produced the model (training, then export), and how `family`'s layout is served."""
     names = sorted({k.removeprefix("eval_after_") for k in metrics if k.startswith("eval_after_")}
                    | {k.removeprefix("eval_before_") for k in metrics if k.startswith("eval_before_")})
     names = [n for n in names if not n.endswith(("runtime", "samples"))]

@@ -1,10 +1,7 @@
 """Command-line arguments shared by the four recipes: ModelArguments, BaseDataArguments, RecipeTrainingArguments.
 
-Every flag of the original scripts keeps its meaning and default (--use_flash_attention, --bf16, --use_lora,
---use_qlora, --freeze_vision_model, --batch_size as the *global* batch, --batch_size_per_gpu, --num_crops,
---learning_rate, --num_train_epochs, --wd, --lora_rank, --lora_alpha_ratio, --lora_dropout, --output_dir,
---no-tqdm), next to every standard `transformers.TrainingArguments` flag (--save_steps, --resume_from_checkpoint,
---report_to, --deepspeed, ...). The original's hard-coded training settings are our defaults.
+Every flag of the original scripts keeps its meaning and default (--batch_size is the *global* batch), next to every
+standard `transformers.TrainingArguments` flag. The original's hard-coded training settings are our defaults.
 """
 
 from __future__ import annotations
@@ -51,9 +48,7 @@ class ModelArguments:
                 "float32, bfloat16 or float16.", "choices": ("auto", "float32", "bfloat16", "float16")})
     save_merged_model: bool = field(default=False, metadata={
         "help": "LoRA/QLoRA: also write the adapter merged into the base model to OUTPUT_DIR/merged."})
-    # Which parts train and how. Each part (vision tower = CLIP, projector = img_projection + separators, language
-    # model = decoder + text embeddings + lm_head) is trained in full, carries LoRA adapters (--use_lora), or is
-    # frozen. --freeze_vision_model is --freeze_vision_tower --freeze_projector.
+    # Each part (vision tower, projector, language model) is trained in full, carries LoRA adapters, or is frozen.
     freeze_vision_tower: bool = field(default=False, metadata={
         "help": "Freeze CLIP (the projector still trains unless --freeze_projector)."})
     freeze_projector: bool = field(default=False, metadata={
@@ -92,9 +87,8 @@ class ModelArguments:
         self.use_lora = self.tuning_mode in ("lora", "qlora")
         if self.use_flash_attention:
             if self.attn_implementation not in (None, "flash_attention_2"):
-                raise ValueError(
-                    f"--use_flash_attention conflicts with --attn_implementation {self.attn_implementation}"
-                )
+                raise ValueError("--use_flash_attention conflicts with --attn_implementation "
+                                 f"{self.attn_implementation}")
             self.attn_implementation = "flash_attention_2"
         self.attn_implementation = self.attn_implementation or "sdpa"
         if self.num_crops is not None and not 1 <= self.num_crops <= 16:
@@ -109,8 +103,7 @@ class ModelArguments:
         self.resolve_parts()
 
     def resolve_parts(self) -> None:
-        """The freeze flags, LoRA and quantization knobs: derived values filled, combinations that would be ignored
-        refused (a knob that silently does nothing is the worst kind)."""
+        """The freeze flags, LoRA and quantization knobs: derived values filled, ignored combinations refused."""
         if self.freeze_vision_model:
             self.freeze_vision_tower = self.freeze_projector = True
         self.freeze_vision_model = self.freeze_vision_tower and self.freeze_projector
@@ -177,8 +170,7 @@ class BaseDataArguments:
     max_new_tokens: int = field(default=64, metadata={"help": "Generation limit in evaluation (original: 64)."})
 
     def __post_init__(self):
-        # every integer data flag (here and in each script's DataArguments) is a count: a negative one would act
-        # as a Python negative slice (--train_samples -1 = all but the last) instead of failing
+        # every integer data flag is a count: a negative one would act as a Python negative slice
         for name, value in vars(self).items():
             if isinstance(value, int) and not isinstance(value, bool) and value < 0:
                 raise ValueError(f"--{name} must be >= 0, got {value}")

@@ -31,11 +31,9 @@ class CheckpointWriteError(UserError, OSError):
 # ------------------------------------------------------------------------------------------------- checkpoints
 #
 # A checkpoint is written under OUTPUT_DIR/.saving/checkpoint-N, marked complete there (every file flushed, then a
-# marker listing each file's size and modification time), and only then renamed to OUTPUT_DIR/checkpoint-N. So a
-# checkpoint-N folder is either complete or not ours: a crash leaves its debris in .saving, which the next run
-# clears. A checkpoint-N without our marker (the stock Trainer's, the original recipe's) is foreign: it is never
-# deleted, rotated or overwritten, and is resumed only when it is readable. A checkpoint whose files differ from its
-# marker (changed after it was written) is never resumed.
+# marker listing each file's size and mtime), and only then renamed to OUTPUT_DIR/checkpoint-N: a crash leaves
+# debris in .saving, which the next run clears. A checkpoint-N without our marker is foreign: never deleted, rotated
+# or overwritten, resumed only when readable. One whose files differ from its marker is never resumed.
 
 STAGING = ".saving"
 
@@ -198,10 +196,9 @@ class CheckpointsMixin:
             move_into_place(staged, run_dir / name)
             with contextlib.suppress(OSError):  # only when empty: other ranks' parts would be in it
                 (run_dir / STAGING).rmdir()
-            if self.state.best_global_step and (run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}"
-                                                ).is_dir():
-                self.state.best_model_checkpoint = str(run_dir / f"{PREFIX_CHECKPOINT_DIR}-"
-                                                                 f"{self.state.best_global_step}")
+            best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}"
+            if self.state.best_global_step and best.is_dir():
+                self.state.best_model_checkpoint = str(best)
             rotate(run_dir, limit, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()  # no rank goes on before the checkpoint is in place
 
@@ -226,11 +223,9 @@ def prepare_resume(trainer: Trainer, requested: str | None) -> str | None:
     state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
     planned = trainer.planned_steps()
     if state["global_step"] >= planned:
-        raise BadValue(
-            f"{checkpoint} is step {state['global_step']} of a run of {planned} steps: that run is finished and "
-            "there is nothing to resume. Start a new run (another --output_dir, or no --resume_from_checkpoint), "
-            "or raise --num_train_epochs / --max_steps to train further."
-        )
+        raise BadValue(f"{checkpoint} is step {state['global_step']} of a run of {planned} steps: that run is "
+                       "finished and there is nothing to resume. Start a new run (another --output_dir, or no "
+                       "--resume_from_checkpoint), or raise --num_train_epochs / --max_steps to train further.")
     logger.warning(f"resuming from {checkpoint}: step {state['global_step']} of {planned} "
                    f"(epoch {state.get('epoch', 0):.2f}); optimizer, scheduler, RNG and data order are restored")
     return checkpoint
@@ -274,11 +269,9 @@ def setup_flags(mode: str, frozen: set[str]) -> str:
 
 
 def check_resume_setup(checkpoint: str, model_args: ModelArguments) -> None:
-    """Refuse a checkpoint written in another tuning mode, in one line naming the flags that resume it. The Trainer
-    would fail only after loading the model: "Can't find a checkpoint index" for an adapter resumed without
-    --use_lora, an optimizer "parameter group doesn't match" for weights resumed with it or other parts frozen.
-    This recipe's checkpoints record their mode and frozen parts (run_info.json); for others, adapter_config.json
-    tells an adapter (LoRA/QLoRA) from model weights (full fine-tuning, frozen parts unknown)."""
+    """Refuse a checkpoint written in another tuning mode, naming the flags that resume it (the Trainer would fail
+    obscurely, after loading the model). Ours record mode and frozen parts in run_info.json; for others,
+    adapter_config.json tells an adapter from model weights."""
     run = recorded(Path(checkpoint) / RUN_INFO)
     if isinstance(run.get("frozen"), list):
         mode, frozen = str(run.get("mode")), set(map(str, run["frozen"]))

@@ -36,10 +36,8 @@ class EvaluationMixin:
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         """Generate an answer for every prompt, score it with the task metric, log and return the metrics.
 
-        Runs under autocast in the training precision, with as many prompts per generate() call as the KV-cache
-        budget allows (--eval_kv_cache_gb; --eval_batch_size overrides). Under FSDP, an evaluation asked for before
-        training runs at the start of train() instead, once the model is sharded (until then, with
-        cpu_ram_efficient_loading, ranks > 0 hold no weights); its metrics are in `deferred_metrics`.
+        Under FSDP, an evaluation before training runs at the start of train() instead, once the model is sharded
+        (until then ranks > 0 may hold no weights); its metrics are in `deferred_metrics`.
         """
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if self.is_fsdp_enabled and not self._training_started:
@@ -54,19 +52,16 @@ class EvaluationMixin:
         zero3 = is_deepspeed_zero3_enabled()
         gathered = contextlib.nullcontext()
         if zero3 and self.deepspeed is None:
-            # ZeRO-3 before training: the weights are partitioned and DeepSpeed's gathering hooks come with the
-            # engine, which train() builds; gather each module's weights around its forward instead.
+            # ZeRO-3 before training: no engine yet to gather the weights; each module's, around its forward
             gathered = gathered_per_module(model)
         autocast_dtype = precision_dtype(self.args)
         batch_size = self.generation_batch_size or self.eval_batch_size_for(dataset, model, autocast_dtype)
         with gathered:
-            predictions = generate_predictions(
-                model, dataset, batch_size=batch_size, max_new_tokens=self.max_new_tokens,
-                num_workers=self.args.dataloader_num_workers, score_token_ids=self.score_token_ids,
-                desc=metric_key_prefix, disable_tqdm=self.args.disable_tqdm,
-                synced_gpus=(zero3 or self.is_fsdp_enabled) and self.args.world_size > 1,
-                autocast_dtype=autocast_dtype,
-            )
+            predictions = generate_predictions(model, dataset, batch_size, self.max_new_tokens,
+                                               self.args.dataloader_num_workers, self.score_token_ids,
+                                               metric_key_prefix, self.args.disable_tqdm,
+                                               (zero3 or self.is_fsdp_enabled) and self.args.world_size > 1,
+                                               autocast_dtype)
             loss = None
             if getattr(self.args, "compute_eval_loss", False):  # teacher-forced, one forward pass per batch
                 loss = evaluation_loss(model, dataset, self.args.per_device_eval_batch_size,

@@ -26,12 +26,11 @@ from phi3v.train.training_arguments import RecipeTrainingArguments
 
 
 def parse_args(data_class: type, argv: list[str] | None = None, **defaults):
-    """Parse (ModelArguments, DataArguments, RecipeTrainingArguments); `defaults` are the script's own.
+    """Parse (ModelArguments, DataArguments, RecipeTrainingArguments); `defaults` are the script's own, and `argv`
+    may start with a settings file or name one with --config (`with_config_file`).
 
-    `argv` may start with a YAML or JSON file of settings, or name one with --config (see `with_config_file`).
-    Two defaults follow the original recipe and depend on the model flags, so those are read first:
-    flash attention implies --bf16 (as the original nlvr2/ucf101 scripts), and full fine-tuning on GPUs runs under
-    DeepSpeed ZeRO-2 (ds_configs/zero2.json) unless --deepspeed is given (--deepspeed none: plain DDP).
+    As in the original recipe, flash attention implies --bf16, and full fine-tuning on GPUs runs under DeepSpeed
+    ZeRO-2 unless --deepspeed is given (--deepspeed none: plain DDP); so the model flags are read first.
     """
     argv = with_config_file(sys.argv[1:] if argv is None else list(argv),
                             (ModelArguments, data_class, RecipeTrainingArguments))
@@ -53,9 +52,8 @@ LORA_VALUES = ("lora_rank", "lora_alpha", "lora_alpha_ratio", "lora_dropout")
 
 
 def check_lora_values_used(argv: list[str], model_args: ModelArguments) -> None:
-    """Refuse LoRA values given without LoRA. They have defaults, so the parsed flags cannot tell whether they were
-    given (ModelArguments refuses the other LoRA flags itself): they are looked for in the command line, which holds
-    the settings file's flags too."""
+    """Refuse LoRA values given without LoRA, looked for in the command line (with the settings file's flags): their
+    defaults hide whether they were given (ModelArguments refuses the other LoRA flags itself)."""
     given = {arg[2:].split("=")[0].replace("-", "_") for arg in argv if arg.startswith("--")}
     ignored = [f"--{name}" for name in LORA_VALUES if name in given]
     if ignored and not model_args.use_lora:
@@ -78,9 +76,8 @@ def check_output_dir(output_dir: str) -> None:
 
 
 def check_not_a_source(output_dir: str, base: str, resumed: str | None) -> None:
-    """Refuse an --output_dir that is, or is inside, the model the run starts from: --model_name_or_path, or the
-    base a resumed adapter was trained on. Saving writes config.json, generation_config.json, the processor and
-    tokenizer files and model.safetensors, over the base checkpoint's own. Paths are compared resolved."""
+    """Refuse an --output_dir that is, or is inside, the model the run starts from (--model_name_or_path, or a
+    resumed adapter's base): saving would write over the base checkpoint's own files. Paths compared resolved."""
     sources = {f"--model_name_or_path {base}": base}
     if resumed:
         adapter_base = recorded(Path(resumed) / "adapter_config.json").get("base_model_name_or_path")
@@ -120,9 +117,8 @@ def _parse(data_class: type, argv: list[str], defaults: dict):
     parser = RecipeParser((ModelArguments, data_class, RecipeTrainingArguments))
     parser.set_defaults(**defaults)
     if not {"-h", "--help"} & set(argv):  # the model-only pre-parse would answer --help with its flags alone
-        model_args, _ = RecipeParser(ModelArguments).parse_args_into_dataclasses(
-            args=argv, return_remaining_strings=True
-        )
+        model_args, _ = RecipeParser(ModelArguments).parse_args_into_dataclasses(args=argv,
+                                                                                 return_remaining_strings=True)
         if model_args.attn_implementation == "flash_attention_2":
             parser.set_defaults(bf16=True)
         if model_args.tuning_mode in ("full", "frozen_vision") and torch.cuda.is_available() and \
@@ -202,9 +198,8 @@ def read_config(path: str) -> dict:
 
 
 def config_flags(settings: dict, path: str, groups: tuple[type, ...]) -> list[str]:
-    """{name: value} -> ["--name", "value", ...]: booleans as true/false, lists as several values, null left out
-    (the default applies). Names are the flags' (a leading "--" and dashes are accepted); unknown names are an error
-    with the list of them, before anything runs."""
+    """{name: value} -> ["--name", "value", ...]: booleans as true/false, lists as several values, null left out.
+    Names are the flags' (a leading "--" and dashes accepted); unknown names are an error listing them."""
     known = {f.name for group in groups for f in dataclasses.fields(group) if f.init}
     flags, unknown = [], []
     for key, value in settings.items():

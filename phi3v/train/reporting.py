@@ -33,8 +33,7 @@ def count_parameters(model: torch.nn.Module, predicate=lambda name: True) -> tup
 
 def setup_logging(training_args) -> None:
     """Our messages at INFO on the main process (warnings only on the others), to stdout; transformers and
-    datasets at WARNING, and their progress bars off under --no-tqdm and off the main process. Handlers of the
-    caller (a notebook, pytest) are left alone."""
+    datasets at WARNING, their progress bars off under --no-tqdm and off the main process."""
     level = logging.INFO if training_args.should_log else logging.WARNING
     if not any(getattr(h, "is_phi3v", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stdout)
@@ -54,17 +53,12 @@ def setup_logging(training_args) -> None:
 
 
 def one_line_warnings() -> None:
-    """Each distinct Python warning once per process, on one line (category, first line of the message, where).
-
-    DeepSpeed and torch.distributed repeat the same FutureWarnings and UserWarnings at every call site and step,
-    several lines each: a ZeRO-3 run printed 949 lines, 439 of them FutureWarnings. Python's "once" filter alone
-    does not hold: every `warnings.catch_warnings()` (torch and DeepSpeed enter them at each step) resets what it
-    has seen, so the messages already shown are remembered here.
-    """
+    """Each distinct Python warning once per process, on one line (category, first line of the message, where):
+    DeepSpeed and torch.distributed repeat theirs at every step, and the "once" filter alone does not hold, since
+    every `warnings.catch_warnings()` resets what it has seen."""
     if getattr(warnings.showwarning, "is_phi3v", False):
         return
-    # appended, so what Python hides by default (DeprecationWarning outside __main__, ResourceWarning, ...) stays
-    # hidden; what it shows goes through show_once below
+    # appended, so what Python hides by default stays hidden
     warnings.simplefilter("once", append=True)
     shown: set[tuple[type, str]] = set()
 
@@ -112,8 +106,7 @@ def extension_is_built(name: str) -> bool:
 
 
 def log_config(*argument_groups) -> None:
-    """The arguments that differ from a run with no flags at all (the script's own defaults and what follows from
-    the flags, such as the gradient accumulation, are compared alike), once, on the main process."""
+    """The arguments that differ from a run with no flags at all (derived fields compared alike)."""
     for args in argument_groups:
         try:
             baseline = type(args)()  # the defaults, derived fields filled the same way
@@ -151,8 +144,7 @@ def start_summary(model, model_args, training_args, datasets_by_split: dict) -> 
 
 
 def end_summary(metrics: dict, training_args, started: float) -> None:
-    """Each metric before and after training, aligned; "-" where an evaluation did not run (after a resume there is
-    none before; --no_eval_after_training, none after)."""
+    """Each metric before and after training, aligned; "-" where an evaluation did not run."""
     def by_name(prefix: str) -> dict:
         return {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)
                 and isinstance(v, (int, float)) and not k.endswith(("runtime", "samples"))}

@@ -11,11 +11,9 @@ logger = logging.getLogger(__name__)
 
 class LengthGroupedSampler(torch.utils.data.Sampler):
     """Random order, except that within each group of `batch_size * group_batches` indices, items are arranged by
-    length (longest first) so that consecutive batches need little padding.
-
-    Lengths within `tolerance` of each other count as equal and stay in random order: where the length follows
-    the label (a class name's token count), an exact sort would give batches of a single class.
-    The order depends only on (seed, epoch), so resuming replays it exactly.
+    length (longest first), so that batches need little padding. Lengths within `tolerance` count as equal and stay
+    in random order (an exact sort could give one-class batches where the length follows the label). The order
+    depends only on (seed, epoch), so resuming replays it exactly.
     """
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int, group_batches: int = 50,

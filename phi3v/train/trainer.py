@@ -27,9 +27,8 @@ class NonFiniteError(RuntimeError):
 
 
 class CarryEarlierLogs(TrainerCallback):
-    """train() starts a fresh TrainerState; keep what was logged before it (the evaluation before training) in
-    its log history, so trainer_state.json and the training curves have it. Under FSDP, run the evaluation that
-    was asked for before training now, on the sharded model (see Phi3VTrainer.evaluate)."""
+    """Keep what was logged before train() (the evaluation before training) in the fresh TrainerState's history;
+    under FSDP, run that evaluation now, on the sharded model (see Phi3VTrainer.evaluate)."""
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -44,8 +43,7 @@ class CarryEarlierLogs(TrainerCallback):
 
 
 class LogFirstAndLastStep(TrainerCallback):
-    """Loss and learning rate logged at the first and the last optimizer step too, whatever --logging_steps: a
-    short run still gets its curves (a run of fewer than --logging_steps steps would otherwise log none)."""
+    """Loss and learning rate logged at the first and the last step too: a short run still gets its curves."""
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step in (1, state.max_steps):
@@ -167,11 +165,9 @@ class Phi3VTrainer(EvaluationMixin, CheckpointsMixin, PublishingMixin, Trainer):
         last = [str(p) for p in checkpoints(self.args.output_dir) if is_complete(p)]
         where = f"at step {step} (samples {self._sample_ids})"
         if not (may_skip and getattr(self.args, "skip_nonfinite_steps", False)):
-            raise NonFiniteError(
-                f"non-finite {what} {where}. Last good checkpoint: {last[-1] if last else 'none yet'}. "
-                "Check those samples, lower --learning_rate, prefer --bf16 to fp16, or pass --skip_nonfinite_steps "
-                "to skip such steps and go on."
-            )
+            raise NonFiniteError(f"non-finite {what} {where}. Last good checkpoint: "
+                                 f"{last[-1] if last else 'none yet'}. Check those samples, lower --learning_rate, "
+                                 "prefer --bf16 to fp16, or pass --skip_nonfinite_steps to skip such steps and go on.")
         self.skipped_steps += 1
         logger.warning(f"skipping non-finite {what} {where} ({self.skipped_steps} skipped so far)")
         # a zero that still reaches every trainable parameter, so DDP sees the usual gradients

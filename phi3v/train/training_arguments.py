@@ -97,10 +97,8 @@ class RecipeTrainingArguments(TrainingArguments):
         super().__post_init__()
 
     def resolve_batch_sizes(self, world: int) -> None:
-        """Fill both spellings of the batch flags: the original (--batch_size global, --batch_size_per_gpu) and the
-        HF one (--per_device_train_batch_size, --gradient_accumulation_steps). Whatever was given is honoured;
-        two flags that disagree are an error, never silently replaced. `world` is the number of processes (the
-        launchers export WORLD_SIZE); this runs before TrainingArguments fills DeepSpeed's "auto" values."""
+        """Fill both spellings of the batch flags, the original's and HF's, honouring whatever was given (two that
+        disagree are an error) for `world` processes, before TrainingArguments fills DeepSpeed's "auto" values."""
         per_gpu = {"--batch_size_per_gpu": self.batch_size_per_gpu,
                    "--per_device_train_batch_size": self.per_device_train_batch_size}
         given = {flag: value for flag, value in per_gpu.items() if value is not None}
@@ -115,19 +113,17 @@ class RecipeTrainingArguments(TrainingArguments):
         if self.gradient_accumulation_steps is not None:
             implied = per_gpu * world * self.gradient_accumulation_steps
             if self.batch_size not in (None, implied):
-                raise ValueError(
-                    f"--batch_size {self.batch_size} (the global batch) disagrees with --gradient_accumulation_steps "
-                    f"{self.gradient_accumulation_steps} x {per_gpu} per GPU x {world} process(es) = {implied}: "
-                    "give one of --batch_size and --gradient_accumulation_steps"
-                )
+                raise ValueError(f"--batch_size {self.batch_size} (the global batch) disagrees with "
+                                 f"--gradient_accumulation_steps {self.gradient_accumulation_steps} x {per_gpu} per "
+                                 f"GPU x {world} process(es) = {implied}: give one of --batch_size and "
+                                 "--gradient_accumulation_steps")
             self.batch_size = implied
         else:
             self.batch_size = 16 if self.batch_size is None else self.batch_size  # the original default
             if self.batch_size % (per_gpu * world):
-                raise ValueError(
-                    f"--batch_size {self.batch_size} is the global batch: it must be a multiple of "
-                    f"--batch_size_per_gpu ({per_gpu}) x the number of processes ({world}) = {per_gpu * world}"
-                )
+                raise ValueError(f"--batch_size {self.batch_size} is the global batch: it must be a multiple of "
+                                 f"--batch_size_per_gpu ({per_gpu}) x the number of processes ({world}) = "
+                                 f"{per_gpu * world}")
             self.gradient_accumulation_steps = self.batch_size // (per_gpu * world)
         self.batch_size_per_gpu = self.per_device_train_batch_size = per_gpu
 

@@ -1,18 +1,10 @@
 """Batch examples of any length and any number of images (zero included).
 
-Input: dicts from ConversationDataset with `input_ids` (L,), optional `labels` (L,), `pixel_values`
-(n, crops, 3, 336, 336) or None, `image_sizes` (n, 2) or None, `sample_id`, and for evaluation `reference`.
-
-Output:
-    input_ids       (B, max L)  padded with the pad id, right for training, left for generation
-    attention_mask  (B, max L)  1 on real tokens, from the true lengths (never from `ids != pad`: the pad id is
-                                also <|endoftext|>, the last supervised token)
-    labels          (B, max L)  -100 on padding
-    pixel_values    (N, crops, 3, 336, 336), image_sizes (N, 2): all images of the batch in order, or absent
-    sample_ids      list[str], references list[str] (evaluation)
-
-The model fills placeholders row by row with the images in this order, which is why images are concatenated in
-example order.
+Input: ConversationDataset items (`input_ids` (L,), `labels`?, `pixel_values` (n, crops, 3, 336, 336) or None,
+`image_sizes` (n, 2) or None, `sample_id`, `reference`?). Output: `input_ids` and `labels` (-100) padded to (B, max L),
+right for training and left for generation; `attention_mask` from the true lengths (the pad id is also the supervised
+<|endoftext|>); every image of the batch in example order, as the model fills the placeholders; `sample_ids`,
+`references`.
 """
 
 from __future__ import annotations
@@ -42,10 +34,8 @@ class Phi3VCollator:
 
     def __call__(self, examples: list[dict]) -> dict:
         ids = [e["input_ids"] for e in examples]
-        batch = {
-            "input_ids": self.pad(ids, self.pad_token_id),
-            "attention_mask": self.pad([torch.ones(len(i), dtype=torch.long) for i in ids], 0),
-        }
+        batch = {"input_ids": self.pad(ids, self.pad_token_id),
+                 "attention_mask": self.pad([torch.ones(len(i), dtype=torch.long) for i in ids], 0)}
         if "labels" in examples[0]:
             batch["labels"] = self.pad([e["labels"] for e in examples], IGNORE_INDEX)
         with_images = [e for e in examples if e.get("pixel_values") is not None]

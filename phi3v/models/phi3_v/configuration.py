@@ -19,25 +19,19 @@ DEFAULT_EMBD_LAYER = {"embedding_cls": "image", "hd_transform_order": "sub_glb",
 OFFICIAL_CONFIG = Path(__file__).parent / "configs" / "phi-3.5-vision-instruct.json"
 # config.json of each official checkpoint this code loads: Phi-3.5-vision and its predecessor Phi-3-vision-128k (same
 # tensor names and image embedding; its own LongRoPE factors, no pad_token_id / dropout keys, 131072 window).
-OFFICIAL_CONFIGS = {
-    "phi-3.5-vision-instruct": OFFICIAL_CONFIG,
-    "phi-3-vision-128k-instruct": OFFICIAL_CONFIG.parent / "phi-3-vision-128k-instruct.json",
-}
+OFFICIAL_CONFIGS = {"phi-3.5-vision-instruct": OFFICIAL_CONFIG,
+                    "phi-3-vision-128k-instruct": OFFICIAL_CONFIG.parent / "phi-3-vision-128k-instruct.json"}
 
 
 @strict
 class Phi3VConfig(Phi3Config):
-    """The official `config.json` (model_type "phi3_v"): Phi-3 fields + `embd_layer` + `img_processor`.
-
-    `vision_config` is our extension for CLIP towers other than ViT-L/14-336 (tiny test models); it is written to
-    config.json only when it differs from the official tower, so official configs round-trip unchanged.
-    """
+    """The official `config.json` (model_type "phi3_v"): Phi-3 fields + `embd_layer` + `img_processor`, and our
+    `vision_config` for other CLIP towers (tiny test models), written only when it differs from the official one."""
 
     model_type = "phi3_v"
     sub_configs_defaults = {"vision_config": CLIPVisionConfig}
 
-    # The official Phi3VConfig has no default pad id (Phi-3.5's config.json sets 32000, Phi-3-vision-128k's sets none,
-    # so its <|endoftext|> embedding row trains like any other); transformers' Phi3Config would default to 32000.
+    # No default pad id, as the official Phi3VConfig (Phi-3-vision-128k's config.json sets none; Phi3Config: 32000)
     pad_token_id: int | None = None
     embd_layer: dict | None = None
     img_processor: dict | None = None
@@ -73,10 +67,8 @@ class Phi3VConfig(Phi3Config):
         out = super().to_dict()
         rope = out.pop("rope_parameters", None) or {}
         out["rope_theta"] = rope.get("rope_theta", 10000.0)
-        out["rope_scaling"] = (
-            {"long_factor": rope["long_factor"], "short_factor": rope["short_factor"], "type": "su"}
-            if rope.get("rope_type") == "longrope" else None
-        )
+        out["rope_scaling"] = ({"long_factor": rope["long_factor"], "short_factor": rope["short_factor"], "type": "su"}
+                               if rope.get("rope_type") == "longrope" else None)
         vision = out.pop("vision_config")
         default_vision = CLIPVisionConfig(**CLIP_VIT_L_336).to_dict()
         extension = {k: v for k, v in vision.items() if k in CLIP_VIT_L_336 and v != default_vision[k]}

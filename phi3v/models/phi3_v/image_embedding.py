@@ -45,9 +45,8 @@ class Phi3VImageEmbedding(nn.Module):
         dim = 4 * config.img_processor.get("image_dim_out", vision.hidden_size)
         self.glb_GN = nn.Parameter(torch.zeros(1, 1, dim))  # once per image, between sub grid and global view
         self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, dim))  # after every row of both grids
-        self.img_projection = nn.Sequential(
-            nn.Linear(dim, config.hidden_size), nn.GELU(), nn.Linear(config.hidden_size, config.hidden_size)
-        )
+        self.img_projection = nn.Sequential(nn.Linear(dim, config.hidden_size), nn.GELU(),
+                                            nn.Linear(config.hidden_size, config.hidden_size))
         layer_idx = config.img_processor.get("layer_idx", -2)  # index into CLIP's hidden_states (0 = embeddings)
         self.num_layers_used = vision.num_hidden_layers + 1 + layer_idx if layer_idx < 0 else layer_idx
         self.crop_size = vision.image_size

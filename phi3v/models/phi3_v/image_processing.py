@@ -85,9 +85,8 @@ def num_image_tokens(width: int, height: int, num_crops: int) -> int:
 def hd_resize(image: Image.Image, num_crops: int) -> Image.Image:
     """PIL bilinear resize of an RGB image to the HD size (before padding), pixel for pixel as the official code.
 
-    The official code transposes a portrait image, resizes it and transposes back. PIL resizes in two passes,
-    horizontal then vertical, rounding to uint8 in between; on the transposed image that is the original's vertical
-    axis first. Two one-axis resizes in that order give the same pixels without copying the image twice.
+    The official code resizes a portrait image transposed, i.e. (PIL: horizontal pass, then vertical) vertical axis
+    first; two one-axis resizes in that order give the same pixels without the two transposes.
     """
     new_w, new_h = hd_sizes(*image.size, num_crops)[0]
     if image.width < image.height:
@@ -96,10 +95,8 @@ def hd_resize(image: Image.Image, num_crops: int) -> Image.Image:
 
 
 def hd_transform(image: Image.Image, num_crops: int) -> Image.Image:
-    """Resize with PIL bilinear and pad with white to a multiple of 336, exactly as the official processor.
-
-    Portrait images are padded left and right (the official code pads the transposed image at top and bottom).
-    """
+    """Resize with PIL bilinear and pad with white to a multiple of 336 (portrait images left and right), exactly as
+    the official processor."""
     resized = hd_resize(image, num_crops)
     (new_w, new_h), (padded_w, padded_h) = hd_sizes(*image.size, num_crops)
     canvas = Image.new("RGB", (padded_w, padded_h), (255, 255, 255))
@@ -113,9 +110,8 @@ def normalize(image: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
 
 
 def normalize_into(out: torch.Tensor, image: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
-    """Write the normalized planes of `image` into `out` (3, H, W), in place: x/255 straight from the uint8 plane
-    (numpy casts to float32, then divides), then -mean, /std on the float plane. The same float32 operations as
-    torchvision's, so the same bits, in three passes over the plane instead of four."""
+    """`normalize` into `out` (3, H, W), in place: torchvision's float32 operations (the same bits), x/255 straight
+    from the uint8 plane, then -mean, /std: three passes over the plane instead of four."""
     for channel, plane in enumerate(image.split()):  # PIL splits into contiguous uint8 planes in C
         values = out[channel]
         np.divide(np.asarray(plane), np.float32(255), out=values.numpy(), dtype=np.float32)
@@ -142,9 +138,8 @@ def _along(x: torch.Tensor, dim: int, index: slice) -> torch.Tensor:
 def downscale_axis(x: torch.Tensor, k: int, dim: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Bicubic downscale of axis `dim` by the integer factor k, with the float32 operations of PyTorch's CPU kernel.
 
-    The kernel sums the taps of one axis as t1*w1, then fma(t0, w0, .), fma(t2, w2, .), fma(t3, w3, .); `mul` and
-    `add_(alpha=)` (fused exactly where the kernel's are, which `_separable_is_exact` checks) repeat that chain one
-    tap at a time over the whole axis. At odd k the output is the middle pixel of each k, exactly.
+    The kernel sums the taps as t1*w1, then fma(t0, w0, .), fma(t2, w2, .), fma(t3, w3, .); `mul` and `add_(alpha=)`
+    repeat that chain tap by tap over the whole axis (`_separable_is_exact` checks they fuse alike). Odd k: the middle.
 
     >>> downscale_axis(torch.arange(8.0), 2, 0)
     tensor([0.4062, 2.5000, 4.5000, 6.5938])
@@ -191,11 +186,8 @@ def _separable_global_view(canvas: torch.Tensor, box: tuple[int, int, int, int],
 
 @functools.cache
 def _separable_is_exact(rows: int, cols: int) -> bool:
-    """Whether `_separable_global_view` gives F.interpolate's bits on this crop grid, with and without padding.
-
-    True with PyTorch's AVX2, AVX-512 and plain (DEFAULT) CPU kernels on x86: both fuse the multiply-adds, or neither
-    does (then t0*w0 + t1*w1 rounds the same in either order). Nothing promises it elsewhere, so it is checked once
-    per grid and process, on a random canvas; where it fails, `global_view` uses F.interpolate."""
+    """Whether `_separable_global_view` gives F.interpolate's bits on this crop grid, with and without padding: true
+    with PyTorch's x86 CPU kernels, promised nowhere, so checked once per grid and process on a random canvas."""
     height, width = rows * CROP, cols * CROP
     generator = torch.Generator().manual_seed(0)
     canvas = torch.randn(3, height, width, generator=generator)
@@ -212,11 +204,9 @@ def global_view(canvas: torch.Tensor, box: tuple[int, int, int, int] | None = No
     """Bicubic (no antialias) resize of the *normalized* canvas (3, rows*336, cols*336) to (3, 336, 336), bit for bit
     as F.interpolate, into `out` if given.
 
-    box = (top, bottom, left, right) of the image, if given: the canvas outside it must be one value per channel,
-    which the bottom-right pixel holds (the white padding, centered as `hd_transform` does). Two one-axis passes on
-    the rows the image reaches take 10-45% less time than F.interpolate on all of it (more with more padding), whose
-    kernel recomputes the four horizontal sums of every output; where the horizontal taps are 4+ pixels apart (an
-    even number of crop columns > 2) their strided reads make them slower, and F.interpolate is kept.
+    box = (top, bottom, left, right) of the image: outside it the canvas is the bottom-right pixel's value (the
+    centered padding). Two one-axis passes on the rows the image reaches are 10-45% faster than F.interpolate, except
+    at an even number of crop columns > 2, where strided reads make them slower and F.interpolate is kept.
     """
     rows, cols = canvas.shape[1] // CROP, canvas.shape[2] // CROP
     out = canvas.new_empty(3, CROP, CROP) if out is None else out
@@ -229,14 +219,10 @@ def image_to_crops(image: Image.Image, num_crops: int, mean=CLIP_MEAN, std=CLIP_
                    out: torch.Tensor | None = None) -> tuple[torch.Tensor, int, int]:
     """One PIL image -> ((num_crops + 1, 3, 336, 336) float32, padded height, padded width).
 
-    Entry 0 is the global view, then the crops, row-major, then all-zero padding crops. `out`, if given, is filled
-    in place (the processor passes its slice of the batch tensor, which saves a copy).
-
-    The numbers are those of normalizing the white-padded canvas of `hd_transform`, bit for bit, but 1.6-2.6x as
-    fast on one thread (a DataLoader worker; bench/processor_throughput.py): no transposes, the white border is
-    filled with its normalized value instead of being normalized pixel by pixel, every float operation runs in place
-    on a contiguous plane, each crop is copied once, straight into `out`, and the global view is resized one axis at
-    a time, on the part that can see the image (`global_view`).
+    Entry 0 is the global view, then the crops, row-major, then all-zero padding crops; `out`, if given, is filled
+    in place. Bit for bit `normalize(hd_transform(...))` cut up, but 1.6-2.6x as fast on one thread
+    (bench/processor_throughput.py): the border is filled with its normalized value, float operations run in place,
+    each crop is copied once and the global view is resized one axis at a time (`global_view`).
     """
     if image.mode != "RGB":
         image = image.convert("RGB")
@@ -318,8 +304,5 @@ class Phi3VImageProcessor:
         pixel_values = torch.empty(len(images), self.num_crops + 1, 3, CROP, CROP)  # filled in place, no stack
         sizes = [image_to_crops(image, self.num_crops, self.image_mean, self.image_std, out=crops)[1:]
                  for image, crops in zip(images, pixel_values)]
-        return {
-            "pixel_values": pixel_values,
-            "image_sizes": torch.tensor(sizes, dtype=torch.long).view(-1, 2),
-            "num_img_tokens": [tokens_for_grid(h // CROP, w // CROP) for h, w in sizes],
-        }
+        return {"pixel_values": pixel_values, "image_sizes": torch.tensor(sizes, dtype=torch.long).view(-1, 2),
+                "num_img_tokens": [tokens_for_grid(h // CROP, w // CROP) for h, w in sizes]}

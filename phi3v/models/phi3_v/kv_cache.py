@@ -1,10 +1,8 @@
 """A dynamic KV cache that appends in place: the keys and values live in buffers with spare room.
 
-transformers' DynamicCache appends a token by `torch.cat`, i.e. it copies every layer's whole cache at every step:
-at DocVQA's 2,400-token prompts that costs about as much as the step's attention. A static cache avoids the copy
-but attends over its full preallocated length behind a mask, which costs as much again. Here each layer writes the
-new tokens into a buffer with room for `GROW` more and hands attention a view of the filled part: the same tensors
-as DynamicCache's, so the same tokens, without the copy. The buffer grows (one copy) every GROW tokens.
+transformers' DynamicCache appends by `torch.cat`, copying every layer's whole cache at every step (at DocVQA's
+prompts about as costly as the attention). Here each layer writes the new tokens into a buffer with room for `GROW`
+more and hands attention a view of the filled part: DynamicCache's tensors, so the same tokens, without the copy.
 """
 
 from __future__ import annotations

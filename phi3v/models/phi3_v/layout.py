@@ -1,20 +1,9 @@
 """The official layout, complete: what vLLM and transformers 4.x (trust_remote_code) need beside our weights.
 
-Both load Phi-3.5-vision through the hub's remote code, so a model directory we write must carry it:
-
-    config.json               auto_map -> configuration_phi3_v.Phi3VConfig, modeling_phi3_v.Phi3VForCausalLM
-    preprocessor_config.json  auto_map -> processing_phi3_v.Phi3VImageProcessor / Phi3VProcessor
-    processor_config.json     auto_map + processor_class: 4.x reads this file first and, finding a class name it
-                              does not know and no auto_map, silently falls back to the tokenizer
-    *.py                      the official remote code, from a local base folder or fetched from the Hub (*.py only)
-    generation_config.json    eos [2, 32000, 32007]: the official 2 (`</s>`) never ends a chat turn; <|end|> does
-    model*.safetensors        5 GB shards + model.safetensors.index.json (its modeling), as the hub repo
-    tokenizer_config.json     the official tokenizer_class and additional_special_tokens (its processing), a
-                              form every 4.x and 5.x release reads, tokenizer.json as it is
-
-Without the *.py files (`--no_remote_code_files`, or a local base that has none) auto_map names the code in its hub
-repo (`microsoft/Phi-3.5-vision-instruct--modeling_phi3_v.Phi3VForCausalLM`), which 4.x downloads at load time.
-This project ignores auto_map: its modeling registers `phi3_v` natively.
+Both load Phi-3.5-vision through the hub's remote code, so a model directory we write carries it (*.py, from a local
+base or the Hub), auto_map in config.json and preprocessor_config.json, processor_config.json (else 4.x silently
+falls back to the tokenizer), and generation_config.json's chat stop ids [2, 32000, 32007]. Without the *.py files
+auto_map names the code in its hub repo, which 4.x downloads at load time. This project ignores auto_map.
 """
 
 from __future__ import annotations
@@ -47,12 +36,8 @@ def is_local(base: str | Path) -> bool:
 
 
 def remote_code_dir(base: str | Path) -> Path | None:
-    """The folder holding the base model's official *.py files: the base itself when it is a local folder with
-    them (None when it has none), or a download of only the *.py files of hub repo `base`.
-
-    Raises:
-        UserError: `base` is a hub id and the Hub cannot be reached (offline, unknown or gated repo).
-    """
+    """The folder holding the base model's official *.py files: the base itself when it is a local folder (None
+    without them), or a download of only the *.py files of hub repo `base` (UserError when it fails)."""
     if is_local(base):
         return Path(base) if list(Path(base).glob("*.py")) else None
     from huggingface_hub import snapshot_download
@@ -77,16 +62,11 @@ def hub_qualified(auto_map: dict, repo: str) -> dict:
 
 def complete_layout(out_dir: str | Path, base: str | Path, remote_code_files: bool = True) -> list[str]:
     """Add the remote code, auto_map, processor_config.json and the stop ids of generation_config.json to a model
-    directory written by `save_pretrained` (weights, config, processor files).
+    directory written by `save_pretrained`; returns the *.py file names copied.
 
     Args:
-        out_dir: the model directory.
         base: the base model (local folder or hub id) whose *.py files and auto_map the directory gets.
         remote_code_files: False: copy no *.py; auto_map then points into the base's hub repo.
-    Returns:
-        The *.py file names copied.
-    Raises:
-        UserError: the base is a hub id, its code cannot be fetched, and remote_code_files is True.
     """
     out_dir = Path(out_dir)
     code = remote_code_dir(base) if remote_code_files else None

@@ -53,13 +53,11 @@ MAX_SHARD_SIZE = "5GB"  # the official repo: 4.94 GB + 3.35 GB shards
 
 
 class Phi3VRotaryEmbedding(Phi3RotaryEmbedding):
-    """LongRoPE with the short/long choice made per row, not per batch.
+    """LongRoPE with the short/long choice made per row, not per batch (spec 6.2).
 
-    transformers picks the long factors for the whole batch once max(position_ids) + 1 passes
-    original_max_position_embeddings (4096), so in a batch a 3,900-token prompt would get long factors because a
-    batch mate has 4,200 tokens, and its answer would depend on its batch mates. Here each row uses the factors of its
-    own length, max(position_ids[row]) + 1: generation's position ids come from the attention mask (padding at 0),
-    so that is the row's true length, and a row alone gives what the official model gives (spec 6.2).
+    transformers switches the whole batch to the long factors once max(position_ids) + 1 passes 4096, so a row's
+    answer would depend on its batch mates. Here each row uses the factors of its own length, max(position_ids[row])
+    + 1 (position ids come from the attention mask, padding at 0), which is what the official model gives it alone.
     """
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor):  # (B, L, ...), (B or 1, L)
@@ -80,11 +78,8 @@ class Phi3VRotaryEmbedding(Phi3RotaryEmbedding):
 
 def crosses_rope_switch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past_length: int,
                         original: int) -> bool:
-    """True when, in this generation step, some row's own length first passes `original` tokens.
-
-    That row's cached keys were computed with the short factors and must be recomputed with the long ones (the
-    official rule, spec 6.4), judged per row: with left padding the padded length says nothing about a row.
-    """
+    """True when, in this generation step, some row's own length (not the padded one) first passes `original` tokens:
+    its cached keys, computed with the short factors, must be recomputed with the long ones (spec 6.4)."""
     if past_length == 0:
         return False  # prefill: every row already gets the factors of its length
     lengths = attention_mask.sum(-1) if attention_mask is not None else torch.full((len(input_ids),),
@@ -127,8 +122,8 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
               image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Text embeddings with image features in the placeholder positions: (B, L) -> (B, L, hidden).
 
-        `image_features` (total image tokens, hidden), if given, are `vision_embed_tokens(pixel_values, image_sizes)`
-        computed before (generate computes them once per prompt) and are used instead of running CLIP again.
+        `image_features` (total image tokens, hidden): `vision_embed_tokens(pixel_values, image_sizes)` computed before
+        (once per prompt by `generate`), used instead of running CLIP again.
         """
         inputs_embeds = self.embed_tokens(input_ids.clamp(min=0))
         mask = self.get_placeholder_mask(input_ids)
@@ -138,10 +133,9 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
             num_placeholders = int(mask.sum())
             if num_placeholders != features.shape[0]:
                 images = f"the {len(image_sizes)} image(s)" if image_sizes is not None else "the images"
-                raise ValueError(
-                    f"input_ids hold {num_placeholders} image placeholders but {images} give "
-                    f"{features.shape[0]} feature tokens; build inputs with Phi3VProcessor and the same num_crops"
-                )
+                raise ValueError(f"input_ids hold {num_placeholders} image placeholders but {images} give "
+                                 f"{features.shape[0]} feature tokens; build inputs with Phi3VProcessor and the same "
+                                 "num_crops")
             inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], features.to(inputs_embeds.dtype))
         elif input_ids.shape[1] > 1 and mask.any():
             raise ValueError(f"input_ids hold {int(mask.sum())} image placeholders but no pixel_values were given")
@@ -169,11 +163,8 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
 
 def supervised_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module,
                        num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
-    """Next-token cross-entropy, with the LM head applied only where the label is supervised.
-
-    Equal to transformers' causal-LM loss on full logits (mean over supervised tokens, or sum / num_items_in_batch
-    under gradient accumulation), without the (B, L, vocab) logits: on DocVQA ~99% of positions are -100.
-    """
+    """Next-token cross-entropy, with the LM head applied only where the label is supervised: transformers' causal-LM
+    loss (mean, or sum / num_items_in_batch) without the (B, L, vocab) logits (on DocVQA ~99% of labels are -100)."""
     targets = F.pad(labels, (0, 1), value=-100)[:, 1:]  # targets[t] = labels[t + 1]
     keep = targets != -100
     if num_items_in_batch is None and not keep.any():  # nothing supervised: zero, not 0/0
@@ -217,9 +208,8 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
                         **kwargs):
         """Load an official-layout checkpoint (local directory or hub id).
 
-        Attention per tower: `attn_implementation` (default sdpa) is the language model's, `vision_attn_implementation`
-        (default sdpa) the CLIP tower's, as in the official code, whose "eager" is its language model's only. A
-        transformers-style dict ({"": lm, "vision_config": clip}) is taken as it is.
+        `attn_implementation` (default sdpa) is the language model's, `vision_attn_implementation` (default sdpa) the
+        CLIP tower's, as in the official code; a dict ({"": lm, "vision_config": clip}) is taken as it is.
         """
         if "torch_dtype" in kwargs:  # the name the official recipe and model card use
             kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
@@ -234,11 +224,9 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
                           "because unpickling a file can execute code; convert the checkpoint where you trust it "
                           "(load it and call save_pretrained) and pass the safetensors copy.")
         if "flash_attention_2" in implementation.values() and not is_flash_attn_2_available():
-            raise ImportError(
-                "attn_implementation='flash_attention_2' needs the flash-attn package and a CUDA GPU (Ampere or "
-                "newer): `pip install flash-attn --no-build-isolation`. Without it use 'sdpa' (the default) or "
-                "'eager'."
-            )
+            raise ImportError("attn_implementation='flash_attention_2' needs the flash-attn package and a CUDA GPU "
+                              "(Ampere or newer): `pip install flash-attn --no-build-isolation`. Without it use "
+                              "'sdpa' (the default) or 'eager'.")
         from safetensors import SafetensorError
 
         offline = hub_kwargs(pretrained_model_name_or_path)
@@ -280,12 +268,9 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
                                       hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
     def generate(self, inputs=None, generation_config=None, pixel_values=None, image_sizes=None, **kwargs):
-        """`GenerationMixin.generate`, with two differences that make it faster and change no token:
-
-        - CLIP runs once per prompt: the image features are computed here, before the first step, and reused
-          whenever the prompt is fed again (the LongRoPE re-feed at 4,096 tokens), never recomputed.
-        - Unless the caller passes a cache or a cache_implementation, the KV cache appends in place
-          (`phi3v.kv_cache`) instead of copying all keys and values of every layer at every step.
+        """`GenerationMixin.generate`, faster with no token changed: CLIP runs once per prompt (the features are reused
+        when the LongRoPE switch feeds the prompt again), and unless the caller passes a cache or a
+        cache_implementation the KV cache appends in place (`kv_cache.append_cache`) instead of copying every step.
         """
         config = generation_config or self.generation_config
         if kwargs.get("cache") is None and kwargs.get("cache_implementation") is None and \
@@ -299,10 +284,8 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
     def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_sizes=None, cache=None,
                                       attention_mask=None, image_features=None, **kwargs):
         # The LongRoPE rule, per row: the first time a row's own length passes 4096 tokens the cache is dropped and
-        # the whole batch (prompt placeholders included) is fed again, so that row's keys get the long factors and
-        # every other row's are recomputed with the factors they had (Phi3's version decides on the padded length,
-        # i.e. for the batch). Whenever the fed ids hold placeholders (prefill, or that re-feed), the images must go
-        # with them: as the features `generate` computed once, or else as pixels.
+        # the whole batch is fed again (Phi3's version decides on the padded length). Whenever the fed ids hold
+        # placeholders (prefill, or that re-feed), the images go with them: the features `generate` made, or pixels.
         original = getattr(self.config, "original_max_position_embeddings", None)
         if cache is not None and original and self.config.rope_parameters.get("rope_type") == "longrope" and \
                 crosses_rope_switch(input_ids, attention_mask, cache.get_seq_length(), original):
