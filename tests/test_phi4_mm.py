@@ -197,12 +197,15 @@ def test_loss_equals_native_forward_loss(phi4_model, phi4_processor):
     assert batch["attention_mask"].min() == 0  # padded
     native = native_copy(phi4_model)
     with torch.no_grad():
-        for num_items in (None, torch.tensor(7)):
+        theirs = native(**batch)  # the native forward's loss on its full (B, L, 200064) logits
+        # with num_items_in_batch, the loss function that same forward calls (logits computed once, for speed)
+        theirs_summed = native.loss_function(theirs.logits, batch["labels"], native.vocab_size,
+                                             num_items_in_batch=torch.tensor(7))
+        for num_items, reference in ((None, theirs.loss), (torch.tensor(7), theirs_summed)):
             extra = {} if num_items is None else {"num_items_in_batch": num_items}
             ours = phi4_model(**batch, **extra)
-            theirs = native(**batch, **extra)
             assert ours.logits is None  # the LM head ran on the supervised tokens only
-            assert torch.allclose(ours.loss, theirs.loss, atol=1e-5, rtol=1e-5), (num_items, ours.loss, theirs.loss)
+            assert torch.allclose(ours.loss, reference, atol=1e-5, rtol=1e-5), (num_items, ours.loss, reference)
     # by hand: num_items_in_batch turns the mean over the supervised tokens into sum / num_items
     supervised = int((batch["labels"][:, 1:] != -100).sum())
     with torch.no_grad():
@@ -237,8 +240,9 @@ def test_siglip_sdpa_equals_eager(phi4_dir, phi4_model, phi4_processor):
     eager = Phi4MultimodalForCausalLM.from_pretrained(phi4_dir, vision_attn_implementation="eager").eval()
     assert eager.config.vision_config._attn_implementation == "eager"
     inputs = phi4_processor("<|user|><|image_1|>\nWhat?<|end|><|assistant|>", [make_image(448, 448)])
-    with torch.no_grad():
-        assert torch.allclose(phi4_model(**inputs).logits, eager(**inputs).logits, atol=1e-5)
+    with torch.no_grad():  # the decoder's last hidden states (the logits are lm_head of them)
+        ours, reference = (model.model(**inputs).last_hidden_state for model in (phi4_model, eager))
+    assert torch.allclose(ours, reference, atol=1e-5)
 
 
 def test_row_batched_equals_row_alone(phi4_model, phi4_processor):
