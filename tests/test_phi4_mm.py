@@ -512,3 +512,45 @@ def test_no_stray_image_tags_reach_the_native_processor(phi4_processor):
     with pytest.raises(ValueError, match="should be the same as the number of images"):
         phi4_processor.native(text="<|user|><|image_1|>hi<|end|>", images=[make_image(30, 30)], return_tensors="pt")
     assert re.fullmatch(r"<\|[a-z0-9]+\|>", phi4_processor.native.image_token)
+
+
+def test_left_padded_batched_generation_equals_alone(phi4_model, phi4_processor):
+    """predict batches prompts left-padded: a row's greedy tokens, and the scores they were chosen by (the tiny
+    model's argmax alone barely depends on the context), must not depend on its company."""
+    conversations = [Conversation("a", [Turn("Describe it.", None, [make_image(448, 28)])]),
+                     Conversation("b", [Turn("And this much longer question about it?", None,
+                                             [make_image(14, 448, seed=1)])])]
+    dataset = ConversationDataset(conversations, lambda c: c, phi4_processor, for_generation=True)
+    items = [dataset[i] for i in range(2)]
+    end = phi4_processor.end_token_ids()
+
+    def generate(chosen):
+        inputs = phi4_processor.collator("left")(chosen)
+        inputs = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        with torch.no_grad():
+            out = phi4_model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                                      eos_token_id=end, pad_token_id=ENDOFTEXT, output_logits=True,
+                                      return_dict_in_generate=True)
+        return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)
+
+    tokens, logits = generate(items)
+    assert tokens.shape == (2, 3)
+    for row, item in enumerate(items):
+        tokens_alone, logits_alone = generate([item])
+        assert torch.equal(tokens[row], tokens_alone[0]), row
+        assert torch.allclose(logits[row], logits_alone[0], atol=1e-5), row
+
+
+def test_merge_vision_lora_command_writes_a_plain_native_checkpoint(phi4_dir, phi4_model, tmp_path):
+    """The merged copy has no vision-lora/ (loading it again must not merge twice) and holds our merged weights;
+    transformers' own class loads it."""
+    from phi3v.models.phi4_mm.merge_vision_lora import main
+
+    main([str(phi4_dir), str(tmp_path / "merged")])
+    assert not (tmp_path / "merged" / "vision-lora").exists()
+    assert (tmp_path / "merged" / "processor_config.json").exists()
+    for cls in (transformers.Phi4MultimodalForCausalLM, Phi4MultimodalForCausalLM):
+        reloaded = cls.from_pretrained(tmp_path / "merged").state_dict()
+        expected = phi4_model.state_dict()
+        assert set(reloaded) == set(expected)
+        assert all(torch.equal(reloaded[name], expected[name]) for name in expected), cls
