@@ -149,6 +149,19 @@ MUTANTS = [
     Mutant("an interrupted validation keeps nothing", "phi3v/data/validation.py",
            edit("                cache.save()\n            raise", "                pass\n            raise"),
            ["tests/test_own_data.py"]),
+    # --- Phi-4-multimodal (phi3v/models/phi4_mm)
+    Mutant("Phi-4 SigLIP left causal under sdpa", "phi3v/models/phi4_mm/modeling.py",
+           edit("                module.is_causal = False", "                module.is_causal = True"),
+           ["tests/test_phi4_mm.py"]),
+    Mutant("Phi-4 image tokens without the separator", "phi3v/models/phi4_mm/processing.py",
+           edit("return 256 + 16 + 1 + pooled_h * (pooled_w + 1)", "return 256 + 16 + pooled_h * (pooled_w + 1)"),
+           ["tests/test_phi4_mm.py"]),
+    Mutant("Phi-4 vision LoRA not merged", "phi3v/models/phi4_mm/modeling.py",
+           edit("            merge_lora(model, *adapter)\n", "            pass\n"),
+           ["tests/test_phi4_mm.py"]),
+    Mutant("Phi-4 padding crops masked out", "phi3v/models/phi4_mm/processing.py",
+           edit("(0, 0, 0, 0, 0, missing), value=1)", "(0, 0, 0, 0, 0, missing), value=0)"),
+           ["tests/test_phi4_mm.py"]),
 ]
 
 
