@@ -17,6 +17,9 @@ it by the checkpoint's config.json `model_type`. Code outside phi3v/models/ reac
 - `complete_layout(out_dir, base, remote_code_files)` writes what serving needs beside saved weights;
   `remote_code_dir(base)` fetches the base's remote code files (None where it has none), so an export fails early;
   `shard_size()` is the largest weights file its checkpoints are saved in.
+- `built_in_lora(base)`: (adapter_config, weights) of a LoRA shipped beside the base weights that `model_class`
+  merges while loading (weight keys `<module path>.lora_A.weight` / `.lora_B.weight`), else None; export adds it
+  to the base tensors it streams, as the trained model had it.
 """
 
 from __future__ import annotations
@@ -74,3 +77,4 @@ class ModelFamily:
     complete_layout: Callable[..., list[str]]
     remote_code_dir: Callable[[str], object]
     shard_size: Callable[[], str]
+    built_in_lora: Callable[[str], tuple[dict, dict] | None] = lambda base: None
