@@ -229,6 +229,7 @@ def empty_video(c: Ctx) -> list[str]:
     return argv
 
 
+AUDIO = "audio inputs are not supported: these recipes fine-tune the vision path (remove the audio)"
 REPEATED = "the key {} appears twice in one object (only the last value would be read): keep one of them"
 
 CASES = [
@@ -519,6 +520,17 @@ CASES = [
      '  ucf101_train.jsonl:1: "id" must be a non-empty string, got int'),
     ("messages integer id", "ucf101", lambda c: c.jsonl([messages(7)]), TRAIN_STOP,
      '  ucf101_train.jsonl:1: "id" must be a non-empty string, got int'),
+    # audio (Phi-4-multimodal's other input): refused, these recipes fine-tune the vision path
+    ("messages: audio content part", "ucf101", lambda c: c.jsonl([{**messages("m"), "messages": [
+        {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "Archery?"}]},
+        {"role": "assistant", "content": "Archery"}]}]), TRAIN_STOP,
+     "  ucf101_train.jsonl:1 (id m): message 1: an audio part: " + AUDIO),
+    ("messages: audios key", "ucf101", lambda c: c.jsonl([messages("m", audios=["a.wav"])]), TRAIN_STOP,
+     '  ucf101_train.jsonl:1 (id m): an "audios" key: ' + AUDIO),
+    ("LLaVA: audio key", "ucf101", lambda c: c.jsonl([llava("l", audio="a.wav")]), TRAIN_STOP,
+     '  ucf101_train.jsonl:1 (id l): an "audio" key: ' + AUDIO),
+    ("ours: audio key", "ucf101", lambda c: c.jsonl([{**good("o"), "audio": "a.wav"}]), TRAIN_STOP,
+     '  ucf101_train.jsonl:1 (id o): an "audio" key: ' + AUDIO),
     # issue 22: entry points
     flag_case("LoRA values without LoRA", ["--lora_rank", "8", "--lora-dropout=0.1"],
               "--lora_rank, --lora_dropout need(s) --use_lora (or --use_qlora)"),

@@ -204,6 +204,16 @@ def build_conversation(sample_id: str, messages: list[tuple[str, str]], images: 
     return Conversation(sample_id, turns, system)
 
 
+AUDIO = "audio inputs are not supported: these recipes fine-tune the vision path (remove the audio)"
+
+
+def refuse_audio(record: dict) -> None:
+    """An "audio"/"audios" key (ms-swift, Phi-4-multimodal's own fine-tuning data) is refused, not ignored."""
+    for key in ("audio", "audios"):
+        if key in record:
+            raise ValueError(f'an "{key}" key: {AUDIO}')
+
+
 def _text(content, number: int) -> str:
     """A message content as text: a string, or parts [{"type": "text"|"image"|"video", ...}] where an image or
     video part becomes its tag and a line break (the model card's "<|image_1|>\\n<|image_2|>\\n..." layout)."""
@@ -218,6 +228,8 @@ def _text(content, number: int) -> str:
             text += part["text"]
         elif kind in ("image", "video"):
             text += f"<{kind}>\n"
+        elif kind == "audio":
+            raise ValueError(f"message {number}: an audio part: {AUDIO}")
         else:
             raise ValueError(f"message {number}: a content part must be {{'type': 'text', 'text': ...}}, "
                              f"{{'type': 'image'}} or {{'type': 'video'}}, got {str(part)[:80]}")
@@ -227,6 +239,7 @@ def _text(content, number: int) -> str:
 def llava_conversation(item: tuple[str, dict], image_root: str | os.PathLike, num_frames: int = 8) -> Conversation:
     where, record = item
     try:
+        refuse_audio(record)
         turns = record.get("conversations")
         if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
             raise ValueError('"conversations" must be a list of {"from", "value"} objects')
@@ -249,6 +262,7 @@ def messages_conversation(item: tuple[str, dict], image_root: str | os.PathLike 
     """A `messages` record; with `image_root` None (a hub dataset row) images are embedded image cells."""
     where, record = item
     try:
+        refuse_audio(record)
         messages = record.get("messages")
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise ValueError('"messages" must be a list of {"role", "content"} objects')
@@ -266,6 +280,14 @@ def messages_conversation(item: tuple[str, dict], image_root: str | os.PathLike 
         raise SampleError(str(error), valid_id(record)) from error
 
 
+def ours_conversation(item: tuple[str, dict], image_root: str | os.PathLike, num_frames: int = 8) -> Conversation:
+    try:
+        refuse_audio(item[1])
+    except ValueError as error:
+        raise SampleError(str(error), valid_id(item[1])) from error
+    return jsonl_item_conversation(item, image_root, num_frames)
+
+
 def hf_row_conversation(index: int, rows) -> Conversation:
     """A row with `messages`, or with the Cauldron's `texts` ([{"user", "assistant"}]), and `images`."""
     row = rows[index]
@@ -278,7 +300,7 @@ def hf_row_conversation(index: int, rows) -> Conversation:
     return messages_conversation((f"row {index}", row), None)
 
 
-READERS = {"ours": jsonl_item_conversation, "llava": llava_conversation, "messages": messages_conversation}
+READERS = {"ours": ours_conversation, "llava": llava_conversation, "messages": messages_conversation}
 
 
 # ------------------------------------------------------------------------------------------------- datasets

@@ -18,6 +18,9 @@ it by the checkpoint's config.json `model_type`. Code outside phi3v/models/ reac
   `remote_code_dir(base)` fetches the base's remote code files (None where it has none), so an export fails early;
   `shard_size()` is the largest weights file its checkpoints are saved in; `serving` the model card's word on how
   that layout is served.
+- `built_in_lora(base)`: (adapter_config, weights) of a LoRA shipped beside the base weights that `model_class`
+  merges while loading (weight keys `<module path>.lora_A.weight` / `.lora_B.weight`), else None; export adds it
+  to the base tensors it streams, as the trained model had it.
 """
 
 from __future__ import annotations
@@ -76,3 +79,4 @@ class ModelFamily:
     remote_code_dir: Callable[[str], object]
     shard_size: Callable[[], str]
     serving: str  # the model card's "Serving" section: how its layout is served
+    built_in_lora: Callable[[str], tuple[dict, dict] | None] = lambda base: None

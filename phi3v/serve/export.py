@@ -25,6 +25,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers.core_model_loading import revert_weight_conversion
+from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from phi3v.common.errors import MissingFile, Parser, UserError, parse_checked
 from phi3v.common.hub import resolve_file
@@ -96,14 +97,37 @@ def base_tensor_files(base: str) -> dict[str, Path]:
         return dict.fromkeys(f.keys(), single)
 
 
+def built_in_deltas(family: ModelFamily, base: str) -> dict[str, tuple[float, torch.Tensor, torch.Tensor]]:
+    """(scale, B, A) by base tensor name of the LoRA the family merges into `base` while loading (Phi-4's
+    vision-lora/): the trained model had it in its weights, so the export adds it to the base tensors too."""
+    adapter = family.built_in_lora(base)
+    if adapter is None:
+        return {}
+    config, weights = adapter
+    scale = config["lora_alpha"] / config["r"]
+    return {key.removesuffix(".lora_A.weight") + ".weight": (scale, weights[key.replace(".lora_A.", ".lora_B.")],
+                                                             weights[key])
+            for key in weights if key.endswith(".lora_A.weight")}
+
+
+def with_delta(base: torch.Tensor, delta: tuple[float, torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """`base` + scale * B @ A in fp32 (`base` itself without a delta)."""
+    if delta is None:
+        return base
+    scale, lora_b, lora_a = delta
+    return base.float() + scale * (lora_b.float() @ lora_a.float())
+
+
 def write_merged(adapter_dir: str | Path, base: str, family: ModelFamily, out_dir: Path, dtype: torch.dtype) -> None:
     """Base + adapter in `dtype`, written as `save_pretrained` writes the model, one tensor merged at a time: never
     more than a shard in memory. Raises UserError where the adapter and the base's tensors do not match."""
     config = adapter_config(adapter_dir)
     scale = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
     model = family.model_class.from_pretrained(base, dtype=dtype, device_map="meta")  # config and layout, no weights
-    # meta tensors: the names, order, shapes and dtypes save_pretrained writes for a loaded model (it sorts them)
-    layout = revert_weight_conversion(model, model.state_dict())
+    # meta tensors: the names, order, shapes and dtypes save_pretrained writes for a loaded model (it sorts them;
+    # tied weights, Phi-4's lm_head, written once)
+    layout = revert_weight_conversion(model, remove_tied_weights_from_state_dict(model.state_dict(), model))
+    built_in = built_in_deltas(family, base)
     parts, files = adapter_parts(adapter_dir), base_tensor_files(base)
     unknown, missing = sorted(set(parts) - set(layout)), sorted(set(layout) - set(files))
     if unknown:
@@ -119,7 +143,8 @@ def write_merged(adapter_dir: str | Path, base: str, family: ModelFamily, out_di
     with contextlib.ExitStack() as opened:  # each base file opened once, its header read once
         readers = {file: opened.enter_context(safe_open(file, "pt")) for file in set(files.values())}
         for shard, names in split.filename_to_tensors.items():
-            tensors = {name: merged_tensor(readers[files[name]].get_tensor(name), parts.get(name, {}), scale)
+            tensors = {name: merged_tensor(with_delta(readers[files[name]].get_tensor(name), built_in.get(name)),
+                                           parts.get(name, {}), scale)
                        .to(layout[name].dtype).contiguous() for name in names}
             save_file(tensors, out_dir / shard, metadata={"format": "pt"})
     if split.is_sharded:

@@ -209,11 +209,22 @@ def load_model(model_args: ModelArguments, training_args: RecipeTrainingArgument
             model, use_gradient_checkpointing=training_args.gradient_checkpointing,
             gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs,
         )
+        keep_4bit_layout_for_training(model)
     peft_config = get_peft_config(model_args, model)
     if peft_config is not None:
         model = AdapterModel(model, peft_config)
     log_parameter_counts(model, model_args)
     return model
+
+
+def keep_4bit_layout_for_training(model: torch.nn.Module) -> None:
+    """bitsandbytes (0.50) on a CPU with AVX512-BF16 repacks a 4-bit layer's weights in place the first time it runs
+    in eval mode without gradients (the evaluation before training), into a layout its training forward then fails
+    on ("a view of a leaf Variable that requires grad"), and which needs in_features >= 64; training keeps the
+    layout it quantized to."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def log_parameter_counts(model: torch.nn.Module, model_args: ModelArguments) -> dict[str, tuple[int, int]]:

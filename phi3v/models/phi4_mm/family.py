@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from phi3v.models.family import ModelFamily
-from phi3v.models.phi4_mm.modeling import Phi4MultimodalForCausalLM
+from phi3v.models.phi4_mm.modeling import Phi4MultimodalForCausalLM, vision_lora
 from phi3v.models.phi4_mm.processing import Phi4MMProcessor
 
 LM_TARGETS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")  # the built-in LoRA's
@@ -53,7 +53,7 @@ PHI4_MM = ModelFamily(
     name="Phi-4-multimodal", model_types=("phi4_multimodal",), model_class=Phi4MultimodalForCausalLM,
     processor_class=Phi4MMProcessor, part_of=part_of, lora_targets=lora_targets, unused_parameters=unused_parameters,
     vision_modules=(IMAGE, AUDIO), complete_layout=lambda out_dir, base, remote_code_files=True: [],
-    remote_code_dir=lambda base: None, shard_size=lambda: "5GB",
+    remote_code_dir=lambda base: None, shard_size=lambda: "5GB", built_in_lora=vision_lora,
     serving="transformers' native Phi-4-multimodal layout (`AutoModelForCausalLM`, `AutoProcessor`), which vLLM "
             "serves as `Phi4MultimodalForCausalLM`:\n\n```bash\nvllm serve REPO_OR_DIR\n```",
 )
