@@ -1,7 +1,7 @@
 """Phi-4-multimodal: each speed-up of phi3v.models.phi4_mm against the plain native forward, in one run.
 
     python bench/phi4_speedups.py [--tokens 1536] [--repeats 3] [--json bench/results/phi4_speedups.json]
-    python bench/phi4_speedups.py --quick     # small shapes, one round, no memory: the code path (tests), seconds
+    python bench/phi4_speedups.py --quick     # small shapes, one round, no memory: the code path (~45 s)
 
 The model is the tiny random Phi-4-multimodal (phi3v.models.phi4_mm.tiny: the official config, text hidden 64 x 2
 layers, SigLIP hidden 32 x 2 layers at the real 448/14 geometry) with the REAL vocabulary of 200,064 tokens, fp32 on
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch_size", type=int, default=8, help="c: per-GPU batch size")
     parser.add_argument("--num_crops", type=int, default=16, help="c: the processor's largest tile count")
     parser.add_argument("--no_memory", action="store_true", help="a: skip the peak-memory measurement")
-    parser.add_argument("--quick", action="store_true", help="small shapes, one round, no memory (seconds)")
+    parser.add_argument("--quick", action="store_true", help="small shapes, one round, no memory (~45 s)")
     add_json_argument(parser)
     args = parser.parse_args(argv)
     images = IMAGES
