@@ -37,10 +37,15 @@ mutants: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 
-.PHONY: install test test-slow demo bench mutants lint check-full-size
+.PHONY: install test test-slow demo bench mutants lint check-full-size check-phi4-meta
 
 # The 4.2B model end to end on CPU (random weights, bf16, LoRA and QLoRA, one step, save, merged export, reload):
 # ~47 min on 2 busy cores, ~17 GB of disk, peak 12.7 GiB of memory (the LoRA step; the export, merged shard by
 # shard, 5.6 GiB). Run by hand.
 check-full-size: $(VENV)/.installed
 	/usr/bin/time -v $(PY) bench/check_full_size.py
+
+# Phi-4-multimodal-instruct at full size without weights (seconds, CPU): the official config on the meta device,
+# its tensor names and counts (1536, 1535 saved), parameters per part, SigLIP and decoder shapes.
+check-phi4-meta: $(VENV)/.installed
+	$(PY) bench/check_full_size.py --stages phi4_meta

@@ -15,6 +15,14 @@ Stages, each in its own process so that their memory does not add up (the peak r
 5. reload: the merged checkpoint loads with `Phi3VForCausalLM.from_pretrained`, has the official tensor names, and
    one forward on the page gives finite logits.
 
+Phi-4-multimodal-instruct, in seconds, without weights (`--stages phi4_meta`, `make check-phi4-meta`): the
+official native config (phi3v/models/phi4_mm/configs/phi-4-multimodal-instruct.json) built on the meta device with
+our Phi4MultimodalForCausalLM: the state dict's tensor names with their counts equal bench/phi4_tensor_names.txt
+(98 name patterns, layer numbers as N: 1,536 tensors, 1,535 saved since lm_head is tied to the embeddings), the
+parameter count per part (4,743,988,032 in all), the official shapes (decoder 3072 x 32 layers, 24 heads, 8 KV heads,
+vocabulary 200,064; SigLIP 1152 x 27 layers, MLP 4304, 16 heads, 448/14 patches) and the family seam's view of it
+(LoRA targets, never-used weights).
+
 Not run by default: `random_adapter`, an adapter for the export without the lora stage's training (~17 min at full
 size): the recipe's LoRA config (rank 64, alpha 128, its default targets) on the base, B matrices random instead of
 zero, saved where the lora stage saves (`--stages build random_adapter export reload`).
@@ -42,7 +50,11 @@ if __package__ in (None, ""):  # `python bench/check_full_size.py`: make the rep
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("build", "lora", "qlora", "export", "reload")
-EXTRA_STAGES = ("random_adapter",)
+EXTRA_STAGES = ("random_adapter", "phi4_meta")
+PHI4_TENSOR_NAMES = REPO / "bench" / "phi4_tensor_names.txt"  # "<count>\t<name, layer numbers as N>" per line
+# parameters per part (phi3v.models.phi4_mm.family.part_of) of the official model, as counted on the meta device;
+# they agree with the notes' independent count (LM 3.836B, SigLIP 428.6M, projector 13.0M, audio 466.4M)
+PHI4_PARAMETERS = {"language": 3_836_021_760, "vision": 428_565_440, "projector": 12_984_576, "audio": 466_416_256}
 
 
 def recipe_args(work: Path, out: str, *mode: str) -> list[str]:
@@ -151,6 +163,70 @@ def stage_reload(work: Path) -> None:
     print(f"reloaded: {inputs['input_ids'].shape[1]} tokens, finite logits", flush=True)
 
 
+def stage_phi4_meta() -> None:
+    import re
+    from collections import Counter
+
+    import torch
+    from transformers import Phi4MultimodalConfig
+
+    from phi3v.models.phi4_mm import family
+    from phi3v.models.phi4_mm.modeling import Phi4MultimodalForCausalLM
+    from phi3v.models.phi4_mm.tiny import OFFICIAL_CONFIG
+
+    config = Phi4MultimodalConfig(**json.loads(OFFICIAL_CONFIG.read_text()))
+    with torch.device("meta"):
+        model = Phi4MultimodalForCausalLM(config)
+    names = list(model.state_dict())
+    found = Counter(re.sub(r"\.\d+\.", ".N.", name) for name in names)
+    expected = Counter({name: int(count) for count, name in
+                        (line.split("\t") for line in PHI4_TENSOR_NAMES.read_text().splitlines() if line)})
+    assert found == expected, ("tensor names differ from bench/phi4_tensor_names.txt: missing "
+                               f"{sorted(expected - found)[:5]}, unexpected {sorted(found - expected)[:5]}")
+    assert len(names) == 1536, len(names)
+    assert config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight, "lm_head untied"
+    saved = [name for name in names if name not in model._tied_weights_keys]  # what save_pretrained writes
+    assert len(saved) == 1535, len(saved)
+
+    parts = Counter()
+    for name, parameter in model.named_parameters():  # each shared parameter once (lm_head is the embeddings)
+        parts[family.part_of(name)] += parameter.numel()
+    assert dict(parts) == PHI4_PARAMETERS, f"parameters per part {dict(parts)}, expected {PHI4_PARAMETERS}"
+    total = sum(parts.values())
+
+    shapes = dict(model.state_dict().items())
+    vision = "model.embed_tokens_extend.image_embed.img_processor."
+    layer = "model.layers.0."
+    expected_shapes = {
+        "model.embed_tokens.weight": (200064, 3072), f"{layer}self_attn.qkv_proj.weight": (5120, 3072),
+        f"{layer}self_attn.o_proj.weight": (3072, 3072), f"{layer}mlp.gate_up_proj.weight": (16384, 3072),
+        f"{layer}mlp.down_proj.weight": (3072, 8192),
+        f"{vision}embeddings.patch_embedding.weight": (1152, 3, 14, 14),
+        f"{vision}embeddings.position_embedding.weight": (1024, 1152),
+        f"{vision}encoder.layers.26.self_attn.q_proj.weight": (1152, 1152),
+        f"{vision}encoder.layers.26.mlp.fc1.weight": (4304, 1152),
+        "model.embed_tokens_extend.image_embed.img_projection_up.weight": (3072, 1152),
+    }
+    for name, shape in expected_shapes.items():
+        assert tuple(shapes[name].shape) == shape, f"{name}: {tuple(shapes[name].shape)}, expected {shape}"
+    text, siglip = config, config.vision_config
+    assert (text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (32, 24, 8)
+    assert (siglip.num_hidden_layers, siglip.hidden_size, siglip.num_attention_heads) == (27, 1152, 16)
+    assert (siglip.image_size, siglip.patch_size, siglip.feature_layer) == (448, 14, -2)
+
+    modules = dict(model.named_modules())
+    targets = family.lora_targets(model)
+    assert len(targets) == 32 * 4 + 26 * 6 + 2 and all(isinstance(modules[t], torch.nn.Linear) for t in targets)
+    unused = sum(p.numel() for p in family.unused_parameters(model))
+    # + SigLIP's last layer (15,239,504), post_layernorm (2,304) and pooling head (15,238,352)
+    assert unused == PHI4_PARAMETERS["audio"] + 30_480_160, unused
+    print(f"Phi-4-multimodal on meta: {len(names)} tensors ({len(saved)} saved, lm_head tied), "
+          f"{len(expected)} name patterns as bench/phi4_tensor_names.txt, {total:,} parameters "
+          f"({', '.join(f'{k} {v / 1e6:,.1f}M' for k, v in parts.items())}); SigLIP {siglip.hidden_size} x "
+          f"{siglip.num_hidden_layers} layers; {len(targets)} LoRA targets; {unused / 1e6:,.1f}M never used",
+          flush=True)
+
+
 def available_memory() -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -173,6 +249,8 @@ def run_stage(name: str, work: Path, tiny: bool) -> None:
         stage_random_adapter(work)
     elif name == "export":
         stage_export(work)
+    elif name == "phi4_meta":
+        stage_phi4_meta()
     else:
         stage_reload(work)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB

@@ -2,6 +2,8 @@
 
     python bench/gpu_check.py                  # on a machine with one CUDA GPU
     python bench/gpu_check.py --dry_run        # CPU, tiny model, a subset of the same checks (CI, ~2 min)
+    python bench/gpu_check.py --only phi4      # only the Phi-4-multimodal rows (5.; ~4-5 min, estimated)
+    python bench/gpu_check.py --phi4_model /models/Phi-4-multimodal-instruct   # them on the real weights
 
 What it runs (each recipe check is `finetune_hf_trainer_ucf101.py` in its own process, on a small synthetic jsonl
 dataset, through the recipes' own flags, so mixed precision, GradScaler, bitsandbytes, flash attention, DeepSpeed and
@@ -15,14 +17,24 @@ the generation-based evaluation all run as users run them):
 3. a 5-step recipe run with evaluation before and after training (checks that eval_before/eval_after exist);
 4. `bench/gpu_train.py` on the full-size model: the MFU table with the recipes' real settings (all four modes,
    checkpointing on, batch 8 at 2,443 tokens).
+5. Phi-4-multimodal-instruct at full size (`bench/phi4_gpu_train.py`): a bf16 LoRA step and a QLoRA step (on the
+   checkpoint merged by `python -m phi3v.models.phi4_mm.merge_vision_lora`, timed), batch 8 of a 1200x2040 page
+   at num_crops 16 (3x5 tiles + the global view, 4,259 tokens): images/s, MFU, peak memory. Random weights in
+   the official config unless --phi4_model names a local copy (or the hub id, where the hub is reachable).
 
-The recipe checks run 4 at a time (the reduced model needs ~2-6 GB each); gpu_train runs alone first, so its
-timing has the GPU to itself. Reported per check: works / error (its last line), images/s (training samples per
-second, from train_results.json; includes the first steps' warm-up, so it is not a speed measurement: gpu_train's
-table is), MFU (gpu_train only), peak GPU memory (torch.cuda.max_memory_reserved in that process).
+Time (estimated; nothing here has run on a GPU yet): 1.-4. ~8 minutes, 5. ~4-5 minutes (building and saving the
+9.5 GB random checkpoint, the merge, two loads). For a 10-minute window run one part per command: `--only phi4`,
+or `--skip_phi4` for the rest.
+
+The recipe checks run 4 at a time (the reduced model needs ~2-6 GB each); gpu_train and then the Phi-4 rows run
+alone first, so their timing has the GPU to itself. Reported per check: works / error (its last line), images/s
+(training samples per second, from train_results.json; includes the first steps' warm-up, so it is not a speed
+measurement: gpu_train's and phi4_gpu_train's are), MFU (those two only), peak GPU memory
+(torch.cuda.max_memory_reserved in that process).
 
 --dry_run: the tiny model on CPU; lora in bf16 with sdpa, full fine-tuning under ZeRO-2 without a launcher, the
-5-step run, and `gpu_train.py --dry_run` for full and lora. It proves the script and every code path it drives
+5-step run, `gpu_train.py --dry_run` for full and lora, and `phi4_gpu_train.py --dry_run` (the tiny Phi-4
+checkpoint: merge, LoRA and QLoRA on CPU). It proves the script and every code path it drives
 work; its numbers mean nothing.
 """
 
@@ -190,6 +202,37 @@ def run_gpu_train(dry_run: bool, flash: bool, out: Path, timeout: int) -> list[d
     return rows
 
 
+def run_phi4_train(dry_run: bool, flash: bool, model: str | None, out: Path, timeout: int) -> list[dict]:
+    """bench/phi4_gpu_train.py in its own process; one row per mode (MFU included), or one row for its failure."""
+    flags = ["--dry_run"] if dry_run else []
+    flags += ["--attn", "flash_attention_2"] if flash and not dry_run else []
+    flags += ["--model", model] if model else []
+    command = [sys.executable, str(REPO / "bench" / "phi4_gpu_train.py"), *flags, "--work_dir", str(out / "phi4"),
+               "--json", str(out / "phi4_gpu_train.json")]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return [{"name": "phi4_gpu_train", "ok": False, "error": f"timed out after {timeout} s"}]
+    if done.returncode != 0 or not (out / "phi4_gpu_train.json").is_file():
+        lines = (done.stderr + done.stdout).strip().splitlines()
+        return [{"name": "phi4_gpu_train", "ok": False,
+                 "error": lines[-1][:160] if lines else f"exit {done.returncode}"}]
+    results = json.loads((out / "phi4_gpu_train.json").read_text())["results"]
+    size = "tiny" if dry_run else "full size"
+    merge = results["settings"].get("merge_seconds")
+    rows = []
+    for r in results["configurations"]:
+        name = f"phi4 {r['mode']} ({size}, {'flash' if flash and not dry_run else 'sdpa'})"
+        if r["mode"] == "qlora" and merge is not None:
+            name += f", merged in {merge:.0f} s"
+        if "error" in r:
+            rows.append({"name": name, "ok": False, "error": r["error"]})
+        else:
+            rows.append({"name": name, "ok": True, "images_per_second": r["images_per_second"], "mfu": r.get("mfu"),
+                         "peak_memory": r.get("peak_reserved")})
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------- report
 
 
@@ -208,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--parallel", type=int, default=None, help="recipe checks at a time (default 4; 2 dry)")
     parser.add_argument("--timeout", type=int, default=420, help="seconds per check before it counts as failed")
     parser.add_argument("--skip_gpu_train", action="store_true", help="leave out the full-size MFU table")
+    parser.add_argument("--skip_phi4", action="store_true", help="leave out the Phi-4-multimodal rows")
+    parser.add_argument("--only", choices=("phi4",), default=None, help="phi4: only the Phi-4-multimodal rows")
+    parser.add_argument("--phi4_model", default=None,
+                        help="Phi-4-multimodal checkpoint (local dir or hub id); default: random weights")
+    parser.add_argument("--phi4_timeout", type=int, default=540, help="seconds for the Phi-4 rows")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     return parser
@@ -217,6 +265,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.parallel = args.parallel or (2 if args.dry_run else 4)
+    if args.only == "phi4" and args.skip_phi4:
+        parser.error("--only phi4 and --skip_phi4 leave nothing to run")
     if not args.dry_run and not args._child and not torch.cuda.is_available():
         parser.error("needs a CUDA GPU; --dry_run runs the same checks' code path on CPU with the tiny model")
     return args
@@ -234,13 +284,17 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        rows = [] if args.skip_gpu_train else run_gpu_train(args.dry_run, flash, scratch, args.timeout)
-        checkpoint = build_checkpoint(scratch / "model", args.dry_run)
-        data = write_dataset(scratch / "data")
-        checks = recipe_checks(args.dry_run, flash)
-        with ThreadPoolExecutor(args.parallel) as pool:
-            rows += list(pool.map(lambda ic: run_recipe_check(ic[1], checkpoint, data, scratch / f"run{ic[0]}",
-                                                              args.timeout), enumerate(checks)))
+        phi3 = args.only is None
+        rows = [] if args.skip_gpu_train or not phi3 else run_gpu_train(args.dry_run, flash, scratch, args.timeout)
+        if not args.skip_phi4:
+            rows += run_phi4_train(args.dry_run, flash, args.phi4_model, scratch, args.phi4_timeout)
+        if phi3:
+            checkpoint = build_checkpoint(scratch / "model", args.dry_run)
+            data = write_dataset(scratch / "data")
+            checks = recipe_checks(args.dry_run, flash)
+            with ThreadPoolExecutor(args.parallel) as pool:
+                rows += list(pool.map(lambda ic: run_recipe_check(ic[1], checkpoint, data, scratch / f"run{ic[0]}",
+                                                                  args.timeout), enumerate(checks)))
     markdown = table(rows, device) + f"\n\n{time.time() - started:.0f} s in all"
     print(markdown)
     write_json(args.json, "gpu_check", {"device": device, "checks": rows}, markdown)

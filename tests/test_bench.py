@@ -323,3 +323,53 @@ def test_gpu_train_uses_the_recipes_optimizer_and_weights(tmp_path, monkeypatch)
     result = run_configuration(checkpoint, "full", True, parse_args(["--dry_run"]), str(tmp_path / "out"))
     assert "error" not in result and result["weights_dtype"] == "float32"  # fp32 master weights, as the recipes
     assert created == [{"lr": 4e-5, "betas": (0.9, 0.95), "eps": 1e-7, "weight_decay": 0.01}]  # original recipe
+
+
+# ------------------------------------------------------------------------------------------------- phi4_speedups
+
+
+def test_phi4_speedups_quick_parts_and_report():
+    from bench.phi4_speedups import QUICK_IMAGES, part_a, part_b, part_c, report
+
+    a = part_a(tokens=32, repeats=1, memory=False)
+    b = part_b(1, QUICK_IMAGES)
+    c = part_c(num_samples=200, timed_samples=8, batch_size=4, repeats=1, max_crops=2)
+    assert a["check"]["max_abs_diff_loss"] < 1e-5 and a["logits_bytes"] == 32 * 200064 * 4
+    assert b["crops_encoded"] == {"ours": 5, "native": 6}  # 2 + 3 real crops; the small image padded to 3
+    assert b["check"]["max_abs_diff_features"] == 0
+    assert c["padded_share"]["grouped"] < c["padded_share"]["random"]
+    text = report(a, b, c)
+    assert text.count("native / ours") == 2 and "random / grouped" in text and "Same summed loss" in text
+
+
+def test_phi4_real_crop_check_catches_a_dropped_crop(monkeypatch):
+    import bench.phi4_speedups as bench_module
+    from phi3v.models.phi4_mm import modeling
+
+    original = modeling.real_crops
+
+    def one_crop_short(image_sizes, crops, crop_size):  # forgets each image's last tile
+        real = original(image_sizes, crops, crop_size)
+        last = real.sum(1) - 1
+        real[torch.arange(len(real)), last] = False
+        return real
+
+    monkeypatch.setattr(modeling, "real_crops", one_crop_short)
+    with pytest.raises(AssertionError):
+        bench_module.part_b(1, bench_module.QUICK_IMAGES)
+
+
+def test_check_full_size_phi4_meta_stage(capsys):
+    from bench.check_full_size import stage_phi4_meta
+
+    stage_phi4_meta()
+    assert "1536 tensors (1535 saved, lm_head tied)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_gpu_check_phi4_dry_run():
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--dry_run", "--only", "phi4"],
+                          capture_output=True, text=True, timeout=800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "phi4 lora (tiny, sdpa) | works" in done.stdout and "phi4 qlora (tiny, sdpa), merged in" in done.stdout

@@ -9,6 +9,9 @@ Phi4MultimodalForCausalLM); it changes three things and leaves the modeling to t
 - With labels, the LM head runs only where a label is supervised (phi3v.models.phi3_v.modeling.supervised_lm_loss,
   the same loss as the native one on full logits); the logits of a whole sequence over the 200k vocabulary are most
   of a training step's memory.
+- SigLIP runs only on the real crops. A batch pads every image's crops to the largest image's count (pixels 0,
+  mask 1), and transformers encodes those padding crops too, then never reads their features; here only the crops
+  that image_sizes say exist are encoded (RealCropImageEmbedding; the same features, loss and gradients).
 - Audio inputs are refused: the recipes fine-tune the vision path.
 
 The hub checkpoint carries its vision LoRA (r=256 on the decoder's qkv/o/gate_up/down projections) in a separate
@@ -26,7 +29,10 @@ from safetensors.torch import load_file
 from transformers import Phi4MultimodalForCausalLM as NativePhi4MultimodalForCausalLM
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.models.phi4_multimodal.modeling_phi4_multimodal import Phi4MultimodalVisionAttention
+from transformers.models.phi4_multimodal.modeling_phi4_multimodal import (
+    Phi4MultimodalImageEmbedding,
+    Phi4MultimodalVisionAttention,
+)
 
 from phi3v.common.errors import UserError
 from phi3v.common.hub import resolve_file
@@ -63,6 +69,34 @@ def merge_lora(model: torch.nn.Module, config: dict, weights: dict) -> list[str]
     return merged
 
 
+def real_crops(image_sizes: torch.Tensor, crops: int, crop_size: int) -> torch.Tensor:
+    """(images, crops) bool: the global view and the rows x cols HD tiles of each image (image_sizes is the padded
+    [height, width], a multiple of crop_size); False for the padding crops a batch adds after them."""
+    tiles = (image_sizes[:, 0] // crop_size) * (image_sizes[:, 1] // crop_size)
+    return torch.arange(crops, device=image_sizes.device) <= tiles.unsqueeze(1)
+
+
+class RealCropImageEmbedding(Phi4MultimodalImageEmbedding):
+    """transformers' image embedding, with SigLIP run on the real crops only: their features are scattered into a
+    zero tensor of the full (images x crops) shape, whose padding rows the native code never reads."""
+
+    _real = None  # (images * crops,) bool during a forward
+
+    def forward(self, input_ids, inputs_embeds, image_pixel_values, image_sizes=None, image_attention_mask=None):
+        self._real = real_crops(image_sizes.view(-1, 2), image_pixel_values.shape[1], self.crop_size).flatten()
+        try:
+            return super().forward(input_ids, inputs_embeds, image_pixel_values, image_sizes, image_attention_mask)
+        finally:
+            self._real = None
+
+    def get_img_features(self, img_embeds, attention_mask=None):
+        real = self._real
+        if real is None or bool(real.all()):
+            return super().get_img_features(img_embeds, attention_mask)
+        features = super().get_img_features(img_embeds[real], None if attention_mask is None else attention_mask[real])
+        return features.new_zeros(real.shape[0], *features.shape[1:]).index_put((real,), features)
+
+
 class Phi4MultimodalForCausalLM(NativePhi4MultimodalForCausalLM):
     """See the module docstring. Saves as, and loads from, the native layout."""
 
@@ -71,6 +105,8 @@ class Phi4MultimodalForCausalLM(NativePhi4MultimodalForCausalLM):
         for module in self.modules():
             if isinstance(module, Phi4MultimodalVisionAttention):
                 module.is_causal = False
+        # no new module (the same parameters and names): only its forward changes
+        self.model.embed_tokens_extend.image_embed.__class__ = RealCropImageEmbedding
 
     @classmethod
     def from_pretrained(cls, path, *args, vision_attn_implementation: str | None = None, **kwargs):
