@@ -28,8 +28,8 @@ def by_hand(model, processor) -> float:
         whole = Conversation(conversation.id, [*conversation.turns[:-1], Turn(last.user, answer, last.images)])
         example = ConversationDataset([whole], lambda c: c, processor)[0]
         with torch.no_grad():
-            logits = model(input_ids=example["input_ids"][None], pixel_values=example["pixel_values"],
-                           image_sizes=example["image_sizes"], logits_to_keep=0).logits[0]
+            logits = model(input_ids=example["input_ids"][None], pixel_values=example.get("pixel_values"),
+                           image_sizes=example.get("image_sizes"), logits_to_keep=0).logits[0]
         targets = example["labels"][1:]
         keep = targets != -100
         total += F.cross_entropy(logits[:-1][keep].double(), targets[keep], reduction="sum").item()

@@ -278,7 +278,8 @@ def test_messages_parts_tags_and_mistakes(tmp_path):
         ((("user", "<image> one tag"), ("assistant", "x")), ("a.png", "b.png"), r"1 <image> tag\(s\) but 2 image"),
         ((("user", "Q"), ("user", "Q2")), (), "message 2 is from 'user' where an 'assistant' message was expected"),
         ((("user", "Q"), ("assistant", "<image>")), ("a.png",), "an assistant message cannot hold"),
-        ((("user", [{"type": "audio"}]), ("assistant", "x")), (), "a content part must be"),
+        ((("user", [{"type": "table"}]), ("assistant", "x")), (), "a content part must be"),
+        ((("user", [{"type": "audio"}]), ("assistant", "x")), (), "audio inputs are not supported"),
         ((("user", "Q"), ("assistant", "x")), ("../escape.png",), "outside the image root"),
     ]:
         with pytest.raises(SampleError, match=message):

@@ -97,7 +97,7 @@ def test_collated_batches_keep_every_example_aligned(processor, batch):
         assert torch.equal(collated["labels"][row, :length], example["labels"])
         assert (collated["labels"][row, length:] == -100).all()
         assert collated["attention_mask"][row].sum() == length
-    sizes = [e["image_sizes"] for e in examples if e["image_sizes"] is not None]
+    sizes = [e["image_sizes"] for e in examples if "image_sizes" in e]
     if sizes:
         assert torch.equal(collated["image_sizes"], torch.cat(sizes))
         assert collated["pixel_values"].shape[0] == sum(len(s) for s in sizes)
