@@ -1,7 +1,7 @@
 """The main job on an embedded default: fine-tune a tiny Phi-3.5-vision on a video dataset made here, offline, on CPU.
 
     python demo.py                  # or: make demo   (writes ./demo_output, a few minutes on 2 CPU cores)
-    python demo.py --like phi-4-multimodal-instruct    # the same with a tiny Phi-4-multimodal (about 10 minutes)
+    python demo.py --like phi-4-multimodal-instruct    # the same, tiny Phi-4-multimodal (~18 min on 2 busy cores)
 
 Each step is the same as with real data, through the same code paths:
   1. a tiny random checkpoint in the official layout       python -m phi3v.tiny demo_output/tiny-model [--like ...]
