@@ -21,7 +21,12 @@ class PublishingMixin:
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """save_pretrained, plus what vLLM and transformers 4.x need (complete_layout) in every model directory:
-        the final output and each checkpoint of the full modes (a LoRA output is an adapter; its merge is)."""
+        the final output and each checkpoint of the full modes (a LoRA output is an adapter; its merge is).
+        A DeepSpeed-gathered state_dict holds tied weights as separate copies, which save_pretrained then writes:
+        they are left out, as save_pretrained leaves them out of the model's own (Phi-4's lm_head)."""
+        if state_dict is not None and not isinstance(self.model, PeftModel):
+            tied = getattr(self.model, "all_tied_weights_keys", None) or {}
+            state_dict = {k: v for k, v in state_dict.items() if k not in tied}
         super()._save(output_dir, state_dict)
         if self.args.should_save and not isinstance(self.model, PeftModel):
             base = self.model.config._name_or_path
