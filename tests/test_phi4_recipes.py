@@ -12,6 +12,7 @@ text, never an empty decode of an unused id or an immediate stop: `readable_base
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import datasets
@@ -358,3 +359,17 @@ def test_predict_4bit_needs_the_merged_base(readable_base, image_file, tmp_path,
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "merge_vision_lora" in errors[0]
     assert isinstance(ask(tmp_path / "merged", image_file, "--load_in_4bit"), str)
+
+
+@pytest.mark.parametrize("mode", [["--use_lora"], []], ids=["lora", "full"])
+def test_bf16_mixed_precision_trains(readable_base, ucf_data, tmp_path, mode):
+    """--bf16 on Phi-4 (CPU autocast here; the GPU rows of bench/gpu_check.py time it): the steps run with finite
+    losses and the run evaluates after training."""
+    out = tmp_path / "run"
+    metrics = ucf101.main(ucf_args(readable_base, ucf_data, out, "--max_steps", "2", "--bf16", "--batch_size", "2",
+                                   "--no_eval_before_training", "--max_new_tokens", "2", *mode))
+    from tests.test_scripts_ucf101 import losses
+
+    logged = losses(out)
+    assert sorted(logged) == [1, 2] and all(math.isfinite(loss) for loss in logged.values())
+    assert "eval_after_accuracy" in metrics
