@@ -605,3 +605,40 @@ def test_validation_shows_progress_with_the_time_left(processor, tmp_path, capsy
     validate(jsonl_dataset(path, tmp_path / "images", processor), desc="validating train", chunk=2)
     bar = capsys.readouterr().err.split("\r")[-1]
     assert re.search(r"validating train: 100%.*\| 5/5 \[\d\d:\d\d<00:00, .* ?sample/s\]", bar), bar
+
+
+def test_every_format_renders_into_phi4s_chat_format(phi4_processor, tmp_path):
+    """Phi-4-multimodal reads the same files: ours, LLaVA, messages and both Hugging Face layouts give one batch;
+    the text is Phi-4's chat format (no newlines around the role tokens) and only the answers are supervised."""
+    import numpy as np
+
+    from phi3v.data.conversation import render
+    from phi3v.data.formats import load_data
+    from phi3v.data.synthetic import write_video
+
+    files = write_three_formats(tmp_path)
+    collate = phi4_processor.collator()
+    reference = collate([load_data(files["ours"], phi4_processor)[i] for i in range(3)])
+    assert reference["image_pixel_values"].shape[0] == 3  # red; cat, dog
+    for name in ("llava", "messages", "hf_disk", "hf_parquet"):
+        dataset = load_data(files[name], phi4_processor)
+        batch = collate([dataset[i] for i in range(3)])
+        for key in ("input_ids", "labels", "attention_mask", "image_pixel_values", "image_sizes",
+                    "image_attention_mask"):
+            assert torch.equal(batch[key], reference[key]), (name, key)
+    dataset = load_data(files["messages"], phi4_processor)
+    text, _, _ = render(phi4_processor, dataset.conversation(1))
+    assert text == ("<|user|><|image_1|><|image_2|>\nSame animal?<|end|><|assistant|>no<|end|>"
+                    "<|user|>Sure?<|end|><|assistant|>yes<|end|><|endoftext|>")
+    labels = reference["labels"][1]
+    assert phi4_processor.decode(labels[labels != -100]) == "no<|end|>yes<|end|><|endoftext|>"
+
+    # a video read on the fly: num_frames images, their image tokens side by side (Phi-4 puts nothing between images)
+    write_video(tmp_path / "clip.avi", [np.full((48, 64, 3), 10 * k, dtype=np.uint8) for k in range(12)])
+    record = {"id": "v", "videos": ["clip.avi"], "messages": [{"role": "user", "content": "<video>\nWhat?"},
+                                                              {"role": "assistant", "content": "Archery"}]}
+    (tmp_path / "videos.jsonl").write_text(json.dumps(record) + "\n")
+    example = load_data(tmp_path / "videos.jsonl", phi4_processor, num_frames=3)[0]
+    image_tokens = int((example["input_ids"] == phi4_processor.image_token_id).sum())
+    # a 64x48 frame fills one 448-pixel tile as 448x336: 32 x 24 patches, pooled 2x2 to 16 x 12 -> 273 + 12 * (16 + 1)
+    assert example["image_pixel_values"].shape[0] == 3 and image_tokens == 3 * (273 + 12 * 17)
