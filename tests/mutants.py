@@ -116,10 +116,9 @@ MUTANTS = [
            edit("return (rows * cols + 1) * TOKENS_PER_CROP + 1 + (rows + 1) * 12",
                 "return (rows * cols + 1) * TOKENS_PER_CROP + 1 + (cols + 1) * 12"),
            ["tests/test_image_processing.py"]),
-    Mutant("no BOS after an image", "phi3v/models/phi3_v/processing.py",
-           edit("encoding = self.tokenizer(text[start:tag_start], return_offsets_mapping=True)",
-                "encoding = self.tokenizer(text[start:tag_start], return_offsets_mapping=True, "
-                "add_special_tokens=start == 0)"),
+    Mutant("no BOS after an image", "phi3v/models/family.py",
+           edit("return_offsets_mapping=True, add_special_tokens=add_special_tokens)",
+                "return_offsets_mapping=True, add_special_tokens=add_special_tokens and start == 0)"),
            ["tests/test_processing.py", "tests/test_real_vocab.py"]),
     Mutant("final <|endoftext|> not supervised", "phi3v/data/conversation.py",
            edit("    spans[-1] = (spans[-1][0], len(text))\n", ""),
