@@ -22,7 +22,8 @@ from transformers import BatchFeature, Phi4MultimodalProcessor
 
 from phi3v.common.errors import Unavailable
 from phi3v.common.hub import UNREACHABLE, hub_kwargs, offline_message
-from phi3v.models.family import IGNORE_INDEX, encode_with_images
+from phi3v.models.collate import Collator
+from phi3v.models.family import encode_with_images
 
 END_TOKENS = ("<|end|>", "<|endoftext|>")  # a chat turn ends with <|end|>; <|endoftext|> ends the document
 CROP, PATCH = 448, 14  # the image processor's crop and patch sizes; the model's vision config must match them
@@ -151,46 +152,21 @@ class Phi4MMProcessor:
         return [self.tokenizer.convert_tokens_to_ids(t) for t in END_TOKENS]
 
 
-class Phi4MMCollator:
-    """Examples of any length and number of images -> one batch, as Phi4MultimodalProcessor batches them:
+class Phi4MMCollator(Collator):
+    """Examples of any length and number of images -> one batch, as Phi4MultimodalProcessor batches them: the text
+    as phi3v.models.collate pads it; image_pixel_values (N, crops, 3, 448, 448), image_attention_mask
+    (N, crops, 32, 32), image_sizes (N, 2): every image of the batch in order, crops padded to the batch's largest
+    image with pixels 0 / mask 1."""
 
-        input_ids, attention_mask, labels (B, max L)   padded (labels with -100); attention from the true lengths
-        image_pixel_values (N, crops, 3, 448, 448), image_attention_mask (N, crops, 32, 32), image_sizes (N, 2):
-            every image of the batch in order, crops padded to the batch's largest image with pixels 0 / mask 1
-    """
-
-    IMAGE_KEYS = ("image_pixel_values", "image_attention_mask", "image_sizes")
-
-    def __init__(self, pad_token_id: int, padding_side: str = "right"):
-        if padding_side not in ("right", "left"):
-            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-        self.pad_token_id, self.padding_side = pad_token_id, padding_side
-
-    def pad(self, sequences: list[torch.Tensor], value: int) -> torch.Tensor:
-        length = max(len(s) for s in sequences)
-        batch = torch.full((len(sequences), length), value, dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            start = 0 if self.padding_side == "right" else length - len(sequence)
-            batch[row, start: start + len(sequence)] = sequence
-        return batch
-
-    def __call__(self, examples: list[dict]) -> dict:
-        ids = [e["input_ids"] for e in examples]
-        batch = {"input_ids": self.pad(ids, self.pad_token_id),
-                 "attention_mask": self.pad([torch.ones(len(i), dtype=torch.long) for i in ids], 0)}
-        if "labels" in examples[0]:
-            batch["labels"] = self.pad([e["labels"] for e in examples], IGNORE_INDEX)
+    def images(self, examples: list[dict]) -> dict:
         with_images = [e for e in examples if e.get("image_pixel_values") is not None]
-        if with_images:
-            crops = max(e["image_pixel_values"].shape[1] for e in with_images)
-            pixels, masks = [], []
-            for e in with_images:
-                missing = crops - e["image_pixel_values"].shape[1]
-                pixels.append(torch.nn.functional.pad(e["image_pixel_values"], (0, 0, 0, 0, 0, 0, 0, missing)))
-                masks.append(torch.nn.functional.pad(e["image_attention_mask"], (0, 0, 0, 0, 0, missing), value=1))
-            batch.update(image_pixel_values=torch.cat(pixels), image_attention_mask=torch.cat(masks),
-                         image_sizes=torch.cat([e["image_sizes"] for e in with_images]))
-        batch["sample_ids"] = [e["sample_id"] for e in examples]
-        if "reference" in examples[0]:
-            batch["references"] = [e["reference"] for e in examples]
-        return batch
+        if not with_images:
+            return {}
+        crops = max(e["image_pixel_values"].shape[1] for e in with_images)
+        pixels, masks = [], []
+        for e in with_images:
+            missing = crops - e["image_pixel_values"].shape[1]
+            pixels.append(torch.nn.functional.pad(e["image_pixel_values"], (0, 0, 0, 0, 0, 0, 0, missing)))
+            masks.append(torch.nn.functional.pad(e["image_attention_mask"], (0, 0, 0, 0, 0, missing), value=1))
+        return {"image_pixel_values": torch.cat(pixels), "image_attention_mask": torch.cat(masks),
+                "image_sizes": torch.cat([e["image_sizes"] for e in with_images])}
