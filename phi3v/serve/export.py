@@ -60,11 +60,12 @@ def adapter_base(adapter_dir: str | Path) -> str:
     return adapter_config(adapter_dir)["base_model_name_or_path"]
 
 
-def adapter_parts(adapter_dir: str | Path) -> dict[str, dict[str, torch.Tensor]]:
-    """The adapter's tensors by the base tensor they change: LORA_PARTS, or "whole" for a tensor stored in full
-    (modules_to_save; the `base_layer` copy of a LoRA-wrapped embedding layer), which replaces the base's."""
+def lora_parts(weights: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """LoRA tensors (an adapter's, a family's built-in LoRA) by the base tensor they change: LORA_PARTS, or "whole"
+    for a tensor stored in full (modules_to_save; the `base_layer` copy of a LoRA-wrapped embedding layer), which
+    replaces the base's."""
     parts = {}
-    for key, tensor in load_file(Path(adapter_dir) / "adapter_model.safetensors").items():
+    for key, tensor in weights.items():
         name = key.removeprefix("base_model.model.")
         kind = next((kind for kind in LORA_PARTS if name.endswith("." + kind)), "whole")
         target = name.removesuffix(kind) + "weight" if kind != "whole" else name.replace(".base_layer.", ".")
@@ -97,27 +98,6 @@ def base_tensor_files(base: str) -> dict[str, Path]:
         return dict.fromkeys(f.keys(), single)
 
 
-def built_in_deltas(family: ModelFamily, base: str) -> dict[str, tuple[float, torch.Tensor, torch.Tensor]]:
-    """(scale, B, A) by base tensor name of the LoRA the family merges into `base` while loading (Phi-4's
-    vision-lora/): the trained model had it in its weights, so the export adds it to the base tensors too."""
-    adapter = family.built_in_lora(base)
-    if adapter is None:
-        return {}
-    config, weights = adapter
-    scale = config["lora_alpha"] / config["r"]
-    return {key.removesuffix(".lora_A.weight") + ".weight": (scale, weights[key.replace(".lora_A.", ".lora_B.")],
-                                                             weights[key])
-            for key in weights if key.endswith(".lora_A.weight")}
-
-
-def with_delta(base: torch.Tensor, delta: tuple[float, torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """`base` + scale * B @ A in fp32 (`base` itself without a delta)."""
-    if delta is None:
-        return base
-    scale, lora_b, lora_a = delta
-    return base.float() + scale * (lora_b.float() @ lora_a.float())
-
-
 def write_merged(adapter_dir: str | Path, base: str, family: ModelFamily, out_dir: Path, dtype: torch.dtype) -> None:
     """Base + adapter in `dtype`, written as `save_pretrained` writes the model, one tensor merged at a time: never
     more than a shard in memory. Raises UserError where the adapter and the base's tensors do not match."""
@@ -127,8 +107,12 @@ def write_merged(adapter_dir: str | Path, base: str, family: ModelFamily, out_di
     # meta tensors: the names, order, shapes and dtypes save_pretrained writes for a loaded model (it sorts them;
     # tied weights, Phi-4's lm_head, written once)
     layout = revert_weight_conversion(model, remove_tied_weights_from_state_dict(model.state_dict(), model))
-    built_in = built_in_deltas(family, base)
-    parts, files = adapter_parts(adapter_dir), base_tensor_files(base)
+    # the LoRA the family merges into `base` while loading (Phi-4's vision-lora/) was in the trained model's
+    # weights: it is added to the base tensors first, then the adapter
+    built_in = family.built_in_lora(base)
+    loras = [(lora_parts(built_in[1]), built_in[0]["lora_alpha"] / built_in[0]["r"])] if built_in else []
+    parts, files = lora_parts(load_file(Path(adapter_dir) / "adapter_model.safetensors")), base_tensor_files(base)
+    loras.append((parts, scale))
     unknown, missing = sorted(set(parts) - set(layout)), sorted(set(layout) - set(files))
     if unknown:
         raise UserError(f"{adapter_dir}: the adapter changes {unknown[0]}, which the base model has no weight of: an "
@@ -143,9 +127,12 @@ def write_merged(adapter_dir: str | Path, base: str, family: ModelFamily, out_di
     with contextlib.ExitStack() as opened:  # each base file opened once, its header read once
         readers = {file: opened.enter_context(safe_open(file, "pt")) for file in set(files.values())}
         for shard, names in split.filename_to_tensors.items():
-            tensors = {name: merged_tensor(with_delta(readers[files[name]].get_tensor(name), built_in.get(name)),
-                                           parts.get(name, {}), scale)
-                       .to(layout[name].dtype).contiguous() for name in names}
+            tensors = {}
+            for name in names:
+                tensor = readers[files[name]].get_tensor(name)
+                for lora, lora_scale in loras:
+                    tensor = merged_tensor(tensor, lora.get(name, {}), lora_scale)
+                tensors[name] = tensor.to(layout[name].dtype).contiguous()
             save_file(tensors, out_dir / shard, metadata={"format": "pt"})
     if split.is_sharded:
         index = {"metadata": {"total_parameters": model.num_parameters(), **split.metadata},
