@@ -9,11 +9,6 @@ from pathlib import Path
 from phi3v.common.errors import UserError
 from phi3v.models.family import ModelFamily
 
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 RUN_INFO = "run_info.json"  # written by every training run: base model, mode, data, command
 UPLOADED = ("config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -24,9 +19,9 @@ UPLOADED = ("config.json", "generation_config.json", "preprocessor_config.json",
 def model_card(base_model: str, mode: str, data: dict, metrics: dict, commands: list[str], family: ModelFamily) -> str:
     """README.md of a model repo: hub metadata, base model, data, mode, metrics before/after (from all_results.json),
     the commands that produced the model (training, then export), and how `family`'s layout is served."""
-    names = sorted({k.removeprefix("eval_after_") for k in metrics if k.startswith("eval_after_")}
-                   | {k.removeprefix("eval_before_") for k in metrics if k.startswith("eval_before_")})
-    names = [n for n in names if not n.endswith(("runtime", "samples"))]
+    skipped = ("runtime", "samples")
+    names = sorted({k.removeprefix("eval_before_").removeprefix("eval_after_") for k in metrics
+                    if k.startswith(("eval_before_", "eval_after_")) and not k.endswith(skipped)})
 
     def value(key):
         return f"{metrics[key]:.4f}" if isinstance(metrics.get(key), (int, float)) else "-"
@@ -36,13 +31,13 @@ def model_card(base_model: str, mode: str, data: dict, metrics: dict, commands: 
              "library_name: transformers", "pipeline_tag: image-text-to-text",
              "tags:", f"- {family.model_types[0]}", "- vision", "- fine-tuned", "---", "",
              f"# Fine-tuned from {base_model}", "",
-             f"- **Base model**: {base_model}", f"- **Tuning mode**: {mode}"]
-    lines += ["- **Data**: " + (", ".join(f"{k} {v}" for k, v in data.items()) if data else "not recorded")]
-    lines += ["", "## Evaluation", ""]
+             f"- **Base model**: {base_model}", f"- **Tuning mode**: {mode}",
+             "- **Data**: " + (", ".join(f"{k} {v}" for k, v in data.items()) if data else "not recorded"),
+             "", "## Evaluation", ""]
     if names:
         lines += ["| metric | before training | after training |", "|---|---|---|"]
         lines += [f"| {n} | {value('eval_before_' + n)} | {value('eval_after_' + n)} |" for n in names]
-    tests = [k for k in sorted(metrics) if k.startswith("test_") and not k.endswith(("runtime", "samples"))]
+    tests = [k for k in sorted(metrics) if k.startswith("test_") and not k.endswith(skipped)]
     lines += [""] + [f"- {k}: {value(k)}" for k in tests] if tests else []
     if not names and not tests:
         lines += ["No evaluation was recorded."]
@@ -53,7 +48,8 @@ def model_card(base_model: str, mode: str, data: dict, metrics: dict, commands: 
 
 def read_run(output_dir: str | Path) -> tuple[dict, dict]:
     """(run_info.json, all_results.json) of a training output; empty where missing."""
-    return read_json(Path(output_dir) / RUN_INFO), read_json(Path(output_dir) / "all_results.json")
+    files = Path(output_dir) / RUN_INFO, Path(output_dir) / "all_results.json"
+    return tuple(json.loads(file.read_text()) if file.is_file() else {} for file in files)
 
 
 def hub_api(token: str | None = None):
