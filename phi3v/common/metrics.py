@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+
 
 def normalize_answer(text: str) -> str:
     """The original recipe's normalisation for accuracy: strip whitespace, then periods, then lowercase."""
@@ -66,16 +68,8 @@ def roc_auc(scores: list[float], labels: list[int]) -> float:
     negatives = len(labels) - positives
     if positives == 0 or negatives == 0:
         raise ValueError("ROC AUC needs both positive and negative examples")
-    # rank-sum (Mann-Whitney U) with average ranks for ties
-    order = sorted(range(len(scores)), key=lambda i: scores[i])
-    ranks = [0.0] * len(scores)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    rank_sum = sum(rank for rank, label in zip(ranks, labels) if label)
+    # rank-sum (Mann-Whitney U); tied scores share their average rank: (# below + # at or below + 1) / 2
+    ordered = sorted(scores)
+    rank_sum = sum((bisect.bisect_left(ordered, score) + bisect.bisect_right(ordered, score) + 1) / 2
+                   for score, label in zip(scores, labels) if label)
     return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
