@@ -53,9 +53,7 @@ def hub_reachable(timeout: float = PROBE_SECONDS) -> bool:
 def hub_kwargs(path: str | os.PathLike) -> dict:
     """from_pretrained keywords for `path`: local_files_only=True for a hub id while the Hub is unreachable (so the
     local cache is used, or the load fails at once), nothing otherwise."""
-    if Path(path).exists() or hub_reachable():
-        return {}
-    return {"local_files_only": True}
+    return {} if Path(path).exists() or hub_reachable() else {"local_files_only": True}
 
 
 def resolve_file(path: str | os.PathLike, filename: str) -> Path:

@@ -61,9 +61,8 @@ def adapter_base(adapter_dir: str | Path) -> str:
 
 
 def lora_parts(weights: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """LoRA tensors (an adapter's, a family's built-in LoRA) by the base tensor they change: LORA_PARTS, or "whole"
-    for a tensor stored in full (modules_to_save; the `base_layer` copy of a LoRA-wrapped embedding layer), which
-    replaces the base's."""
+    """LoRA tensors (an adapter's, or a family's built-in LoRA) by the base tensor they change: LORA_PARTS, or "whole"
+    for a tensor stored in full (modules_to_save, a LoRA-wrapped embedding's `base_layer`), replacing the base's."""
     parts = {}
     for key, tensor in weights.items():
         name = key.removeprefix("base_model.model.")
