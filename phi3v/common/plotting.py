@@ -23,8 +23,8 @@ def curve_data(log_history: list[dict]) -> dict[str, list[tuple[int, float]]]:
     return curves
 
 
-def save_training_curves(log_history: list[dict], directory: str | Path, name: str = "training_curves") -> Path | None:
-    """Write NAME.png (one panel per quantity) and NAME.json (the points) to `directory`; None if nothing logged."""
+def save_training_curves(log_history: list[dict], directory: str | Path) -> Path | None:
+    """Write training_curves.png (a panel per quantity) and .json (the points) to `directory`; None if none logged."""
     curves = curve_data(log_history)
     if not curves:
         return None
@@ -35,7 +35,7 @@ def save_training_curves(log_history: list[dict], directory: str | Path, name: s
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / f"{name}.json").write_text(json.dumps(curves, indent=1))
+    (directory / "training_curves.json").write_text(json.dumps(curves, indent=1))
     evaluation_losses = [k for k in curves if k.startswith(("eval", "test")) and k.endswith("_loss")]
     panels = [("loss", ["loss", *evaluation_losses]), ("learning rate", ["learning_rate"]),
               ("evaluation", [k for k in curves if k.startswith(("eval", "test")) and k not in evaluation_losses])]
@@ -52,7 +52,7 @@ def save_training_curves(log_history: list[dict], directory: str | Path, name: s
         if len(keys) > 1 or title == "evaluation":
             axis.legend(fontsize=8)
     figure.tight_layout()
-    path = directory / f"{name}.png"
+    path = directory / "training_curves.png"
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path

@@ -161,8 +161,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | None
     run, metrics = read_run(adapter_dir)
     mode = f"{run.get('mode', 'lora')}, adapter merged into the base by phi3v.export ({str(dtype).split('.')[-1]})"
     commands = [c for c in (run.get("command"), command) if c]
-    card = model_card(str(base), mode, run.get("data", {}), metrics, commands, family)
-    (out_dir / "README.md").write_text(card)
+    (out_dir / "README.md").write_text(model_card(str(base), mode, run.get("data", {}), metrics, commands, family))
     if (Path(adapter_dir) / "all_results.json").is_file():
         (out_dir / "all_results.json").write_text((Path(adapter_dir) / "all_results.json").read_text())
     return out_dir
