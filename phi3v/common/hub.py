@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
@@ -38,11 +39,9 @@ def hub_reachable(timeout: float = PROBE_SECONDS) -> bool:
     opened = []
 
     def connect():  # in a thread: name resolution has no timeout of its own
-        try:
+        with contextlib.suppress(OSError):
             socket.create_connection(address, timeout=timeout).close()
             opened.append(True)
-        except OSError:
-            pass
 
     probe = threading.Thread(target=connect, daemon=True)
     probe.start()
