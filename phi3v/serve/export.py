@@ -4,10 +4,9 @@
     python -m phi3v.export OUTPUT_DIR MERGED_DIR --push_to_hub you/phi35v-ucf101 [--private]
 
 The result is the hub repo's layout (the family's layout.py) plus a model card: it loads here, with transformers 4.x
-(trust_remote_code) and in vLLM, which cannot serve LoRA adapters for this model. The merge runs on CPU tensor by
-tensor from the base's safetensors files to the shards written, base + scale * B @ A in fp32 cast once to --dtype,
-with at most one 5 GB shard in memory. After QLoRA the adapter is applied to the unquantized base. Adapters: LoRA,
-rsLoRA, DoRA and modules_to_save, what the recipes train.
+(trust_remote_code) and in vLLM, which cannot serve LoRA adapters for this model. The merge streams the base's
+safetensors on CPU tensor by tensor (base + scale * B @ A in fp32, cast once to --dtype; at most one 5 GB shard in
+memory), into the unquantized base after QLoRA too. Adapters: LoRA, rsLoRA, DoRA and modules_to_save (the recipes').
 """
 
 from __future__ import annotations
