@@ -29,7 +29,7 @@ from phi3v.data.conversation import Conversation, Problem, Turn
 from phi3v.data.dataset import ConversationDataset
 from phi3v.data.hub_datasets import hub_image, load_hf_split
 from phi3v.data.images import resolve_image_path
-from phi3v.data.jsonl import KeyCheck, SampleError, jsonl_item_conversation, read_jsonl, record_id, valid_id
+from phi3v.data.jsonl import KeyCheck, SampleError, jsonl_conversation, read_jsonl, record_id, valid_id
 from phi3v.data.video import video_frames
 
 FORMATS = ("auto", "ours", "llava", "messages", "hf")
@@ -50,11 +50,9 @@ def is_json_array(path: str | os.PathLike) -> bool:
 
 def read_records(path: str | os.PathLike) -> tuple[list[tuple[str, dict]], list[Problem]]:
     """(where, record) for a JSON array file (LLaVA's .json, read whole) or a jsonl file, and the unreadable lines."""
-    path, name = Path(path), Path(path).name
     if not is_json_array(path):
-        records, errors = read_jsonl(path)
-        return ([(f"{name}:{line}", r) for line, r in records],
-                [Problem(f"{name}:{line}", None, message) for line, message in errors])
+        return read_jsonl(path)
+    path, name = Path(path), Path(path).name
     keys = KeyCheck()
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -149,9 +147,7 @@ def _as_list(value) -> list:
     """A field that may hold one item or a list of them (LLaVA's "image": "a.jpg" or ["a.jpg", "b.jpg"])."""
     if value is None:
         return []
-    if isinstance(value, (str, dict, bytes)) or not isinstance(value, (list, tuple)):
-        value = [value]
-    return list(value)
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def build_conversation(sample_id: str, messages: list[tuple[str, str]], images: list, videos: list,
@@ -163,15 +159,14 @@ def build_conversation(sample_id: str, messages: list[tuple[str, str]], images: 
             raise ValueError("two system messages (a system key and a system turn)")
         system = messages[0][1]
         messages = messages[1:]
-    texts = [text for _, text in messages]
-    tags = [tag for text in texts for tag in PLACEHOLDER.findall(text)]
+    tags = [tag for _, text in messages for tag in PLACEHOLDER.findall(text)]
+    prefix = ""
     for kind, items in (("image", images), ("video", videos)):
         count = tags.count(f"<{kind}>")
         if count and count != len(items):
             raise ValueError(f"{count} <{kind}> tag(s) but {len(items)} {kind}(s)")
-    untagged = {"<image>": len(images) if "<image>" not in tags else 0,
-                "<video>": len(videos) if "<video>" not in tags else 0}
-    prefix = "".join(tag * count for tag, count in untagged.items())
+        if not count:
+            prefix += f"<{kind}>" * len(items)
     pending = {"<image>": iter(images), "<video>": iter(videos)}
     turns, user = [], None
     for number, (role, text) in enumerate(messages, start=1):
@@ -211,7 +206,7 @@ def refuse_audio(record: dict) -> None:
     """An "audio"/"audios" key (ms-swift, Phi-4-multimodal's own fine-tuning data) is refused, not ignored."""
     for key in ("audio", "audios"):
         if key in record:
-            raise ValueError(f'an "{key}" key: {AUDIO}')
+            raise SampleError(f'an "{key}" key: {AUDIO}', valid_id(record))
 
 
 def _text(content, number: int) -> str:
@@ -281,11 +276,9 @@ def messages_conversation(item: tuple[str, dict], image_root: str | os.PathLike 
 
 
 def ours_conversation(item: tuple[str, dict], image_root: str | os.PathLike, num_frames: int = 8) -> Conversation:
-    try:
-        refuse_audio(item[1])
-    except ValueError as error:
-        raise SampleError(str(error), valid_id(item[1])) from error
-    return jsonl_item_conversation(item, image_root, num_frames)
+    """Our jsonl record (`jsonl_conversation`), its audio refused as in the other formats."""
+    refuse_audio(item[1])
+    return jsonl_conversation(item, image_root, num_frames)
 
 
 def hf_row_conversation(index: int, rows) -> Conversation:
