@@ -33,7 +33,7 @@ from phi3v.data.jsonl import KeyCheck, SampleError, jsonl_conversation, read_jso
 from phi3v.data.video import video_frames
 
 FORMATS = ("auto", "ours", "llava", "messages", "hf")
-PLACEHOLDER = re.compile(r"<image>|<video>")
+PLACEHOLDER = re.compile(r"(<image>|<video>)")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 SEPARATORS = re.compile(r"[\s,]*")  # between the items of an array already known to be valid JSON
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -182,15 +182,14 @@ def build_conversation(sample_id: str, messages: list[tuple[str, str]], images: 
             continue
         if not turns and prefix:
             text = prefix + "\n" + text
-        refs, parts, k = [], [], 0
-        for piece in re.split(r"(<image>|<video>)", text):
+        refs, parts = [], []
+        for piece in PLACEHOLDER.split(text):
             if piece not in pending:
                 parts.append(piece)
                 continue
             frames = [next(pending[piece])] if piece == "<image>" else video_frames(next(pending[piece]), num_frames)
-            parts += [f"<|image_{k + j + 1}|>" for j in range(len(frames))]
+            parts += [f"<|image_{len(refs) + j + 1}|>" for j in range(len(frames))]
             refs += frames
-            k += len(frames)
         user = ("".join(parts), refs)
     if user is not None:  # a last question without its answer: a prompt (fine for evaluation, not for training)
         turns.append(Turn(user[0], None, user[1]))
@@ -316,23 +315,21 @@ def load_data(path: str | os.PathLike, processor, image_root: str | os.PathLike 
     data_format = detect_format(path) if data_format == "auto" else data_format
     if data_format == "hf":
         rows = hf_rows(path, split, config)
-        indices = list(range(len(rows)))[:limit]
-        dataset = ConversationDataset(indices, functools.partial(hf_row_conversation, rows=rows), processor,
-                                      where=[f"{Path(path).name} {split} row {i}" for i in indices],
-                                      for_generation=for_generation, max_image_pixels=max_image_pixels)
-        dataset.sources = [file["filename"] for file in rows.cache_files]
-        return dataset
-    if not Path(path).is_file():
-        raise UserError(f"{path}: no such file")
-    records, problems = read_records(path)
-    records = records[:limit]
-    root = Path(image_root) if image_root is not None else Path(path).parent
-    reader = functools.partial(READERS[data_format], image_root=root, num_frames=num_frames)
-    dataset = ConversationDataset(records, reader, processor, where=[where for where, _ in records],
-                                  for_generation=for_generation, max_image_pixels=max_image_pixels,
-                                  load_problems=problems)
-    dataset.sources = [path]
-    return dataset
+        items, problems = list(range(len(rows)))[:limit], []
+        where = [f"{Path(path).name} {split} row {i}" for i in items]
+        reader = functools.partial(hf_row_conversation, rows=rows)
+        sources = [file["filename"] for file in rows.cache_files]
+    else:
+        if not Path(path).is_file():
+            raise UserError(f"{path}: no such file")
+        records, problems = read_records(path)
+        items = records[:limit]
+        where = [name for name, _ in items]
+        root = Path(image_root) if image_root is not None else Path(path).parent
+        reader = functools.partial(READERS[data_format], image_root=root, num_frames=num_frames)
+        sources = [path]
+    return ConversationDataset(items, reader, processor, where=where, for_generation=for_generation,
+                               max_image_pixels=max_image_pixels, load_problems=problems, sources=sources)
 
 
 def hf_rows(path: str, split: str, config: str | None):

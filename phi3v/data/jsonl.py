@@ -139,8 +139,6 @@ def jsonl_dataset(path: str | os.PathLike, image_root: str | os.PathLike, proces
     records, problems = read_jsonl(path)
     records = records[:limit]
     reader = functools.partial(jsonl_conversation, image_root=image_root, num_frames=num_frames)
-    dataset = ConversationDataset(records, reader, processor, where=[where for where, _ in records],
-                                  for_generation=for_generation, max_image_pixels=max_image_pixels,
-                                  load_problems=problems)
-    dataset.sources = [str(path)]
-    return dataset
+    return ConversationDataset(records, reader, processor, where=[where for where, _ in records],
+                               for_generation=for_generation, max_image_pixels=max_image_pixels,
+                               load_problems=problems, sources=[str(path)])
