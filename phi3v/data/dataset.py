@@ -13,8 +13,7 @@ TEXT_KEYS = ("input_ids", "attention_mask", "offset_mapping")
 
 
 class ConversationDataset(torch.utils.data.Dataset):
-    """Items (jsonl records, hub rows, ...) turned into model inputs on access, so decoding and processing run in
-    DataLoader workers.
+    """Items (jsonl records, hub rows, ...) made model inputs on access, decoded and processed in DataLoader workers.
 
     Args:
         items: any sequence; `to_conversation(item)` makes a Conversation of it (and raises ValueError on bad data).
