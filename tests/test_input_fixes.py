@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import convert_ucf101
-from phi3v.data.conversation import Conversation, Turn, render, render_by_prefixes
+from phi3v.data.conversation import Conversation, Turn, render
 from phi3v.data.images import open_image
 from phi3v.data.jsonl import jsonl_dataset
 from phi3v.data.synthetic import class_frames, write_video
@@ -75,8 +75,8 @@ def test_samples_that_used_to_raise_are_skipped(image_root, processor, tmp_path)
 
 def test_rendering_is_linear_and_equals_the_prefix_rendering(processor):
     short = Conversation("c", [Turn(f"q{k}", f"a{k}", []) for k in range(3)])
-    assert render(processor, short) == render_by_prefixes(processor, short, False)
-    assert render(processor, short, True) == render_by_prefixes(processor, short, True)
+    assert render(processor, short) == render(processor, short, False, by_prefixes=True)
+    assert render(processor, short, True) == render(processor, short, True, by_prefixes=True)
     long = Conversation("c", [Turn(f"question {k}?", f"answer {k}", []) for k in range(2000)])
     started = time.monotonic()
     text, _, spans = render(processor, long)

@@ -105,13 +105,13 @@ def tag_warnings(conversation: Conversation) -> list[str]:
             for m in ANY_CASE_IMAGE_TAG.finditer(turn.user) if not IMAGE_TAG.fullmatch(m.group(0))]
 
 
-def render(processor, conversation: Conversation, for_generation: bool = False):
+def render(processor, conversation: Conversation, for_generation: bool = False, by_prefixes: bool = False):
     """(text, images, supervised character spans). For generation, the last answer is left for the model.
 
     Turns are rendered one by one and joined (linear in the turns), confirmed by one render of the whole; a template
-    that does not render message by message is applied to each prefix instead."""
+    that does not render message by message is applied to each prefix instead (`by_prefixes`)."""
     messages, images, spans, pieces = [], [], [], []
-    turns = conversation.turns
+    turns, template = conversation.turns, processor.apply_chat_template
     if not turns:
         raise ValueError("the conversation has no turns")
     if conversation.system is not None:
@@ -122,8 +122,7 @@ def render(processor, conversation: Conversation, for_generation: bool = False):
             raise ValueError(f"the system message contains {', '.join(found)}, which would break the chat format; "
                              "remove it from the data")
         messages.append({"role": "system", "content": conversation.system})
-        pieces.append(processor.apply_chat_template(messages))
-    template = processor.apply_chat_template
+        pieces.append(template(messages))
     for i, turn in enumerate(turns):
         for role, text in (("user", turn.user), ("assistant", turn.assistant)):
             if isinstance(text, str):
@@ -131,21 +130,24 @@ def render(processor, conversation: Conversation, for_generation: bool = False):
         user = {"role": "user", "content": user_content(turn, len(images) + 1)}
         messages.append(user)
         images += turn.images
+        if by_prefixes:  # each piece is the whole conversation so far
+            pieces = []
+        prompt = template(messages if by_prefixes else [user], add_generation_prompt=True)
         if for_generation and i == len(turns) - 1:
-            pieces.append(template([user], add_generation_prompt=True))
+            pieces.append(prompt)
             break
         if not isinstance(turn.assistant, str):
             raise ValueError(f"turn {i + 1} has no assistant answer")
         messages.append({"role": "assistant", "content": turn.assistant})
-        prompt, pair = template([user], add_generation_prompt=True), template(messages[-2:])
+        pair = template(messages if by_prefixes else messages[-2:])
         if not pair.startswith(prompt):
             raise ValueError("the chat template does not render the answer after the generation prompt")
         start = sum(map(len, pieces))  # a sum of numbers per turn: cheap next to rendering
         spans.append((start + len(prompt), start + len(pair)))
         pieces.append(pair)
     text = "".join(pieces)
-    if text != template(messages, add_generation_prompt=for_generation):
-        return render_by_prefixes(processor, conversation, for_generation)
+    if not by_prefixes and text != template(messages, add_generation_prompt=for_generation):
+        return render(processor, conversation, for_generation, by_prefixes=True)
     if for_generation:
         return text, images, []
     text += processor.tokenizer.eos_token  # <|endoftext|> ends the document, as in the original targets
@@ -153,31 +155,7 @@ def render(processor, conversation: Conversation, for_generation: bool = False):
     return text, images, spans
 
 
-def render_by_prefixes(processor, conversation: Conversation, for_generation: bool):
-    """`render` for any chat template: each answer's span is found by rendering the conversation up to it."""
-    messages, images, spans = [], [], []
-    if conversation.system is not None:
-        messages.append({"role": "system", "content": conversation.system})
-    for i, turn in enumerate(conversation.turns):
-        messages.append({"role": "user", "content": user_content(turn, len(images) + 1)})
-        images += turn.images
-        if for_generation and i == len(conversation.turns) - 1:
-            return processor.apply_chat_template(messages, add_generation_prompt=True), images, []
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-        messages.append({"role": "assistant", "content": turn.assistant})
-        text = processor.apply_chat_template(messages)
-        if not text.startswith(prompt):
-            raise ValueError("the chat template does not render the answer after the generation prompt")
-        spans.append((len(prompt), len(text)))
-    text += processor.tokenizer.eos_token
-    spans[-1] = (spans[-1][0], len(text))  # the final <|endoftext|> is supervised too
-    return text, images, spans
-
-
 def labels_from_spans(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
     """Token id where the token lies inside a supervised span, else -100 (placeholders and BOS never count)."""
-    labels = []
-    for token, (start, end) in zip(ids, offsets):
-        inside = token >= 0 and end > start and any(a <= start and end <= b for a, b in spans)
-        labels.append(token if inside else IGNORE_INDEX)
-    return labels
+    return [token if token >= 0 and end > start and any(a <= start and end <= b for a, b in spans) else IGNORE_INDEX
+            for token, (start, end) in zip(ids, offsets)]

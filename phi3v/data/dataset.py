@@ -13,8 +13,7 @@ TEXT_KEYS = ("input_ids", "attention_mask", "offset_mapping")
 
 
 class ConversationDataset(torch.utils.data.Dataset):
-    """Items (jsonl records, hub rows, ...) turned into model inputs on access, so decoding and processing run in
-    DataLoader workers.
+    """Items (jsonl records, hub rows, ...) made model inputs on access, decoded and processed in DataLoader workers.
 
     Args:
         items: any sequence; `to_conversation(item)` makes a Conversation of it (and raises ValueError on bad data).
@@ -22,11 +21,12 @@ class ConversationDataset(torch.utils.data.Dataset):
         where: names of the items for messages, e.g. "ucf101_train.jsonl:12" (default "item 0", "item 1", ...).
         for_generation: examples are prompts (last answer removed) with a `reference` answer, for evaluation.
         load_problems: problems found while reading the source (e.g. malformed jsonl lines), reported by validation.
+        sources: the files the items come from (they key the validation cache).
     """
 
     def __init__(self, items: Sequence, to_conversation: Callable[[object], Conversation], processor,
                  where: list[str] | None = None, for_generation: bool = False, max_image_pixels: int | None = None,
-                 load_problems: list[Problem] | None = None):
+                 load_problems: list[Problem] | None = None, sources: Sequence[str] = ()):
         self.items = items
         self.to_conversation = to_conversation
         self.processor = processor
@@ -35,7 +35,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.max_image_pixels = max_image_pixels
         self.load_problems = load_problems or []
         self.lengths: list[int] | None = None  # token counts, set by validation
-        self.sources: list[str] = []  # files the items come from (keys the validation cache), set by the loaders
+        self.sources = list(sources)
 
     def __len__(self) -> int:
         return len(self.items)

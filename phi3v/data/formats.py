@@ -29,11 +29,11 @@ from phi3v.data.conversation import Conversation, Problem, Turn
 from phi3v.data.dataset import ConversationDataset
 from phi3v.data.hub_datasets import hub_image, load_hf_split
 from phi3v.data.images import resolve_image_path
-from phi3v.data.jsonl import KeyCheck, SampleError, jsonl_item_conversation, read_jsonl, record_id, valid_id
+from phi3v.data.jsonl import KeyCheck, SampleError, jsonl_conversation, read_jsonl, record_id, valid_id
 from phi3v.data.video import video_frames
 
 FORMATS = ("auto", "ours", "llava", "messages", "hf")
-PLACEHOLDER = re.compile(r"<image>|<video>")
+PLACEHOLDER = re.compile(r"(<image>|<video>)")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 SEPARATORS = re.compile(r"[\s,]*")  # between the items of an array already known to be valid JSON
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -50,11 +50,9 @@ def is_json_array(path: str | os.PathLike) -> bool:
 
 def read_records(path: str | os.PathLike) -> tuple[list[tuple[str, dict]], list[Problem]]:
     """(where, record) for a JSON array file (LLaVA's .json, read whole) or a jsonl file, and the unreadable lines."""
-    path, name = Path(path), Path(path).name
     if not is_json_array(path):
-        records, errors = read_jsonl(path)
-        return ([(f"{name}:{line}", r) for line, r in records],
-                [Problem(f"{name}:{line}", None, message) for line, message in errors])
+        return read_jsonl(path)
+    path, name = Path(path), Path(path).name
     keys = KeyCheck()
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -149,9 +147,7 @@ def _as_list(value) -> list:
     """A field that may hold one item or a list of them (LLaVA's "image": "a.jpg" or ["a.jpg", "b.jpg"])."""
     if value is None:
         return []
-    if isinstance(value, (str, dict, bytes)) or not isinstance(value, (list, tuple)):
-        value = [value]
-    return list(value)
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def build_conversation(sample_id: str, messages: list[tuple[str, str]], images: list, videos: list,
@@ -163,15 +159,14 @@ def build_conversation(sample_id: str, messages: list[tuple[str, str]], images: 
             raise ValueError("two system messages (a system key and a system turn)")
         system = messages[0][1]
         messages = messages[1:]
-    texts = [text for _, text in messages]
-    tags = [tag for text in texts for tag in PLACEHOLDER.findall(text)]
+    tags = [tag for _, text in messages for tag in PLACEHOLDER.findall(text)]
+    prefix = ""
     for kind, items in (("image", images), ("video", videos)):
         count = tags.count(f"<{kind}>")
         if count and count != len(items):
             raise ValueError(f"{count} <{kind}> tag(s) but {len(items)} {kind}(s)")
-    untagged = {"<image>": len(images) if "<image>" not in tags else 0,
-                "<video>": len(videos) if "<video>" not in tags else 0}
-    prefix = "".join(tag * count for tag, count in untagged.items())
+        if not count:
+            prefix += f"<{kind}>" * len(items)
     pending = {"<image>": iter(images), "<video>": iter(videos)}
     turns, user = [], None
     for number, (role, text) in enumerate(messages, start=1):
@@ -187,15 +182,14 @@ def build_conversation(sample_id: str, messages: list[tuple[str, str]], images: 
             continue
         if not turns and prefix:
             text = prefix + "\n" + text
-        refs, parts, k = [], [], 0
-        for piece in re.split(r"(<image>|<video>)", text):
+        refs, parts = [], []
+        for piece in PLACEHOLDER.split(text):
             if piece not in pending:
                 parts.append(piece)
                 continue
             frames = [next(pending[piece])] if piece == "<image>" else video_frames(next(pending[piece]), num_frames)
-            parts += [f"<|image_{k + j + 1}|>" for j in range(len(frames))]
+            parts += [f"<|image_{len(refs) + j + 1}|>" for j in range(len(frames))]
             refs += frames
-            k += len(frames)
         user = ("".join(parts), refs)
     if user is not None:  # a last question without its answer: a prompt (fine for evaluation, not for training)
         turns.append(Turn(user[0], None, user[1]))
@@ -211,7 +205,7 @@ def refuse_audio(record: dict) -> None:
     """An "audio"/"audios" key (ms-swift, Phi-4-multimodal's own fine-tuning data) is refused, not ignored."""
     for key in ("audio", "audios"):
         if key in record:
-            raise ValueError(f'an "{key}" key: {AUDIO}')
+            raise SampleError(f'an "{key}" key: {AUDIO}', valid_id(record))
 
 
 def _text(content, number: int) -> str:
@@ -281,11 +275,9 @@ def messages_conversation(item: tuple[str, dict], image_root: str | os.PathLike 
 
 
 def ours_conversation(item: tuple[str, dict], image_root: str | os.PathLike, num_frames: int = 8) -> Conversation:
-    try:
-        refuse_audio(item[1])
-    except ValueError as error:
-        raise SampleError(str(error), valid_id(item[1])) from error
-    return jsonl_item_conversation(item, image_root, num_frames)
+    """Our jsonl record (`jsonl_conversation`), its audio refused as in the other formats."""
+    refuse_audio(item[1])
+    return jsonl_conversation(item, image_root, num_frames)
 
 
 def hf_row_conversation(index: int, rows) -> Conversation:
@@ -323,23 +315,21 @@ def load_data(path: str | os.PathLike, processor, image_root: str | os.PathLike 
     data_format = detect_format(path) if data_format == "auto" else data_format
     if data_format == "hf":
         rows = hf_rows(path, split, config)
-        indices = list(range(len(rows)))[:limit]
-        dataset = ConversationDataset(indices, functools.partial(hf_row_conversation, rows=rows), processor,
-                                      where=[f"{Path(path).name} {split} row {i}" for i in indices],
-                                      for_generation=for_generation, max_image_pixels=max_image_pixels)
-        dataset.sources = [file["filename"] for file in rows.cache_files]
-        return dataset
-    if not Path(path).is_file():
-        raise UserError(f"{path}: no such file")
-    records, problems = read_records(path)
-    records = records[:limit]
-    root = Path(image_root) if image_root is not None else Path(path).parent
-    reader = functools.partial(READERS[data_format], image_root=root, num_frames=num_frames)
-    dataset = ConversationDataset(records, reader, processor, where=[where for where, _ in records],
-                                  for_generation=for_generation, max_image_pixels=max_image_pixels,
-                                  load_problems=problems)
-    dataset.sources = [path]
-    return dataset
+        items, problems = list(range(len(rows)))[:limit], []
+        where = [f"{Path(path).name} {split} row {i}" for i in items]
+        reader = functools.partial(hf_row_conversation, rows=rows)
+        sources = [file["filename"] for file in rows.cache_files]
+    else:
+        if not Path(path).is_file():
+            raise UserError(f"{path}: no such file")
+        records, problems = read_records(path)
+        items = records[:limit]
+        where = [name for name, _ in items]
+        root = Path(image_root) if image_root is not None else Path(path).parent
+        reader = functools.partial(READERS[data_format], image_root=root, num_frames=num_frames)
+        sources = [path]
+    return ConversationDataset(items, reader, processor, where=where, for_generation=for_generation,
+                               max_image_pixels=max_image_pixels, load_problems=problems, sources=sources)
 
 
 def hf_rows(path: str, split: str, config: str | None):

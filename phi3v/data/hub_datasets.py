@@ -41,11 +41,9 @@ def load_hf_split(hub_id: str, config: str | None, split: str, local_path: str |
                 raise UserError(f"--dataset_path {local_path}: no split {base!r} (it has {', '.join(dataset)})")
             dataset = dataset[base]
     else:
+        files = parquet_files(local_path, base, config)
         try:
-            dataset = datasets.load_dataset("parquet", data_files={base: parquet_files(local_path, base, config)},
-                                            split=base)
-        except UserError:
-            raise
+            dataset = datasets.load_dataset("parquet", data_files={base: files}, split=base)
         except Exception as error:
             raise UserError(f"--dataset_path {local_path}: its {base} parquet files cannot be read "
                             f"({type(error).__name__}: {str(error).splitlines()[0][:150] if str(error) else ''}); "

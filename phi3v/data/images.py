@@ -32,12 +32,9 @@ def open_image(ref: ImageRef, max_pixels: int | None = None, decode: bool = True
     if not decode:
         return image
     image.load()  # decode now: a truncated or corrupt file fails here, not deep inside a worker
-    return to_8_bit(ImageOps.exif_transpose(image))
-
-
-def to_8_bit(image: Image.Image) -> Image.Image:
-    """16-bit grayscale (PNG "I;16", or "I") scaled to 8 bits: `convert("RGB")` would clip it to almost all white."""
+    image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I;16") or image.mode == "I":
+        # 16-bit grayscale (PNG "I;16", or "I") scaled to 8 bits: `convert("RGB")` would clip it to almost all white
         pixels = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
         return Image.fromarray(np.round(pixels / 257).astype(np.uint8), "L")
     return image
@@ -49,7 +46,7 @@ def image_size(ref: ImageRef) -> tuple[int, int]:
         return frame_size(ref)
     image = open_image(ref, decode=False)
     width, height = image.size
-    orientation = image.getexif().get(0x0112, 1) if hasattr(image, "getexif") else 1
+    orientation = image.getexif().get(0x0112, 1)
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 

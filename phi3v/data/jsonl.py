@@ -1,6 +1,7 @@
-"""Our jsonl format, one conversation per line:
+"""Our jsonl format, one conversation per line (image and video paths relative to an image root; a video gives
+`num_frames` frames, after the turn's images):
 
-    {"id", "system"?, "conversations": [{"images": [...], "videos"?: [...], "user", "assistant"}]}
+    {"id", "source"?, "system"?, "conversations": [{"images": [...], "videos"?: [...], "user", "assistant"}]}
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ class KeyCheck:
         return record
 
 
-def read_jsonl(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
-    """(line number, record) for every parseable line, and (line number, error) for the others. A byte-order mark
-    (Windows editors write one) is allowed; a key repeated within an object is not."""
+def read_jsonl(path: str | os.PathLike) -> tuple[list[tuple[str, dict]], list[Problem]]:
+    """(where, record) for every parseable line ("name.jsonl:12"), and a Problem for each of the others. A byte-order
+    mark (Windows editors write one) is allowed; a key repeated within an object is not."""
     records, errors = [], []
+    name = Path(path).name
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             try:
@@ -62,8 +64,8 @@ def read_jsonl(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], list[tu
             if keys.problem:
                 errors.append((number, keys.problem))
                 continue
-            records.append((number, record))
-    return records, errors
+            records.append((f"{name}:{number}", record))
+    return records, [Problem(f"{name}:{number}", None, message) for number, message in errors]
 
 
 class SampleError(UserError, ValueError):
@@ -72,17 +74,6 @@ class SampleError(UserError, ValueError):
     def __init__(self, message: str, sample_id):
         super().__init__(message)
         self.sample_id = None if sample_id is None else str(sample_id)
-
-
-def conversation_from_record(record: dict, image_root: str | os.PathLike, num_frames: int = 8) -> Conversation:
-    """Our jsonl schema: {"id", "source", "system" (optional), "conversations": [{"images": [paths], "videos": [paths]
-    (optional; `num_frames` frames each, after the images), "user": str, "assistant": str}]}."""
-    try:
-        return parse_record(record, image_root, num_frames)
-    except SampleError:
-        raise
-    except ValueError as error:
-        raise SampleError(str(error), valid_id(record)) from error
 
 
 def valid_id(record: dict) -> str | None:
@@ -105,7 +96,7 @@ def record_id(record: dict, default: str | None = None) -> str:
     return record["id"]
 
 
-def parse_record(record: dict, image_root: str | os.PathLike, num_frames: int = 8) -> Conversation:
+def parse_record(record: dict, image_root: str | os.PathLike, num_frames: int) -> Conversation:
     sample_id = record_id(record)
     if not isinstance(record.get("conversations"), list):
         raise ValueError('"conversations" must be a list of {"images", "user", "assistant"} objects')
@@ -133,20 +124,21 @@ def parse_record(record: dict, image_root: str | os.PathLike, num_frames: int = 
     return Conversation(sample_id, turns, system)
 
 
-def jsonl_item_conversation(item: tuple, image_root: str | os.PathLike, num_frames: int = 8) -> Conversation:
-    return conversation_from_record(item[1], image_root, num_frames)
+def jsonl_conversation(item: tuple[str, dict], image_root: str | os.PathLike, num_frames: int = 8) -> Conversation:
+    """The Conversation of a (where, record) item in our schema; a bad record raises SampleError."""
+    try:
+        return parse_record(item[1], image_root, num_frames)
+    except ValueError as error:
+        raise SampleError(str(error), valid_id(item[1])) from error
 
 
 def jsonl_dataset(path: str | os.PathLike, image_root: str | os.PathLike, processor,
                   for_generation: bool = False, max_image_pixels: int | None = None,
                   limit: int | None = None, num_frames: int = 8) -> ConversationDataset:
     """A dataset over a jsonl file in our schema, with images relative to `image_root`."""
-    records, errors = read_jsonl(path)
-    records = records[:limit] if limit is not None else records
-    name = Path(path).name
-    reader = functools.partial(jsonl_item_conversation, image_root=image_root, num_frames=num_frames)
-    dataset = ConversationDataset(records, reader, processor, where=[f"{name}:{line}" for line, _ in records],
-                                  for_generation=for_generation, max_image_pixels=max_image_pixels,
-                                  load_problems=[Problem(f"{name}:{line}", None, message) for line, message in errors])
-    dataset.sources = [str(path)]
-    return dataset
+    records, problems = read_jsonl(path)
+    records = records[:limit]
+    reader = functools.partial(jsonl_conversation, image_root=image_root, num_frames=num_frames)
+    return ConversationDataset(records, reader, processor, where=[where for where, _ in records],
+                               for_generation=for_generation, max_image_pixels=max_image_pixels,
+                               load_problems=problems, sources=[str(path)])
