@@ -21,13 +21,9 @@ from phi3v.eval.generation import (
     prompt_lengths,
 )
 from phi3v.eval.loss import evaluation_loss
+from phi3v.train.loading import precision_dtype
 
 logger = logging.getLogger(__name__)
-
-
-def precision_dtype(args) -> torch.dtype | None:
-    """The training precision, for autocast in evaluation: bf16, fp16, or None (fp32)."""
-    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
 
 
 class EvaluationMixin:
@@ -50,10 +46,8 @@ class EvaluationMixin:
                 next(model.parameters()).device != self.args.device:
             model.to(self.args.device)
         zero3 = is_deepspeed_zero3_enabled()
-        gathered = contextlib.nullcontext()
-        if zero3 and self.deepspeed is None:
-            # ZeRO-3 before training: no engine yet to gather the weights; each module's, around its forward
-            gathered = gathered_per_module(model)
+        # ZeRO-3 before training: no engine yet to gather the weights; each module's, around its forward
+        gathered = gathered_per_module(model) if zero3 and self.deepspeed is None else contextlib.nullcontext()
         autocast_dtype = precision_dtype(self.args)
         batch_size = self.generation_batch_size or self.eval_batch_size_for(dataset, model, autocast_dtype)
         with gathered:
