@@ -62,11 +62,9 @@ class EvaluationMixin:
                                        self.args.dataloader_num_workers, autocast_dtype)
         metrics = {}
         if predictions is not None:  # rank 0
-            metrics = {f"{metric_key_prefix}_{k}": v for k, v in self.task_metric(predictions).items()}
-            if loss is not None:
-                metrics[f"{metric_key_prefix}_loss"] = loss
-            metrics[f"{metric_key_prefix}_samples"] = len(predictions)
-            metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 2)
+            results = {**self.task_metric(predictions), **({} if loss is None else {"loss": loss}),
+                       "samples": len(predictions), "runtime": round(time.time() - start, 2)}
+            metrics = {f"{metric_key_prefix}_{k}": v for k, v in results.items()}
             Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
             with open(Path(self.args.output_dir) / f"{metric_key_prefix}.json", "w") as f:
                 json.dump({"metrics": metrics, "predictions": predictions}, f, indent=1, ensure_ascii=False)
