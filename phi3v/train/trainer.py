@@ -177,7 +177,5 @@ class Phi3VTrainer(EvaluationMixin, CheckpointsMixin, PublishingMixin, Trainer):
         """Optimizer steps this run will make in total (as Trainer computes them)."""
         if self.args.max_steps > 0:
             return self.args.max_steps
-        batches = len(self.get_train_dataloader())
-        per_epoch = max(batches // self.args.gradient_accumulation_steps
-                        + int(batches % self.args.gradient_accumulation_steps > 0), 1)
+        per_epoch = max(math.ceil(len(self.get_train_dataloader()) / self.args.gradient_accumulation_steps), 1)
         return math.ceil(self.args.num_train_epochs * per_epoch)
