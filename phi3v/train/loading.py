@@ -159,14 +159,10 @@ class AdapterModel(PeftModelForCausalLM):
 
 
 def weights_device_map(quantized: bool, training_args: RecipeTrainingArguments, cuda: bool, zero3: bool):
-    """Where from_pretrained puts the weights.
-
-    - QLoRA: bitsandbytes places the weights while quantizing them, on this process's GPU.
-    - DDP, ZeRO-2: straight to this process's GPU (N processes on a host would otherwise each hold a full copy in
-      RAM first).
-    - ZeRO-3 and FSDP: nowhere in particular (None): they shard the weights themselves; a per-GPU map would put
-      the whole model on every GPU first (and with FSDP's cpu_ram_efficient_loading, ranks > 0 load no weights).
-    """
+    """Where from_pretrained puts the weights: QLoRA, this process's GPU (bitsandbytes places them as it quantizes);
+    DDP and ZeRO-2, the same (N processes on a host would otherwise each hold a full copy in RAM first); ZeRO-3 and
+    FSDP, nowhere in particular (None): they shard the weights themselves, and a per-GPU map would put the whole
+    model on every GPU first (with FSDP's cpu_ram_efficient_loading, ranks > 0 load no weights)."""
     if quantized:
         return {"": training_args.local_process_index if cuda else "cpu"}
     if cuda and not zero3 and not training_args.fsdp:
