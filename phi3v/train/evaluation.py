@@ -79,7 +79,6 @@ class EvaluationMixin:
     def eval_batch_size_for(self, dataset, model, autocast_dtype: torch.dtype | None) -> int:
         """Prompts per generate() call: the longest prompt's KV cache (+ max_new_tokens) times the batch fits the
         budget (the same on every rank: the lengths are the whole dataset's, the budget the smallest rank's)."""
-        config = getattr(model, "config", None) or self.model.config
         dtype = autocast_dtype or next(model.parameters()).dtype
         budget = kv_cache_budget_bytes(self.args.device, getattr(self.args, "eval_kv_cache_gb", None))
         if dist.is_available() and dist.is_initialized():
@@ -87,7 +86,7 @@ class EvaluationMixin:
             dist.all_gather_object(shared, budget)
             budget = min(shared)
         longest = max(prompt_lengths(dataset), default=1)
-        size = eval_batch_size(config, longest, self.max_new_tokens, dtype, budget)
+        size = eval_batch_size(model.config, longest, self.max_new_tokens, dtype, budget)
         logger.info(f"evaluation batch {size} prompts per process: KV cache of {longest} + {self.max_new_tokens} "
                     f"tokens in {str(dtype).removeprefix('torch.')} within {budget / 2**30:.1f} GiB "
                     "(--eval_kv_cache_gb; --eval_batch_size to override)")
