@@ -34,8 +34,7 @@ class CarryEarlierLogs(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        earlier = [entry for entry in self.trainer._earlier_logs if entry not in state.log_history]
-        state.log_history[:0] = earlier
+        state.log_history[:0] = [entry for entry in self.trainer._earlier_logs if entry not in state.log_history]
         self.trainer._training_started = True
         deferred, self.trainer._deferred_evaluations = self.trainer._deferred_evaluations, []
         for dataset, prefix in deferred:
