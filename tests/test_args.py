@@ -39,7 +39,7 @@ def test_original_defaults():
 ])
 def test_original_mode_flags_map_to_one_mode(argv, mode, vision_frozen):
     model, _, _ = parse(*argv)
-    assert (model.tuning_mode, model.vision_frozen) == (mode, vision_frozen)
+    assert (model.tuning_mode, model.freeze_vision_model) == (mode, vision_frozen)
 
 
 def test_original_spellings():

@@ -121,10 +121,9 @@ class ModelArguments:
             raise ValueError(f"--lora_rank {self.lora_rank} x --lora_alpha_ratio {self.lora_alpha_ratio} rounds to a "
                              "LoRA alpha of 0 (adapters that change nothing): raise the ratio or pass --lora_alpha")
         if not self.use_lora:
-            lora_only = [flag for flag, value in (
-                ("--lora_target_modules", self.lora_target_modules), ("--lora_exclude_modules",
-                 self.lora_exclude_modules), ("--lora_modules_to_save", self.lora_modules_to_save),
-                ("--use_dora", self.use_dora), ("--use_rslora", self.use_rslora)) if value]
+            lora_only = [f"--{name}" for name in ("lora_target_modules", "lora_exclude_modules",
+                                                  "lora_modules_to_save", "use_dora", "use_rslora")
+                         if getattr(self, name)]
             if lora_only:
                 raise ValueError(f"{', '.join(lora_only)} need(s) --use_lora (or --use_qlora)")
         if not self.use_qlora and (self.quant_bits is not None or self.double_quant):
@@ -133,10 +132,6 @@ class ModelArguments:
             self.quant_bits = self.quant_bits or 4
             if self.double_quant and self.quant_bits != 4:
                 raise ValueError("--double_quant applies to 4-bit weights only (--quant_bits 4)")
-
-    @property
-    def vision_frozen(self) -> bool:
-        return self.freeze_vision_tower and self.freeze_projector
 
     @property
     def frozen_parts(self) -> set[str]:

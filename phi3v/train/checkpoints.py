@@ -1,4 +1,10 @@
-"""Checkpoints that are either complete or ignored, and a resume that says what it does."""
+"""Checkpoints that are either complete or ignored, and a resume that says what it does.
+
+A checkpoint is written under OUTPUT_DIR/.saving/checkpoint-N, marked complete there (every file flushed, then a
+marker listing each file's size and mtime), and only then renamed to OUTPUT_DIR/checkpoint-N: a crash leaves debris
+in .saving, which the next run clears. A checkpoint-N without our marker is foreign: never deleted, rotated or
+overwritten, resumed only when readable. One whose files differ from its marker is never resumed.
+"""
 
 from __future__ import annotations
 
@@ -22,20 +28,11 @@ logger = logging.getLogger(__name__)
 
 
 COMPLETE_MARKER = "checkpoint_complete.json"
+STAGING = ".saving"
 
 
 class CheckpointWriteError(UserError, OSError):
     """A checkpoint could not be written (disk full, read-only); the earlier ones are intact."""
-
-
-# ------------------------------------------------------------------------------------------------- checkpoints
-#
-# A checkpoint is written under OUTPUT_DIR/.saving/checkpoint-N, marked complete there (every file flushed, then a
-# marker listing each file's size and mtime), and only then renamed to OUTPUT_DIR/checkpoint-N: a crash leaves
-# debris in .saving, which the next run clears. A checkpoint-N without our marker is foreign: never deleted, rotated
-# or overwritten, resumed only when readable. One whose files differ from its marker is never resumed.
-
-STAGING = ".saving"
 
 
 def file_stamps(checkpoint: Path) -> dict[str, list[int]]:
@@ -51,12 +48,8 @@ def is_ours(checkpoint: str | Path) -> bool:
 def is_complete(checkpoint: str | Path) -> bool:
     """True if our marker exists and every file it lists is there with the recorded size and modification time (an
     in-place rewrite of any file, even to the same size, changes the time)."""
-    marker = Path(checkpoint) / COMPLETE_MARKER
-    if not marker.is_file():
-        return False
-    try:
-        files = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError, TypeError):
+    files = recorded(Path(checkpoint) / COMPLETE_MARKER).get("files")
+    if not isinstance(files, dict):
         return False
     stamps = file_stamps(Path(checkpoint))
     return all(isinstance(stamp, list) and stamps.get(name) == stamp for name, stamp in files.items())
@@ -65,12 +58,9 @@ def is_complete(checkpoint: str | Path) -> bool:
 def is_readable_foreign(checkpoint: str | Path) -> bool:
     """A checkpoint without our marker that has a trainer state and weights (stock Trainer layout)."""
     checkpoint = Path(checkpoint)
-    try:
-        json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return any((checkpoint / name).is_file() for name in (
-        "model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors"))
+    return "global_step" in recorded(checkpoint / "trainer_state.json") and any(
+        (checkpoint / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json",
+                                                   "adapter_model.safetensors"))
 
 
 def mark_complete(checkpoint: str | Path, step: int) -> None:

@@ -21,13 +21,9 @@ from phi3v.eval.generation import (
     prompt_lengths,
 )
 from phi3v.eval.loss import evaluation_loss
+from phi3v.train.loading import precision_dtype
 
 logger = logging.getLogger(__name__)
-
-
-def precision_dtype(args) -> torch.dtype | None:
-    """The training precision, for autocast in evaluation: bf16, fp16, or None (fp32)."""
-    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
 
 
 class EvaluationMixin:
@@ -50,10 +46,8 @@ class EvaluationMixin:
                 next(model.parameters()).device != self.args.device:
             model.to(self.args.device)
         zero3 = is_deepspeed_zero3_enabled()
-        gathered = contextlib.nullcontext()
-        if zero3 and self.deepspeed is None:
-            # ZeRO-3 before training: no engine yet to gather the weights; each module's, around its forward
-            gathered = gathered_per_module(model)
+        # ZeRO-3 before training: no engine yet to gather the weights; each module's, around its forward
+        gathered = gathered_per_module(model) if zero3 and self.deepspeed is None else contextlib.nullcontext()
         autocast_dtype = precision_dtype(self.args)
         batch_size = self.generation_batch_size or self.eval_batch_size_for(dataset, model, autocast_dtype)
         with gathered:
@@ -68,11 +62,9 @@ class EvaluationMixin:
                                        self.args.dataloader_num_workers, autocast_dtype)
         metrics = {}
         if predictions is not None:  # rank 0
-            metrics = {f"{metric_key_prefix}_{k}": v for k, v in self.task_metric(predictions).items()}
-            if loss is not None:
-                metrics[f"{metric_key_prefix}_loss"] = loss
-            metrics[f"{metric_key_prefix}_samples"] = len(predictions)
-            metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 2)
+            results = {**self.task_metric(predictions), **({} if loss is None else {"loss": loss}),
+                       "samples": len(predictions), "runtime": round(time.time() - start, 2)}
+            metrics = {f"{metric_key_prefix}_{k}": v for k, v in results.items()}
             Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
             with open(Path(self.args.output_dir) / f"{metric_key_prefix}.json", "w") as f:
                 json.dump({"metrics": metrics, "predictions": predictions}, f, indent=1, ensure_ascii=False)
@@ -87,7 +79,6 @@ class EvaluationMixin:
     def eval_batch_size_for(self, dataset, model, autocast_dtype: torch.dtype | None) -> int:
         """Prompts per generate() call: the longest prompt's KV cache (+ max_new_tokens) times the batch fits the
         budget (the same on every rank: the lengths are the whole dataset's, the budget the smallest rank's)."""
-        config = getattr(model, "config", None) or self.model.config
         dtype = autocast_dtype or next(model.parameters()).dtype
         budget = kv_cache_budget_bytes(self.args.device, getattr(self.args, "eval_kv_cache_gb", None))
         if dist.is_available() and dist.is_initialized():
@@ -95,7 +86,7 @@ class EvaluationMixin:
             dist.all_gather_object(shared, budget)
             budget = min(shared)
         longest = max(prompt_lengths(dataset), default=1)
-        size = eval_batch_size(config, longest, self.max_new_tokens, dtype, budget)
+        size = eval_batch_size(model.config, longest, self.max_new_tokens, dtype, budget)
         logger.info(f"evaluation batch {size} prompts per process: KV cache of {longest} + {self.max_new_tokens} "
                     f"tokens in {str(dtype).removeprefix('torch.')} within {budget / 2**30:.1f} GiB "
                     "(--eval_kv_cache_gb; --eval_batch_size to override)")

@@ -22,7 +22,6 @@ from phi3v.train.training_arguments import RecipeTrainingArguments
 logger = logging.getLogger(__name__)
 
 
-
 def model_family(model: torch.nn.Module) -> ModelFamily:
     return family_of(model.config.model_type)
 
@@ -39,11 +38,10 @@ def load_processor(model_args: ModelArguments):
 def model_dtype(model_args: ModelArguments, training_args: RecipeTrainingArguments | None = None) -> torch.dtype:
     """Weights dtype. Original rule for `auto`: bf16 with flash attention, else fp32 (mixed precision on top).
 
-    One exception: full and frozen_vision fine-tuning without DeepSpeed (--deepspeed none, FSDP) load fp32 weights
-    even with flash attention. AdamW then updates fp32 master weights, and autocast hands flash attention its bf16
-    inputs; on bf16 weights, updates below bf16's resolution (1/256 of a weight: most of them at lr 4e-5) are lost.
-    DeepSpeed keeps fp32 master copies itself, and LoRA trains fp32 adapters on a frozen base, so those load bf16.
-    An explicit half-precision --torch_dtype for such a run is refused for the same reason.
+    Except that full and frozen_vision fine-tuning without DeepSpeed (--deepspeed none, FSDP) load fp32 even with
+    flash attention (an explicit half-precision --torch_dtype is refused): AdamW updates below bf16's resolution
+    (1/256 of a weight: most of them at lr 4e-5) would be lost. DeepSpeed keeps fp32 master copies itself, and LoRA
+    trains fp32 adapters on a frozen base.
     """
     trains_base_without_master = (training_args is not None and model_args.tuning_mode in ("full", "frozen_vision")
                                   and not training_args.deepspeed)
@@ -62,8 +60,9 @@ def model_dtype(model_args: ModelArguments, training_args: RecipeTrainingArgumen
     return torch.bfloat16 if model_args.attn_implementation == "flash_attention_2" else torch.float32
 
 
-def compute_dtype(training_args: RecipeTrainingArguments) -> torch.dtype:
-    return torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+def precision_dtype(args) -> torch.dtype | None:
+    """The training precision (--bf16, --fp16), for autocast and 4-bit compute: bf16, fp16, or None (fp32)."""
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
 
 
 def get_quantization_config(model_args: ModelArguments, training_args: RecipeTrainingArguments, family: ModelFamily):
@@ -75,7 +74,7 @@ def get_quantization_config(model_args: ModelArguments, training_args: RecipeTra
     if model_args.quant_bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_compute_dtype=compute_dtype(training_args),
+                              bnb_4bit_compute_dtype=precision_dtype(training_args) or torch.float32,
                               bnb_4bit_use_double_quant=model_args.double_quant, llm_int8_skip_modules=skip)
 
 
@@ -102,13 +101,12 @@ def used_linear_modules(model: torch.nn.Module) -> list[str]:
 
 def modules_to_save(model: torch.nn.Module, model_args: ModelArguments) -> list[str]:
     """Full paths of --lora_modules_to_save, each matching at least one module, none in a frozen part."""
-    paths = []
+    paths, part_of = [], model_family(model).part_of
     for name in model_args.lora_modules_to_save or []:
         found = [path for path, _ in model.named_modules() if path == name or path.endswith("." + name)]
         if not found:
             raise UserError(f"--lora_modules_to_save {name}: no module of the model is called that (e.g. "
                             "img_projection, lm_head, embed_tokens)")
-        part_of = model_family(model).part_of
         frozen = [path for path in found if part_of(path + ".") in model_args.frozen_parts]
         if frozen:
             raise UserError(f"--lora_modules_to_save {name}: {frozen[0]} is in a frozen part "
@@ -161,27 +159,15 @@ class AdapterModel(PeftModelForCausalLM):
 
 
 def weights_device_map(quantized: bool, training_args: RecipeTrainingArguments, cuda: bool, zero3: bool):
-    """Where from_pretrained puts the weights.
-
-    - QLoRA: bitsandbytes places the weights while quantizing them, on this process's GPU.
-    - DDP, ZeRO-2: straight to this process's GPU (N processes on a host would otherwise each hold a full copy in
-      RAM first).
-    - ZeRO-3 and FSDP: nowhere in particular (None): they shard the weights themselves; a per-GPU map would put
-      the whole model on every GPU first (and with FSDP's cpu_ram_efficient_loading, ranks > 0 load no weights).
-    """
+    """Where from_pretrained puts the weights: QLoRA, this process's GPU (bitsandbytes places them as it quantizes);
+    DDP and ZeRO-2, the same (N processes on a host would otherwise each hold a full copy in RAM first); ZeRO-3 and
+    FSDP, nowhere in particular (None): they shard the weights themselves, and a per-GPU map would put the whole
+    model on every GPU first (with FSDP's cpu_ram_efficient_loading, ranks > 0 load no weights)."""
     if quantized:
         return {"": training_args.local_process_index if cuda else "cpu"}
     if cuda and not zero3 and not training_args.fsdp:
         return {"": training_args.local_process_index}
     return None
-
-
-def freeze_parts(model: torch.nn.Module, model_args: ModelArguments) -> None:
-    """requires_grad off for the frozen parts (--freeze_vision_tower, --freeze_projector, --freeze_llm)."""
-    part_of = model_family(model).part_of
-    for name, param in model.named_parameters():
-        if part_of(name) in model_args.frozen_parts:
-            param.requires_grad_(False)
 
 
 def load_model(model_args: ModelArguments, training_args: RecipeTrainingArguments):
@@ -203,13 +189,20 @@ def load_model(model_args: ModelArguments, training_args: RecipeTrainingArgument
     model.config.use_cache = False  # training; generation turns it back on
     for param in family.unused_parameters(model):
         param.requires_grad_(False)  # in the checkpoint, never in the computation: DDP needs no unused-param search
-    freeze_parts(model, model_args)  # --freeze_vision_model: CLIP + projector + separators; embed_tokens trains
+    for name, param in model.named_parameters():  # --freeze_vision_model: CLIP + projector; embed_tokens trains
+        if family.part_of(name) in model_args.frozen_parts:
+            param.requires_grad_(False)
     if quantization_config is not None:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=training_args.gradient_checkpointing,
             gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs,
         )
-        keep_4bit_layout_for_training(model)
+        # bitsandbytes (0.50) on a CPU with AVX512-BF16 repacks a 4-bit layer in place the first time it runs in
+        # eval mode without gradients (the evaluation before training), into a layout its training forward fails on
+        # ("a view of a leaf Variable that requires grad"): training keeps the layout it quantized to
+        for module in model.modules():
+            if getattr(module, "support_avx512bf16_for_cpu", False):
+                module.support_avx512bf16_for_cpu = False
     peft_config = get_peft_config(model_args, model)
     if peft_config is not None:
         model = AdapterModel(model, peft_config)
@@ -217,17 +210,7 @@ def load_model(model_args: ModelArguments, training_args: RecipeTrainingArgument
     return model
 
 
-def keep_4bit_layout_for_training(model: torch.nn.Module) -> None:
-    """bitsandbytes (0.50) on a CPU with AVX512-BF16 repacks a 4-bit layer's weights in place the first time it runs
-    in eval mode without gradients (the evaluation before training), into a layout its training forward then fails
-    on ("a view of a leaf Variable that requires grad"), and which needs in_features >= 64; training keeps the
-    layout it quantized to."""
-    for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
-
-
-def log_parameter_counts(model: torch.nn.Module, model_args: ModelArguments) -> dict[str, tuple[int, int]]:
+def log_parameter_counts(model: torch.nn.Module, model_args: ModelArguments) -> None:
     """Log trainable/total parameters per part and check them against the flags (a mis-targeted LoRA or a freeze
     that froze nothing is a common silent failure)."""
     part_of = model_family(model).part_of
@@ -243,4 +226,3 @@ def log_parameter_counts(model: torch.nn.Module, model_args: ModelArguments) -> 
             raise RuntimeError(f"{part} is frozen but {part_trainable:,} of its parameters are trainable")
         if not model_args.use_lora and part not in model_args.frozen_parts and not part_trainable:
             raise RuntimeError(f"{part} should train in full but none of its parameters is trainable")
-    return counts

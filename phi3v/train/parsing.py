@@ -143,8 +143,6 @@ def run_record(data_class: type, argv: list[str], model_args: ModelArguments, da
             "frozen": sorted(model_args.frozen_parts), "data": data, "command": shlex.join(["python", script, *argv])}
 
 
-# ------------------------------------------------------------------------------------------------- config files
-
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 
@@ -189,12 +187,10 @@ def read_config(path: str) -> dict:
             settings = yaml.safe_load(text)
     except Exception as error:  # json.JSONDecodeError, yaml.YAMLError
         raise UserError(f"config file {path} could not be read: {str(error).splitlines()[0]}") from None
-    if settings is None:
-        return {}
-    if not isinstance(settings, dict):
+    if not isinstance(settings, dict | None):  # None: an empty file
         raise UserError(f"config file {path} must hold a mapping of flag names to values, "
                         f"got {type(settings).__name__}")
-    return settings
+    return settings or {}
 
 
 def config_flags(settings: dict, path: str, groups: tuple[type, ...]) -> list[str]:

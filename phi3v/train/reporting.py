@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -63,14 +64,12 @@ def one_line_warnings() -> None:
     shown: set[tuple[type, str]] = set()
 
     def show_once(message, category, filename, lineno, file=None, line=None):
-        first = str(message).strip().splitlines()[0] if str(message).strip() else ""
+        first = next(iter(str(message).strip().splitlines()), "")
         if (category, first) in shown:
             return
         shown.add((category, first))
-        try:
+        with contextlib.suppress(OSError):  # a closed stderr must not turn a warning into a crash
             (file or sys.stderr).write(f"{category.__name__}: {first} ({os.path.basename(filename)}:{lineno})\n")
-        except OSError:  # a closed stderr must not turn a warning into a crash
-            pass
 
     show_once.is_phi3v = True
     warnings.showwarning = show_once
@@ -110,15 +109,10 @@ def log_config(*argument_groups) -> None:
     for args in argument_groups:
         try:
             baseline = type(args)()  # the defaults, derived fields filled the same way
-        except Exception:  # a group with required fields: compare with the declared defaults
+        except Exception:  # a group with required fields: compare with the declared defaults (getattr's default)
             baseline = None
-        changed = {}
-        for f in dataclasses.fields(args):
-            if not f.init or f.name.startswith("_"):
-                continue
-            default = getattr(baseline, f.name) if baseline is not None else f.default
-            if getattr(args, f.name) != default:
-                changed[f.name] = getattr(args, f.name)
+        changed = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init
+                   and not f.name.startswith("_") and getattr(args, f.name) != getattr(baseline, f.name, f.default)}
         logger.info(f"{type(args).__name__}: {changed}")
 
 

@@ -34,8 +34,7 @@ class CarryEarlierLogs(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        earlier = [entry for entry in self.trainer._earlier_logs if entry not in state.log_history]
-        state.log_history[:0] = earlier
+        state.log_history[:0] = [entry for entry in self.trainer._earlier_logs if entry not in state.log_history]
         self.trainer._training_started = True
         deferred, self.trainer._deferred_evaluations = self.trainer._deferred_evaluations, []
         for dataset, prefix in deferred:
@@ -177,7 +176,5 @@ class Phi3VTrainer(EvaluationMixin, CheckpointsMixin, PublishingMixin, Trainer):
         """Optimizer steps this run will make in total (as Trainer computes them)."""
         if self.args.max_steps > 0:
             return self.args.max_steps
-        batches = len(self.get_train_dataloader())
-        per_epoch = max(batches // self.args.gradient_accumulation_steps
-                        + int(batches % self.args.gradient_accumulation_steps > 0), 1)
+        per_epoch = max(math.ceil(len(self.get_train_dataloader()) / self.args.gradient_accumulation_steps), 1)
         return math.ceil(self.args.num_train_epochs * per_epoch)

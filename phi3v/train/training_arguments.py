@@ -129,12 +129,9 @@ class RecipeTrainingArguments(TrainingArguments):
 
 
 def single_process_launch_env(environ) -> dict[str, str]:
-    """What a launcher would export for one process, when no launcher did (plain `python script.py --deepspeed`).
-
-    DeepSpeed reads RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT from the environment; without them it falls back
-    to MPI discovery and dies with "No module named 'mpi4py'". One process on one GPU needs no launcher, so we
-    export those of a single-process group (on a free local port). Under torchrun/deepspeed/accelerate: nothing.
-    """
+    """What a launcher would export for one process (on a free local port), when none did (plain `python script.py
+    --deepspeed`): without RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT DeepSpeed falls back to MPI discovery and
+    dies with "No module named 'mpi4py'". Under torchrun/deepspeed/accelerate: nothing."""
     if any(name in environ for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")):
         return {}
     with socket.socket() as probe:
