@@ -20,13 +20,9 @@ import torch
 from PIL import Image
 from transformers import BatchFeature, PreTrainedTokenizerFast
 
-from phi3v.common.errors import Unavailable
-from phi3v.common.hub import UNREACHABLE, hub_kwargs, offline_message
-from phi3v.models.family import encode_with_images
+from phi3v.models.family import Processor, encode_with_images, load_pretrained
 from phi3v.models.phi3_v.collator import Phi3VCollator
 from phi3v.models.phi3_v.image_processing import Phi3VImageProcessor
-
-END_TOKENS = ("<|end|>", "<|endoftext|>")  # a chat turn ends with <|end|>; <|endoftext|> ends the document
 
 
 def tokenizer_class(directory: Path) -> str:
@@ -49,10 +45,11 @@ def tokenizer_class(directory: Path) -> str:
     return "LlamaTokenizer" if model_type == "phi3_v" else "PreTrainedTokenizerFast"
 
 
-class Phi3VProcessor:
+class Phi3VProcessor(Processor):
     """Image processor + tokenizer, loaded from (and saved to) an official-layout checkpoint directory."""
 
     model_input_names = ["input_ids", "attention_mask", "pixel_values", "image_sizes"]
+    collator_class = Phi3VCollator
 
     def __init__(self, image_processor: Phi3VImageProcessor, tokenizer):
         self.image_processor = image_processor
@@ -70,14 +67,7 @@ class Phi3VProcessor:
         tokenizer.json over it.
         """
         image_processor = Phi3VImageProcessor.from_pretrained(path, num_crops=num_crops)
-        offline = hub_kwargs(path)
-        try:
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(path, **{**offline, **kwargs})
-        except OSError as error:
-            if Path(path).is_dir():
-                raise
-            raise Unavailable(offline_message(str(path), UNREACHABLE if offline else error)) from error
-        return cls(image_processor, tokenizer)
+        return cls(image_processor, load_pretrained(PreTrainedTokenizerFast.from_pretrained, path, **kwargs))
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write preprocessor_config.json and the tokenizer files in a form transformers 4.x and 5.x both read.
@@ -149,17 +139,3 @@ class Phi3VProcessor:
         if return_tensors == "pt":
             out = {k: v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.long) for k, v in out.items()}
         return BatchFeature(out)
-
-    def collator(self, padding_side: str = "right") -> Phi3VCollator:
-        """Batches this processor's examples (left-padded for generation)."""
-        return Phi3VCollator(self.tokenizer.pad_token_id, padding_side)
-
-    def decode(self, ids, **kwargs) -> str:
-        return self.tokenizer.decode(ids, **kwargs)
-
-    def batch_decode(self, ids, **kwargs) -> list[str]:
-        return self.tokenizer.batch_decode(ids, **kwargs)
-
-    def end_token_ids(self) -> list[int]:
-        """Ids that end a generated answer: <|end|> and <|endoftext|>."""
-        return [self.tokenizer.convert_tokens_to_ids(t) for t in END_TOKENS]
