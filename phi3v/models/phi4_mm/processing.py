@@ -17,6 +17,7 @@ import os
 
 import torch
 from PIL import Image
+from torch.nn.utils.rnn import pad_sequence
 from transformers import BatchFeature, Phi4MultimodalProcessor
 
 from phi3v.models.collate import Collator
@@ -74,13 +75,10 @@ class Phi4MMCollator(Collator):
         with_images = [e for e in examples if e.get("image_pixel_values") is not None]
         if not with_images:
             return {}
-        crops = max(e["image_pixel_values"].shape[1] for e in with_images)
-        pixels, masks = [], []
-        for e in with_images:
-            missing = crops - e["image_pixel_values"].shape[1]
-            pixels.append(torch.nn.functional.pad(e["image_pixel_values"], (0, 0, 0, 0, 0, 0, 0, missing)))
-            masks.append(torch.nn.functional.pad(e["image_attention_mask"], (0, 0, 0, 0, 0, missing), value=1))
-        return {"image_pixel_values": torch.cat(pixels), "image_attention_mask": torch.cat(masks),
+        pixels = [image for e in with_images for image in e["image_pixel_values"]]  # (crops, 3, 448, 448) each
+        masks = [image for e in with_images for image in e["image_attention_mask"]]  # (crops, 32, 32) each
+        return {"image_pixel_values": pad_sequence(pixels, batch_first=True),
+                "image_attention_mask": pad_sequence(masks, batch_first=True, padding_value=1),
                 "image_sizes": torch.cat([e["image_sizes"] for e in with_images])}
 
 
