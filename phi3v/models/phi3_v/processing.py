@@ -29,16 +29,14 @@ def tokenizer_class(directory: Path) -> str:
     """The tokenizer_class for the tokenizer_config.json of `directory`: one that makes transformers 4.x and 5.x
     both load tokenizer.json as it is, so that the folder tokenizes exactly as its base.
 
-    Measured with transformers 5.24 and the real vocabulary (llama.cpp's 47 test strings + 2 chat prompts): 5.x's
-    AutoTokenizer takes the class from config.json's model_type where there is one (phi3_v -> tokenizer.json as
-    it is, whatever the name), else from this name. Its LlamaTokenizer rebuilds the pipeline from the vocabulary
-    with no normalizer, so a LoRA folder (no config.json) named "LlamaTokenizer" lost the "▁" after each special
-    token ("<|user|>\n" -> [32010, 13], not [32010, 29871, 13]): 17 of 49 strings differ, 15 with legacy true,
-    47 with add_prefix_space false; "PreTrainedTokenizerFast" (and "TokenizersBackend", which 4.x does not know)
-    differ in none. transformers 4.x reads tokenizer.json as it is under either name (LlamaTokenizerFast or
-    PreTrainedTokenizerFast), but the official processor code (4.x remote code, vLLM) loads a LlamaTokenizerFast
-    and warns of "unexpected tokenization" when the config names another class. Hence the official
-    "LlamaTokenizer" in a phi3_v model folder, which 4.x and vLLM serve, and "PreTrainedTokenizerFast" elsewhere.
+    Measured with transformers 5.24 and the real vocabulary (llama.cpp's 47 test strings + 2 chat prompts): 5.x
+    takes the class from config.json's model_type where there is one (phi3_v: tokenizer.json as it is), else from
+    this name. Its LlamaTokenizer rebuilds the pipeline with no normalizer, so in a LoRA folder (no config.json)
+    "LlamaTokenizer" loses the "▁" after each special token: 17 of 49 strings differ (15 with legacy true, 47 with
+    add_prefix_space false), none under "PreTrainedTokenizerFast" (or "TokenizersBackend", which 4.x does not know).
+    4.x reads tokenizer.json as it is under either name, but the official processor code (4.x remote code, vLLM)
+    warns of "unexpected tokenization" unless it is a LlamaTokenizer. Hence "LlamaTokenizer" in a phi3_v model
+    folder, "PreTrainedTokenizerFast" elsewhere.
     """
     config = Path(directory) / "config.json"
     model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
@@ -59,12 +57,10 @@ class Phi3VProcessor(Processor):
     def from_pretrained(cls, path: str | os.PathLike, num_crops: int | None = None, **kwargs) -> Phi3VProcessor:
         """Load `preprocessor_config.json` and the tokenizer files; `num_crops` overrides the saved value.
 
-        The tokenizer is tokenizer.json as it is, whatever class tokenizer_config.json names (transformers 5's
-        AutoTokenizer rebuilds a "LlamaTokenizer" differently where config.json is missing, see tokenizer_class), so
-        LoRA folders written before that name was fixed load right too; and no config.json is read (its auto_map
-        made AutoTokenizer ask whether to run the official *.py files). A model merged by phi3v.export before that
-        fix holds the rebuilt tokenizer.json itself (no normalizer): export it again, or copy the base's
-        tokenizer.json over it.
+        The tokenizer is tokenizer.json as it is, whatever class tokenizer_config.json names (see tokenizer_class),
+        so LoRA folders written before that name was fixed load right too; no config.json is read (its auto_map made
+        AutoTokenizer ask whether to run the official *.py files). A model merged by phi3v.export before that fix
+        holds the rebuilt tokenizer.json itself (no normalizer): export it again, or copy the base's over it.
         """
         image_processor = Phi3VImageProcessor.from_pretrained(path, num_crops=num_crops)
         return cls(image_processor, load_pretrained(PreTrainedTokenizerFast.from_pretrained, path, **kwargs))
@@ -76,10 +72,9 @@ class Phi3VProcessor(Processor):
         depends on the folder's config.json (see tokenizer_class). tokenizer_config.json also gets `chat_template`
         (transformers 5 also writes chat_template.jinja and reads either), and `additional_special_tokens` instead
         of transformers 5's list-valued `extra_special_tokens`, which 4.x releases that expect a dict there crash
-        on (vLLM servers).
-        special_tokens_map.json is written as in the official repo. processor_config.json is left to
-        layout.py, which writes it with the auto_map 4.x needs (without one, 4.x AutoProcessor silently
-        returns the tokenizer).
+        on (vLLM servers). special_tokens_map.json is written as in the official repo; processor_config.json is left
+        to layout.py, which writes it with the auto_map 4.x needs (without one, 4.x AutoProcessor silently returns
+        the tokenizer).
         """
         directory = Path(directory)
         self.image_processor.save_pretrained(directory)
@@ -109,9 +104,8 @@ class Phi3VProcessor(Processor):
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """Render messages ({"role", "content"} with string content) to the prompt string; BOS comes later."""
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
 
     def encode(self, text: str, image_tokens: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids and character spans of `text`, image tag k expanded to image_tokens[k-1] placeholders -k, each

@@ -66,17 +66,16 @@ def num_image_tokens(width: int, height: int, max_crops: int) -> int:
 
 
 class Phi4MMCollator(Collator):
-    """Examples of any length and number of images -> one batch, as Phi4MultimodalProcessor batches them: the text
-    as phi3v.models.collate pads it; image_pixel_values (N, crops, 3, 448, 448), image_attention_mask
-    (N, crops, 32, 32), image_sizes (N, 2): every image of the batch in order, crops padded to the batch's largest
-    image with pixels 0 / mask 1."""
+    """Examples -> one batch, as Phi4MultimodalProcessor batches them: the text as phi3v.models.collate pads it;
+    image_pixel_values (N, crops, 3, 448, 448), image_attention_mask (N, crops, 32, 32), image_sizes (N, 2) of every
+    image in order, crops padded to the batch's largest image with pixels 0 / mask 1."""
 
     def images(self, examples: list[dict]) -> dict:
         with_images = [e for e in examples if e.get("image_pixel_values") is not None]
         if not with_images:
             return {}
-        pixels = [image for e in with_images for image in e["image_pixel_values"]]  # (crops, 3, 448, 448) each
-        masks = [image for e in with_images for image in e["image_attention_mask"]]  # (crops, 32, 32) each
+        pixels = [image for e in with_images for image in e["image_pixel_values"]]
+        masks = [image for e in with_images for image in e["image_attention_mask"]]
         return {"image_pixel_values": pad_sequence(pixels, batch_first=True),
                 "image_attention_mask": pad_sequence(masks, batch_first=True, padding_value=1),
                 "image_sizes": torch.cat([e["image_sizes"] for e in with_images])}
