@@ -44,12 +44,10 @@ def check_image_tags(text: str, num_images: int) -> None:
     tags = [int(k) for k in IMAGE_TAG.findall(text)]
     if tags != list(range(1, num_images + 1)):
         shown = ", ".join(f"<|image_{k}|>" for k in tags) or "no image tags"
-        raise ValueError(
-            f"the prompt has {shown} but {num_images} image(s) were given: it must reference "
-            f"<|image_1|> ... <|image_{num_images}|> exactly once each, in increasing order"
-            if num_images
-            else f"the prompt has {shown} but no images were given"
-        )
+        if not num_images:
+            raise ValueError(f"the prompt has {shown} but no images were given")
+        raise ValueError(f"the prompt has {shown} but {num_images} image(s) were given: it must reference "
+                         f"<|image_1|> ... <|image_{num_images}|> exactly once each, in increasing order")
 
 
 def encode_with_images(tokenizer, text: str, image_tokens: list[int], placeholder: Callable[[int], int],
