@@ -124,10 +124,8 @@ class Phi3VProcessor(Processor):
             raise TypeError("Phi3VProcessor takes one prompt string; batch prompts with phi3v.collator")
         images = [images] if isinstance(images, Image.Image) else list(images or [])
         data = self.image_processor(images) if images else {"num_img_tokens": []}
-        ids, spans = self.encode(text, data["num_img_tokens"])
-        out = {"input_ids": [ids], "attention_mask": [[1] * len(ids)]}
-        if images:
-            out.update(pixel_values=data["pixel_values"], image_sizes=data["image_sizes"])
+        ids, spans = self.encode(text, data.pop("num_img_tokens"))
+        out = {"input_ids": [ids], "attention_mask": [[1] * len(ids)], **data}  # data: pixel_values, image_sizes
         if return_offsets_mapping:
             out["offset_mapping"] = [spans]
         if return_tensors == "pt":
