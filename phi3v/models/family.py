@@ -80,9 +80,19 @@ def load_pretrained(load: Callable, path: str | os.PathLike, **kwargs):
 
 
 class Processor:
-    """What every family's processor does the same over its `tokenizer`; a family sets `collator_class`."""
+    """What every family's processor does the same over its `tokenizer` and `image_processor`; a family sets
+    `collator_class` and `crops_setting` (its image processor's name for the largest number of crops per image)."""
 
     collator_class: type
+    crops_setting: str
+
+    @property
+    def num_crops(self) -> int:
+        return getattr(self.image_processor, self.crops_setting)
+
+    @num_crops.setter
+    def num_crops(self, value: int) -> None:
+        setattr(self.image_processor, self.crops_setting, value)
 
     def collator(self, padding_side: str = "right"):
         """Batches this processor's examples (left-padded for generation)."""

@@ -48,6 +48,7 @@ class Phi3VProcessor(Processor):
 
     model_input_names = ["input_ids", "attention_mask", "pixel_values", "image_sizes"]
     collator_class = Phi3VCollator
+    crops_setting = "num_crops"
 
     def __init__(self, image_processor: Phi3VImageProcessor, tokenizer):
         self.image_processor = image_processor
@@ -93,14 +94,6 @@ class Phi3VProcessor(Processor):
         special["additional_special_tokens"] = config["additional_special_tokens"]
         (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
         (directory / "processor_config.json").unlink(missing_ok=True)  # a stale one without auto_map misleads 4.x
-
-    @property
-    def num_crops(self) -> int:
-        return self.image_processor.num_crops
-
-    @num_crops.setter
-    def num_crops(self, value: int) -> None:
-        self.image_processor.num_crops = value
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """Render messages ({"role", "content"} with string content) to the prompt string; BOS comes later."""

@@ -86,6 +86,7 @@ class Phi4MMProcessor(Processor):
     the seam's language: `<|image_k|>` tags, token spans for labels, the length without pixels."""
 
     collator_class = Phi4MMCollator
+    crops_setting = "dynamic_hd"
 
     def __init__(self, native: Phi4MultimodalProcessor):
         self.native = native
@@ -103,14 +104,6 @@ class Phi4MMProcessor(Processor):
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         self.native.save_pretrained(directory)
-
-    @property
-    def num_crops(self) -> int:
-        return self.image_processor.dynamic_hd
-
-    @num_crops.setter
-    def num_crops(self, value: int) -> None:
-        self.image_processor.dynamic_hd = value
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """Render messages ({"role", "content"} with string content). Phi-4's template ends a conversation with
