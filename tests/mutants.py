@@ -159,7 +159,7 @@ MUTANTS = [
            edit("            merge_lora(model, *adapter)\n", "            pass\n"),
            ["tests/test_phi4_mm.py"]),
     Mutant("Phi-4 padding crops masked out", "phi3v/models/phi4_mm/processing.py",
-           edit("(0, 0, 0, 0, 0, missing), value=1)", "(0, 0, 0, 0, 0, missing), value=0)"),
+           edit("padding_value=1)", "padding_value=0)"),
            ["tests/test_phi4_mm.py"]),
 ]
 

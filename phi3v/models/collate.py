@@ -8,6 +8,7 @@ from the true lengths (never from `ids != pad`: the pad id is also the supervise
 from __future__ import annotations
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from phi3v.models.family import IGNORE_INDEX
 
@@ -20,14 +21,7 @@ class Collator:
         self.padding_side = padding_side
 
     def pad(self, sequences: list[torch.Tensor], value: int) -> torch.Tensor:
-        length = max(len(s) for s in sequences)
-        batch = torch.full((len(sequences), length), value, dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            if self.padding_side == "right":
-                batch[row, : len(sequence)] = sequence
-            else:
-                batch[row, length - len(sequence):] = sequence
-        return batch
+        return pad_sequence(sequences, batch_first=True, padding_value=value, padding_side=self.padding_side)
 
     def images(self, examples: list[dict]) -> dict:
         """The image tensors of the batch, every image in example order (the family's model input names)."""

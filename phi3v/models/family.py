@@ -25,26 +25,29 @@ it by the checkpoint's config.json `model_type`. Code outside phi3v/models/ reac
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
+
+from phi3v.common.errors import Unavailable
+from phi3v.common.hub import UNREACHABLE, hub_kwargs, offline_message
 
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")  # image k of a conversation in rendered text, k = 1, 2, ...
 IGNORE_INDEX = -100  # the label of every token the loss skips: prompts, image placeholders, padding
+END_TOKENS = ("<|end|>", "<|endoftext|>")  # a chat turn ends with <|end|>; <|endoftext|> ends the document
 
 
-def check_image_tags(text: str, num_images: int) -> list[int]:
-    """Image numbers of the tags in `text`; raises ValueError unless they are 1..num_images, once each, in order."""
+def check_image_tags(text: str, num_images: int) -> None:
+    """Raises ValueError unless the image tags of `text` are numbered 1..num_images, once each, in order."""
     tags = [int(k) for k in IMAGE_TAG.findall(text)]
     if tags != list(range(1, num_images + 1)):
         shown = ", ".join(f"<|image_{k}|>" for k in tags) or "no image tags"
-        raise ValueError(
-            f"the prompt has {shown} but {num_images} image(s) were given: it must reference "
-            f"<|image_1|> ... <|image_{num_images}|> exactly once each, in increasing order"
-            if num_images
-            else f"the prompt has {shown} but no images were given"
-        )
-    return tags
+        if not num_images:
+            raise ValueError(f"the prompt has {shown} but no images were given")
+        raise ValueError(f"the prompt has {shown} but {num_images} image(s) were given: it must reference "
+                         f"<|image_1|> ... <|image_{num_images}|> exactly once each, in increasing order")
 
 
 def encode_with_images(tokenizer, text: str, image_tokens: list[int], placeholder: Callable[[int], int],
@@ -63,6 +66,47 @@ def encode_with_images(tokenizer, text: str, image_tokens: list[int], placeholde
             spans += [(tag_start, tag_end)] * image_tokens[k - 1]
             start = tag_end
     return ids, spans
+
+
+def load_pretrained(load: Callable, path: str | os.PathLike, **kwargs):
+    """`load(path, **kwargs)`, offline where the Hub is unreachable; a hub id it cannot fetch raises Unavailable."""
+    offline = hub_kwargs(path)
+    try:
+        return load(path, **{**offline, **kwargs})
+    except OSError as error:
+        if Path(path).is_dir():
+            raise
+        raise Unavailable(offline_message(str(path), UNREACHABLE if offline else error)) from error
+
+
+class Processor:
+    """What every family's processor does the same over its `tokenizer` and `image_processor`; a family sets
+    `collator_class` and `crops_setting` (its image processor's name for the largest number of crops per image)."""
+
+    collator_class: type
+    crops_setting: str
+
+    @property
+    def num_crops(self) -> int:
+        return getattr(self.image_processor, self.crops_setting)
+
+    @num_crops.setter
+    def num_crops(self, value: int) -> None:
+        setattr(self.image_processor, self.crops_setting, value)
+
+    def collator(self, padding_side: str = "right"):
+        """Batches this processor's examples (left-padded for generation)."""
+        return self.collator_class(self.tokenizer.pad_token_id, padding_side)
+
+    def decode(self, ids, **kwargs) -> str:
+        return self.tokenizer.decode(ids, **kwargs)
+
+    def batch_decode(self, ids, **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(ids, **kwargs)
+
+    def end_token_ids(self) -> list[int]:
+        """Ids that end a generated answer: <|end|> and <|endoftext|>."""
+        return [self.tokenizer.convert_tokens_to_ids(t) for t in END_TOKENS]
 
 
 @dataclass(frozen=True)

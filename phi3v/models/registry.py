@@ -24,9 +24,8 @@ def family_of(model_type: str | None) -> ModelFamily:
         if model_type in family.model_types:
             return family
     known = ", ".join(t for family in FAMILIES for t in family.model_types)
-    hint = REMOTE_CODE_LAYOUTS.get(model_type, "")
     raise UserError(f"model_type {model_type!r} is not a model family this project fine-tunes (it knows: {known})"
-                    + hint)
+                    + REMOTE_CODE_LAYOUTS.get(model_type, ""))
 
 
 def checkpoint_family(path: str | os.PathLike) -> ModelFamily:

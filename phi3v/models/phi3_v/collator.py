@@ -1,10 +1,6 @@
-"""Batch examples of any length and any number of images (zero included).
-
-Input: ConversationDataset items (`input_ids` (L,), `labels`?, `pixel_values` (n, crops, 3, 336, 336) or None,
-`image_sizes` (n, 2) or None, `sample_id`, `reference`?). Output: `input_ids` and `labels` (-100) padded to (B, max L),
-right for training and left for generation; `attention_mask` from the true lengths (the pad id is also the supervised
-<|endoftext|>); every image of the batch in example order, as the model fills the placeholders; `sample_ids`,
-`references`.
+"""Phi3VCollator: the text as phi3v.models.collate pads it, and every image of the batch in example order, as the
+model fills the placeholders: `pixel_values` (n, crops, 3, 336, 336) and `image_sizes` (n, 2) of each example (None
+without images), concatenated.
 """
 
 from __future__ import annotations

@@ -20,39 +20,35 @@ import torch
 from PIL import Image
 from transformers import BatchFeature, PreTrainedTokenizerFast
 
-from phi3v.common.errors import Unavailable
-from phi3v.common.hub import UNREACHABLE, hub_kwargs, offline_message
-from phi3v.models.family import encode_with_images
+from phi3v.models.family import Processor, encode_with_images, load_pretrained
 from phi3v.models.phi3_v.collator import Phi3VCollator
 from phi3v.models.phi3_v.image_processing import Phi3VImageProcessor
-
-END_TOKENS = ("<|end|>", "<|endoftext|>")  # a chat turn ends with <|end|>; <|endoftext|> ends the document
 
 
 def tokenizer_class(directory: Path) -> str:
     """The tokenizer_class for the tokenizer_config.json of `directory`: one that makes transformers 4.x and 5.x
     both load tokenizer.json as it is, so that the folder tokenizes exactly as its base.
 
-    Measured with transformers 5.24 and the real vocabulary (llama.cpp's 47 test strings + 2 chat prompts): 5.x's
-    AutoTokenizer takes the class from config.json's model_type where there is one (phi3_v -> tokenizer.json as
-    it is, whatever the name), else from this name. Its LlamaTokenizer rebuilds the pipeline from the vocabulary
-    with no normalizer, so a LoRA folder (no config.json) named "LlamaTokenizer" lost the "▁" after each special
-    token ("<|user|>\n" -> [32010, 13], not [32010, 29871, 13]): 17 of 49 strings differ, 15 with legacy true,
-    47 with add_prefix_space false; "PreTrainedTokenizerFast" (and "TokenizersBackend", which 4.x does not know)
-    differ in none. transformers 4.x reads tokenizer.json as it is under either name (LlamaTokenizerFast or
-    PreTrainedTokenizerFast), but the official processor code (4.x remote code, vLLM) loads a LlamaTokenizerFast
-    and warns of "unexpected tokenization" when the config names another class. Hence the official
-    "LlamaTokenizer" in a phi3_v model folder, which 4.x and vLLM serve, and "PreTrainedTokenizerFast" elsewhere.
+    Measured with transformers 5.24 and the real vocabulary (llama.cpp's 47 test strings + 2 chat prompts): 5.x
+    takes the class from config.json's model_type where there is one (phi3_v: tokenizer.json as it is), else from
+    this name. Its LlamaTokenizer rebuilds the pipeline with no normalizer, so in a LoRA folder (no config.json)
+    "LlamaTokenizer" loses the "▁" after each special token: 17 of 49 strings differ (15 with legacy true, 47 with
+    add_prefix_space false), none under "PreTrainedTokenizerFast" (or "TokenizersBackend", which 4.x does not know).
+    4.x reads tokenizer.json as it is under either name, but the official processor code (4.x remote code, vLLM)
+    warns of "unexpected tokenization" unless it is a LlamaTokenizer. Hence "LlamaTokenizer" in a phi3_v model
+    folder, "PreTrainedTokenizerFast" elsewhere.
     """
     config = Path(directory) / "config.json"
     model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
     return "LlamaTokenizer" if model_type == "phi3_v" else "PreTrainedTokenizerFast"
 
 
-class Phi3VProcessor:
+class Phi3VProcessor(Processor):
     """Image processor + tokenizer, loaded from (and saved to) an official-layout checkpoint directory."""
 
     model_input_names = ["input_ids", "attention_mask", "pixel_values", "image_sizes"]
+    collator_class = Phi3VCollator
+    crops_setting = "num_crops"
 
     def __init__(self, image_processor: Phi3VImageProcessor, tokenizer):
         self.image_processor = image_processor
@@ -62,22 +58,13 @@ class Phi3VProcessor:
     def from_pretrained(cls, path: str | os.PathLike, num_crops: int | None = None, **kwargs) -> Phi3VProcessor:
         """Load `preprocessor_config.json` and the tokenizer files; `num_crops` overrides the saved value.
 
-        The tokenizer is tokenizer.json as it is, whatever class tokenizer_config.json names (transformers 5's
-        AutoTokenizer rebuilds a "LlamaTokenizer" differently where config.json is missing, see tokenizer_class), so
-        LoRA folders written before that name was fixed load right too; and no config.json is read (its auto_map
-        made AutoTokenizer ask whether to run the official *.py files). A model merged by phi3v.export before that
-        fix holds the rebuilt tokenizer.json itself (no normalizer): export it again, or copy the base's
-        tokenizer.json over it.
+        The tokenizer is tokenizer.json as it is, whatever class tokenizer_config.json names (see tokenizer_class),
+        so LoRA folders written before that name was fixed load right too; no config.json is read (its auto_map made
+        AutoTokenizer ask whether to run the official *.py files). A model merged by phi3v.export before that fix
+        holds the rebuilt tokenizer.json itself (no normalizer): export it again, or copy the base's over it.
         """
         image_processor = Phi3VImageProcessor.from_pretrained(path, num_crops=num_crops)
-        offline = hub_kwargs(path)
-        try:
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(path, **{**offline, **kwargs})
-        except OSError as error:
-            if Path(path).is_dir():
-                raise
-            raise Unavailable(offline_message(str(path), UNREACHABLE if offline else error)) from error
-        return cls(image_processor, tokenizer)
+        return cls(image_processor, load_pretrained(PreTrainedTokenizerFast.from_pretrained, path, **kwargs))
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write preprocessor_config.json and the tokenizer files in a form transformers 4.x and 5.x both read.
@@ -86,10 +73,9 @@ class Phi3VProcessor:
         depends on the folder's config.json (see tokenizer_class). tokenizer_config.json also gets `chat_template`
         (transformers 5 also writes chat_template.jinja and reads either), and `additional_special_tokens` instead
         of transformers 5's list-valued `extra_special_tokens`, which 4.x releases that expect a dict there crash
-        on (vLLM servers).
-        special_tokens_map.json is written as in the official repo. processor_config.json is left to
-        layout.py, which writes it with the auto_map 4.x needs (without one, 4.x AutoProcessor silently
-        returns the tokenizer).
+        on (vLLM servers). special_tokens_map.json is written as in the official repo; processor_config.json is left
+        to layout.py, which writes it with the auto_map 4.x needs (without one, 4.x AutoProcessor silently returns
+        the tokenizer).
         """
         directory = Path(directory)
         self.image_processor.save_pretrained(directory)
@@ -109,19 +95,10 @@ class Phi3VProcessor:
         (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
         (directory / "processor_config.json").unlink(missing_ok=True)  # a stale one without auto_map misleads 4.x
 
-    @property
-    def num_crops(self) -> int:
-        return self.image_processor.num_crops
-
-    @num_crops.setter
-    def num_crops(self, value: int) -> None:
-        self.image_processor.num_crops = value
-
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """Render messages ({"role", "content"} with string content) to the prompt string; BOS comes later."""
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
 
     def encode(self, text: str, image_tokens: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids and character spans of `text`, image tag k expanded to image_tokens[k-1] placeholders -k, each
@@ -140,26 +117,10 @@ class Phi3VProcessor:
             raise TypeError("Phi3VProcessor takes one prompt string; batch prompts with phi3v.collator")
         images = [images] if isinstance(images, Image.Image) else list(images or [])
         data = self.image_processor(images) if images else {"num_img_tokens": []}
-        ids, spans = self.encode(text, data["num_img_tokens"])
-        out = {"input_ids": [ids], "attention_mask": [[1] * len(ids)]}
-        if images:
-            out.update(pixel_values=data["pixel_values"], image_sizes=data["image_sizes"])
+        ids, spans = self.encode(text, data.pop("num_img_tokens"))
+        out = {"input_ids": [ids], "attention_mask": [[1] * len(ids)], **data}  # data: pixel_values, image_sizes
         if return_offsets_mapping:
             out["offset_mapping"] = [spans]
         if return_tensors == "pt":
             out = {k: v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.long) for k, v in out.items()}
         return BatchFeature(out)
-
-    def collator(self, padding_side: str = "right") -> Phi3VCollator:
-        """Batches this processor's examples (left-padded for generation)."""
-        return Phi3VCollator(self.tokenizer.pad_token_id, padding_side)
-
-    def decode(self, ids, **kwargs) -> str:
-        return self.tokenizer.decode(ids, **kwargs)
-
-    def batch_decode(self, ids, **kwargs) -> list[str]:
-        return self.tokenizer.batch_decode(ids, **kwargs)
-
-    def end_token_ids(self) -> list[int]:
-        """Ids that end a generated answer: <|end|> and <|endoftext|>."""
-        return [self.tokenizer.convert_tokens_to_ids(t) for t in END_TOKENS]

@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import torch
 from PIL import Image
+from torch.nn.utils.rnn import pad_sequence
 from transformers import BatchFeature, Phi4MultimodalProcessor
 
-from phi3v.common.errors import Unavailable
-from phi3v.common.hub import UNREACHABLE, hub_kwargs, offline_message
 from phi3v.models.collate import Collator
-from phi3v.models.family import encode_with_images
+from phi3v.models.family import Processor, encode_with_images, load_pretrained
 
-END_TOKENS = ("<|end|>", "<|endoftext|>")  # a chat turn ends with <|end|>; <|endoftext|> ends the document
 CROP, PATCH = 448, 14  # the image processor's crop and patch sizes; the model's vision config must match them
 
 
@@ -68,9 +65,28 @@ def num_image_tokens(width: int, height: int, max_crops: int) -> int:
     return 256 + 16 + 1 + pooled_h * (pooled_w + 1)
 
 
-class Phi4MMProcessor:
+class Phi4MMCollator(Collator):
+    """Examples -> one batch, as Phi4MultimodalProcessor batches them: the text as phi3v.models.collate pads it;
+    image_pixel_values (N, crops, 3, 448, 448), image_attention_mask (N, crops, 32, 32), image_sizes (N, 2) of every
+    image in order, crops padded to the batch's largest image with pixels 0 / mask 1."""
+
+    def images(self, examples: list[dict]) -> dict:
+        with_images = [e for e in examples if e.get("image_pixel_values") is not None]
+        if not with_images:
+            return {}
+        pixels = [image for e in with_images for image in e["image_pixel_values"]]
+        masks = [image for e in with_images for image in e["image_attention_mask"]]
+        return {"image_pixel_values": pad_sequence(pixels, batch_first=True),
+                "image_attention_mask": pad_sequence(masks, batch_first=True, padding_value=1),
+                "image_sizes": torch.cat([e["image_sizes"] for e in with_images])}
+
+
+class Phi4MMProcessor(Processor):
     """Phi4MultimodalProcessor (image processor + tokenizer, loaded from and saved to the native layout) speaking
     the seam's language: `<|image_k|>` tags, token spans for labels, the length without pixels."""
+
+    collator_class = Phi4MMCollator
+    crops_setting = "dynamic_hd"
 
     def __init__(self, native: Phi4MultimodalProcessor):
         self.native = native
@@ -81,28 +97,13 @@ class Phi4MMProcessor:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, num_crops: int | None = None, **kwargs) -> Phi4MMProcessor:
         """Load the processor files of a native checkpoint; `num_crops` overrides the saved `dynamic_hd`."""
-        offline = hub_kwargs(path)
-        try:
-            native = Phi4MultimodalProcessor.from_pretrained(path, **{**offline, **kwargs})
-        except OSError as error:
-            if Path(path).is_dir():
-                raise
-            raise Unavailable(offline_message(str(path), UNREACHABLE if offline else error)) from error
-        processor = cls(native)
+        processor = cls(load_pretrained(Phi4MultimodalProcessor.from_pretrained, path, **kwargs))
         if num_crops is not None:
             processor.num_crops = num_crops
         return processor
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         self.native.save_pretrained(directory)
-
-    @property
-    def num_crops(self) -> int:
-        return self.image_processor.dynamic_hd
-
-    @num_crops.setter
-    def num_crops(self, value: int) -> None:
-        self.image_processor.dynamic_hd = value
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """Render messages ({"role", "content"} with string content). Phi-4's template ends a conversation with
@@ -136,37 +137,3 @@ class Phi4MMProcessor:
         if return_offsets_mapping:
             out["offset_mapping"] = torch.tensor([spans], dtype=torch.long).view(1, -1, 2)
         return BatchFeature(out)
-
-    def collator(self, padding_side: str = "right") -> Phi4MMCollator:
-        """Batches this processor's examples (left-padded for generation)."""
-        return Phi4MMCollator(self.tokenizer.pad_token_id, padding_side)
-
-    def decode(self, ids, **kwargs) -> str:
-        return self.tokenizer.decode(ids, **kwargs)
-
-    def batch_decode(self, ids, **kwargs) -> list[str]:
-        return self.tokenizer.batch_decode(ids, **kwargs)
-
-    def end_token_ids(self) -> list[int]:
-        """Ids that end a generated answer: <|end|> and <|endoftext|>."""
-        return [self.tokenizer.convert_tokens_to_ids(t) for t in END_TOKENS]
-
-
-class Phi4MMCollator(Collator):
-    """Examples of any length and number of images -> one batch, as Phi4MultimodalProcessor batches them: the text
-    as phi3v.models.collate pads it; image_pixel_values (N, crops, 3, 448, 448), image_attention_mask
-    (N, crops, 32, 32), image_sizes (N, 2): every image of the batch in order, crops padded to the batch's largest
-    image with pixels 0 / mask 1."""
-
-    def images(self, examples: list[dict]) -> dict:
-        with_images = [e for e in examples if e.get("image_pixel_values") is not None]
-        if not with_images:
-            return {}
-        crops = max(e["image_pixel_values"].shape[1] for e in with_images)
-        pixels, masks = [], []
-        for e in with_images:
-            missing = crops - e["image_pixel_values"].shape[1]
-            pixels.append(torch.nn.functional.pad(e["image_pixel_values"], (0, 0, 0, 0, 0, 0, 0, missing)))
-            masks.append(torch.nn.functional.pad(e["image_attention_mask"], (0, 0, 0, 0, 0, missing), value=1))
-        return {"image_pixel_values": torch.cat(pixels), "image_attention_mask": torch.cat(masks),
-                "image_sizes": torch.cat([e["image_sizes"] for e in with_images])}
