@@ -6,7 +6,7 @@ Phi4MultimodalForCausalLM); it changes three things and leaves the modeling to t
 - SigLIP attends both ways. transformers 5.24 marks its attention `is_causal`, which sdpa and flash attention obey
   whenever no patch of the crop batch is masked: each patch then sees only the patches before it, and an image's
   features depend on the other images of its batch. Eager attention ignores the flag.
-- With labels, the LM head runs only where a label is supervised (phi3v.models.phi3_v.modeling.supervised_lm_loss,
+- With labels, the LM head runs only where a label is supervised (phi3v.models.causal_lm.supervised_lm_loss,
   the same loss as the native one on full logits); the logits of a whole sequence over the 200k vocabulary are most
   of a training step's memory.
 - SigLIP runs only on the real crops. A batch pads every image's crops to the largest image's count (pixels 0,
@@ -23,10 +23,8 @@ is a plain native checkpoint that serves without adapters.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import Phi4MultimodalForCausalLM as NativePhi4MultimodalForCausalLM
 from transformers.integrations import is_deepspeed_zero3_enabled
@@ -36,9 +34,9 @@ from transformers.models.phi4_multimodal.modeling_phi4_multimodal import (
     Phi4MultimodalVisionAttention,
 )
 
-from phi3v.common.errors import Unavailable, UserError
-from phi3v.common.hub import UNREACHABLE, hub_kwargs, offline_message, resolve_file
-from phi3v.models.phi3_v.modeling import damaged_safetensors, supervised_lm_loss
+from phi3v.common.errors import UserError
+from phi3v.common.hub import resolve_file
+from phi3v.models.causal_lm import load_checked, supervised_lm_loss
 
 VISION_LORA = "vision-lora"  # the folder of the built-in vision adapter, beside the base weights
 AUDIO_INPUTS = ("audio_input_features", "audio_embed_sizes", "audio_attention_mask")
@@ -119,18 +117,7 @@ class Phi4MultimodalForCausalLM(NativePhi4MultimodalForCausalLM):
             raise UserError(f"{path} has a built-in vision LoRA ({VISION_LORA}/), which cannot be merged into "
                             "quantized or ZeRO-3-partitioned weights: merge it once with `python -m "
                             f"phi3v.models.phi4_mm.merge_vision_lora {path} MERGED_DIR` and train on MERGED_DIR")
-        kwargs.setdefault("use_safetensors", True)  # never unpickle model files: a .bin can run arbitrary code
-        offline = hub_kwargs(path)
-        try:
-            model = super().from_pretrained(path, *args, **{**offline, **kwargs})
-        except (OSError, SafetensorError) as error:  # the same one-line reasons as Phi-3.5-vision's loader gives
-            if not Path(path).exists():
-                raise Unavailable(offline_message(str(path), UNREACHABLE if offline else error)) from error
-            damaged = damaged_safetensors(Path(path))
-            if damaged:
-                raise Unavailable(f"{damaged}: not a readable safetensors file (truncated or corrupt); copy it "
-                                  "again from its source") from error
-            raise
+        model = load_checked(super().from_pretrained, path, *args, **kwargs)
         if vision_attn_implementation is not None:
             model.config.vision_config._attn_implementation = vision_attn_implementation
         if adapter is not None:
