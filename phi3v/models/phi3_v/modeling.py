@@ -115,9 +115,6 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         self.vision_embed_tokens = Phi3VImageEmbedding(config)
         self.post_init()
 
-    def get_placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return (input_ids < 0) & (input_ids > PLACEHOLDER_MIN)
-
     def embed(self, input_ids: torch.Tensor, pixel_values=None, image_sizes=None,
               image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Text embeddings with image features in the placeholder positions: (B, L) -> (B, L, hidden).
@@ -126,7 +123,7 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         (once per prompt by `generate`), used instead of running CLIP again.
         """
         inputs_embeds = self.embed_tokens(input_ids.clamp(min=0))
-        mask = self.get_placeholder_mask(input_ids)
+        mask = (input_ids < 0) & (input_ids > PLACEHOLDER_MIN)
         if image_features is not None or pixel_values is not None:
             features = image_features if image_features is not None else self.vision_embed_tokens(pixel_values,
                                                                                                    image_sizes)
@@ -189,8 +186,8 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         local = Path(pretrained_model_name_or_path)
         if local.is_dir() and not list(local.glob("*.safetensors")) and list(local.glob("*.bin")):
             raise Unavailable(f"{local} holds pickle weights (*.bin) only. Weights are loaded from safetensors only, "
-                          "because unpickling a file can execute code; convert the checkpoint where you trust it "
-                          "(load it and call save_pretrained) and pass the safetensors copy.")
+                              "because unpickling a file can execute code; convert the checkpoint where you trust it "
+                              "(load it and call save_pretrained) and pass the safetensors copy.")
         if "flash_attention_2" in implementation.values() and not is_flash_attn_2_available():
             raise ImportError("attn_implementation='flash_attention_2' needs the flash-attn package and a CUDA GPU "
                               "(Ampere or newer): `pip install flash-attn --no-build-isolation`. Without it use "
@@ -258,10 +255,11 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         return inputs
 
 
-def stop_token_ids(configured) -> list[int]:
-    """The checkpoint's eos id(s) plus <|endoftext|> (32000) and <|end|> (32007), which end a chat turn."""
+def stop_token_ids(configured, stops=(32000, 32007)) -> list[int]:
+    """The checkpoint's eos id(s) plus `stops`, by default <|endoftext|> (32000) and <|end|> (32007), which end a
+    chat turn."""
     ids = [configured] if isinstance(configured, int) else list(configured or [])
-    return ids + [i for i in (32000, 32007) if i not in ids]
+    return ids + [i for i in stops if i not in ids]
 
 
 # `AutoConfig` / `AutoModelForCausalLM` then read official checkpoints natively, with no trust_remote_code.
