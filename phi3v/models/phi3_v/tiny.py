@@ -21,7 +21,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 from phi3v.common.errors import UserError
-from phi3v.models.phi3_v.configuration import Phi3VConfig
+from phi3v.models.phi3_v.configuration import CLIP_VIT_L_336, Phi3VConfig
 from phi3v.models.phi3_v.image_processing import Phi3VImageProcessor
 from phi3v.models.phi3_v.modeling import Phi3VForCausalLM
 from phi3v.models.phi3_v.processing import Phi3VProcessor
@@ -119,9 +119,8 @@ def tiny_config(variant: str = "phi-3.5-vision-instruct", **overrides) -> Phi3VC
         rope_scaling={"type": "su", "short_factor": rope["short_factor"][::6],
                       "long_factor": rope["long_factor"][::6]},
         img_processor={**official["img_processor"], "image_dim_out": 32},
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
-                           projection_dim=32),
+        vision_config={**CLIP_VIT_L_336, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "projection_dim": 32},
         dtype="float32",
     )
     fields.update(overrides)
