@@ -246,18 +246,16 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         inputs = GenerationMixin.prepare_inputs_for_generation(self, input_ids, cache=cache,
                                                                attention_mask=attention_mask, **kwargs)
         fed = inputs.get("input_ids")
-        images = pixel_values is not None or image_features is not None
-        if fed is not None and fed.shape[1] > 1 and images and (fed < 0).any():
+        if fed is not None and fed.shape[1] > 1 and (fed < 0).any():
             if image_features is not None:
                 inputs.update(image_features=image_features)
-            else:
+            elif pixel_values is not None:
                 inputs.update(pixel_values=pixel_values, image_sizes=image_sizes)
         return inputs
 
 
 def stop_token_ids(configured, stops=(32000, 32007)) -> list[int]:
-    """The checkpoint's eos id(s) plus `stops`, by default <|endoftext|> (32000) and <|end|> (32007), which end a
-    chat turn."""
+    """The checkpoint's eos id(s) plus `stops` (by default <|endoftext|> and <|end|>, which end a chat turn)."""
     ids = [configured] if isinstance(configured, int) else list(configured or [])
     return ids + [i for i in stops if i not in ids]
 
