@@ -1,23 +1,20 @@
 """transformers' Phi4MultimodalForCausalLM, as the recipes train it: vision only, the built-in vision LoRA merged.
 
 The class keeps the native name, so every save loads with transformers' own class (AutoModelForCausalLM, vLLM's
-Phi4MultimodalForCausalLM); it changes three things and leaves the modeling to transformers:
+Phi4MultimodalForCausalLM); it changes four things and leaves the modeling to transformers:
 
 - SigLIP attends both ways. transformers 5.24 marks its attention `is_causal`, which sdpa and flash attention obey
-  whenever no patch of the crop batch is masked: each patch then sees only the patches before it, and an image's
-  features depend on the other images of its batch. Eager attention ignores the flag.
-- With labels, the LM head runs only where a label is supervised (phi3v.models.causal_lm.supervised_lm_loss,
-  the same loss as the native one on full logits); the logits of a whole sequence over the 200k vocabulary are most
-  of a training step's memory.
-- SigLIP runs only on the real crops. A batch pads every image's crops to the largest image's count (pixels 0,
-  mask 1), and transformers encodes those padding crops too, then never reads their features; here only the crops
-  that image_sizes say exist are encoded (RealCropImageEmbedding; the same features, loss and gradients).
+  whenever no patch of the crop batch is masked, so an image's features would depend on the other images of its
+  batch. Eager attention ignores the flag.
+- With labels, the LM head runs only where a label is supervised (phi3v.models.causal_lm.supervised_lm_loss): the
+  logits of a whole sequence over the 200k vocabulary are most of a training step's memory.
+- SigLIP runs only on the real crops (RealCropImageEmbedding), not on the padding crops a batch adds to every image
+  up to the largest image's count, whose features transformers never reads: the same features, loss and gradients.
 - Audio inputs are refused: the recipes fine-tune the vision path.
 
-The hub checkpoint carries its vision LoRA (r=256 on the decoder's qkv/o/gate_up/down projections) in a separate
-`vision-lora/` folder, and the native base without it is not the vision model. `from_pretrained` merges it into the
-base weights (W += alpha/r * B @ A): fine-tuning then starts from the model that answers about images, and every save
-is a plain native checkpoint that serves without adapters.
+The hub checkpoint's vision LoRA (r=256 on the decoder's qkv/o/gate_up/down projections, in `vision-lora/`) is merged
+into the base weights while loading (W += alpha/r * B @ A): fine-tuning starts from the model that answers about
+images, and every save is a plain native checkpoint that serves without adapters.
 """
 
 from __future__ import annotations
