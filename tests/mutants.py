@@ -100,7 +100,7 @@ MUTANTS = [
            edit('layer_idx = config.img_processor.get("layer_idx", -2)',
                 'layer_idx = config.img_processor.get("layer_idx", -1)'),
            ["tests/test_modeling.py"]),
-    Mutant("loss without the next-token shift", "phi3v/models/phi3_v/modeling.py",
+    Mutant("loss without the next-token shift", "phi3v/models/causal_lm.py",
            edit("targets = F.pad(labels, (0, 1), value=-100)[:, 1:]", "targets = labels"),
            ["tests/test_modeling.py"]),
     Mutant("128k: short and long factors swapped", "phi3v/models/phi3_v/configuration.py",

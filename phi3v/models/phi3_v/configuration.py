@@ -70,9 +70,7 @@ class Phi3VConfig(Phi3Config):
         out["rope_scaling"] = ({"long_factor": rope["long_factor"], "short_factor": rope["short_factor"], "type": "su"}
                                if rope.get("rope_type") == "longrope" else None)
         vision = out.pop("vision_config")
-        default_vision = CLIPVisionConfig(**CLIP_VIT_L_336).to_dict()
-        extension = {k: v for k, v in vision.items() if k in CLIP_VIT_L_336 and v != default_vision[k]}
-        if extension:
+        if any(vision[k] != v for k, v in CLIP_VIT_L_336.items()):
             out["vision_config"] = {k: vision[k] for k in CLIP_VIT_L_336}
         return out
 

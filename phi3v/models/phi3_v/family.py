@@ -25,12 +25,11 @@ def lora_target_modules(model: Phi3VForCausalLM, include_vision: bool = True) ->
     """The original's targets as full module paths (no suffix matching, so nothing is picked up by accident): the
     decoder's fused projections and lm_head; with the vision tower, CLIP attention/MLP of the layers in use and the
     projector."""
-    embedding = model.model.vision_embed_tokens
-    clip_layers = embedding.img_processor.vision_model.encoder.layers[: embedding.num_layers_used]
+    clip_layers = range(model.model.vision_embed_tokens.num_layers_used)
     clip_prefix = f"{VISION}.img_processor.vision_model.encoder.layers"
     targets = [f"model.layers.{i}.{t}" for i in range(len(model.model.layers)) for t in LM_TARGETS] + ["lm_head"]
     if include_vision:
-        targets += [f"{clip_prefix}.{i}.{t}" for i in range(len(clip_layers)) for t in CLIP_TARGETS]
+        targets += [f"{clip_prefix}.{i}.{t}" for i in clip_layers for t in CLIP_TARGETS]
         targets += [f"{VISION}.img_projection.0", f"{VISION}.img_projection.2"]
     return targets
 

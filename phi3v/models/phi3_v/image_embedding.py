@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPVisionModel
 
 from phi3v.models.phi3_v.configuration import Phi3VConfig
 
@@ -27,21 +27,14 @@ def with_newlines(grid: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
     return torch.cat([grid, newline.reshape(1, 1, -1).expand(rows, 1, -1).to(grid.dtype)], dim=1).flatten(0, 1)
 
 
-class CLIPHolder(nn.Module):
-    """Holds the CLIP tower under the official name `img_processor.vision_model`."""
-
-    def __init__(self, vision_config: CLIPVisionConfig):
-        super().__init__()
-        self.vision_model = CLIPVisionModel(vision_config)
-
-
 class Phi3VImageEmbedding(nn.Module):
     """CLIP features of the real crops -> separators -> projector: one row per image placeholder token."""
 
     def __init__(self, config: Phi3VConfig):
         super().__init__()
         vision = config.vision_config
-        self.img_processor = CLIPHolder(vision)
+        self.img_processor = nn.Module()  # the CLIP tower under its official name, img_processor.vision_model
+        self.img_processor.vision_model = CLIPVisionModel(vision)
         dim = 4 * config.img_processor.get("image_dim_out", vision.hidden_size)
         self.glb_GN = nn.Parameter(torch.zeros(1, 1, dim))  # once per image, between sub grid and global view
         self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, dim))  # after every row of both grids

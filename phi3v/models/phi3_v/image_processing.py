@@ -104,14 +104,9 @@ def hd_transform(image: Image.Image, num_crops: int) -> Image.Image:
     return canvas
 
 
-def normalize(image: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
-    """uint8 RGB image -> float32 (3, H, W), (x/255 - mean) / std, in the same op order as torchvision."""
-    return normalize_into(torch.empty(3, image.height, image.width), image, mean, std)
-
-
 def normalize_into(out: torch.Tensor, image: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
-    """`normalize` into `out` (3, H, W), in place: torchvision's float32 operations (the same bits), x/255 straight
-    from the uint8 plane, then -mean, /std: three passes over the plane instead of four."""
+    """uint8 RGB image -> (x/255 - mean) / std into `out` (3, H, W) float32: torchvision's float32 operations (the
+    same bits), x/255 straight from the uint8 plane, then -mean, /std: three passes over the plane instead of four."""
     for channel, plane in enumerate(image.split()):  # PIL splits into contiguous uint8 planes in C
         values = out[channel]
         np.divide(np.asarray(plane), np.float32(255), out=values.numpy(), dtype=np.float32)
@@ -121,7 +116,7 @@ def normalize_into(out: torch.Tensor, image: Image.Image, mean=CLIP_MEAN, std=CL
 
 @functools.cache
 def white_value(mean=CLIP_MEAN, std=CLIP_STD) -> tuple[float, float, float]:
-    """The normalized value of a white pixel per channel, computed with the same float32 operations as `normalize`."""
+    """A white pixel's normalized value per channel, by the same float32 operations as `normalize_into`."""
     return tuple(torch.full((3,), 255.0).div_(255).sub_(torch.tensor(mean)).div_(torch.tensor(std)).tolist())
 
 
@@ -272,8 +267,7 @@ class Phi3VImageProcessor:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides) -> Phi3VImageProcessor:
-        with open(resolve_file(path, cls.config_name)) as f:
-            config = json.load(f)
+        config = json.loads(resolve_file(path, cls.config_name).read_text())
         config.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**config)
 
@@ -285,8 +279,7 @@ class Phi3VImageProcessor:
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
-        with open(Path(directory) / self.config_name, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+        (Path(directory) / self.config_name).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
 
     def num_image_tokens(self, width: int, height: int) -> int:
         """Placeholder tokens for an image of this size at this processor's num_crops (no pixels decoded)."""

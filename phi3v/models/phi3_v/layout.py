@@ -14,6 +14,7 @@ from pathlib import Path
 
 from phi3v.common.errors import UserError
 from phi3v.common.hub import hub_kwargs
+from phi3v.models.phi3_v.modeling import stop_token_ids
 
 OFFICIAL_REPO = "microsoft/Phi-3.5-vision-instruct"
 CONFIG_AUTO_MAP = {"AutoConfig": "configuration_phi3_v.Phi3VConfig",
@@ -31,14 +32,10 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def is_local(base: str | Path) -> bool:
-    return Path(base).is_dir()
-
-
 def remote_code_dir(base: str | Path) -> Path | None:
     """The folder holding the base model's official *.py files: the base itself when it is a local folder (None
     without them), or a download of only the *.py files of hub repo `base` (UserError when it fails)."""
-    if is_local(base):
+    if Path(base).is_dir():
         return Path(base) if list(Path(base).glob("*.py")) else None
     from huggingface_hub import snapshot_download
 
@@ -75,25 +72,19 @@ def complete_layout(out_dir: str | Path, base: str | Path, remote_code_files: bo
         shutil.copy2(source, out_dir / source.name)
         copied.append(source.name)
     # the base's own auto_map when it has one (another release may name other modules), else the official one
-    base_config = read_json(Path(base) / "config.json") if is_local(base) else {}
-    base_preprocessor = read_json(Path(base) / "preprocessor_config.json") if is_local(base) else {}
-    config_map = base_config.get("auto_map") or CONFIG_AUTO_MAP
-    processor_map = base_preprocessor.get("auto_map") or PROCESSOR_AUTO_MAP
+    config_map = read_json(Path(base) / "config.json").get("auto_map") or CONFIG_AUTO_MAP
+    processor_map = read_json(Path(base) / "preprocessor_config.json").get("auto_map") or PROCESSOR_AUTO_MAP
     if not copied:
-        repo = OFFICIAL_REPO if is_local(base) else str(base)
+        repo = OFFICIAL_REPO if Path(base).is_dir() else str(base)
         config_map, processor_map = hub_qualified(config_map, repo), hub_qualified(processor_map, repo)
 
-    config = read_json(out_dir / "config.json")
-    write_json(out_dir / "config.json", {**config, "auto_map": config_map})
-    preprocessor = read_json(out_dir / "preprocessor_config.json")
-    write_json(out_dir / "preprocessor_config.json", {**preprocessor, "auto_map": processor_map})
+    for name, auto_map in (("config.json", config_map), ("preprocessor_config.json", processor_map)):
+        write_json(out_dir / name, {**read_json(out_dir / name), "auto_map": auto_map})
     write_json(out_dir / "processor_config.json",
                {"auto_map": {"AutoProcessor": processor_map["AutoProcessor"]}, "processor_class": "Phi3VProcessor"})
     generation = read_json(out_dir / "generation_config.json")
-    configured = generation.get("eos_token_id", [])
-    configured = [configured] if isinstance(configured, int) else list(configured)
     generation.setdefault("bos_token_id", 1)
     generation.setdefault("pad_token_id", 32000)
-    generation["eos_token_id"] = configured + [i for i in STOP_TOKEN_IDS if i not in configured]
+    generation["eos_token_id"] = stop_token_ids(generation.get("eos_token_id"), STOP_TOKEN_IDS)
     write_json(out_dir / "generation_config.json", generation)
     return copied

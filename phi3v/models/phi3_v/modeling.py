@@ -40,7 +40,7 @@ from transformers.models.phi3.modeling_phi3 import (
 from transformers.utils import is_flash_attn_2_available
 
 from phi3v.common.errors import Unavailable
-from phi3v.common.hub import UNREACHABLE, hub_kwargs, offline_message
+from phi3v.models.causal_lm import load_checked, supervised_lm_loss
 from phi3v.models.phi3_v.configuration import Phi3VConfig
 from phi3v.models.phi3_v.image_embedding import Phi3VImageEmbedding
 from phi3v.models.phi3_v.kv_cache import append_cache
@@ -115,9 +115,6 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         self.vision_embed_tokens = Phi3VImageEmbedding(config)
         self.post_init()
 
-    def get_placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return (input_ids < 0) & (input_ids > PLACEHOLDER_MIN)
-
     def embed(self, input_ids: torch.Tensor, pixel_values=None, image_sizes=None,
               image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Text embeddings with image features in the placeholder positions: (B, L) -> (B, L, hidden).
@@ -126,7 +123,7 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         (once per prompt by `generate`), used instead of running CLIP again.
         """
         inputs_embeds = self.embed_tokens(input_ids.clamp(min=0))
-        mask = self.get_placeholder_mask(input_ids)
+        mask = (input_ids < 0) & (input_ids > PLACEHOLDER_MIN)
         if image_features is not None or pixel_values is not None:
             features = image_features if image_features is not None else self.vision_embed_tokens(pixel_values,
                                                                                                    image_sizes)
@@ -161,37 +158,6 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         return Phi3Model.forward(self, inputs_embeds=inputs_embeds, **kwargs)
 
 
-def supervised_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module,
-                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
-    """Next-token cross-entropy, with the LM head applied only where the label is supervised: transformers' causal-LM
-    loss (mean, or sum / num_items_in_batch) without the (B, L, vocab) logits (on DocVQA ~99% of labels are -100)."""
-    targets = F.pad(labels, (0, 1), value=-100)[:, 1:]  # targets[t] = labels[t + 1]
-    keep = targets != -100
-    if num_items_in_batch is None and not keep.any():  # nothing supervised: zero, not 0/0
-        return hidden.sum() * 0.0
-    logits = lm_head(hidden[keep]).float()  # (supervised tokens, vocab)
-    loss = F.cross_entropy(logits, targets[keep], reduction="sum")
-    if num_items_in_batch is None:
-        return loss / keep.sum()
-    if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_in_batch = num_items_in_batch.to(loss.device)
-    return loss / num_items_in_batch
-
-
-def damaged_safetensors(directory: Path) -> str | None:
-    """The first *.safetensors file of `directory` whose header or size is wrong, with the reason."""
-    from safetensors import SafetensorError, safe_open
-
-    for path in sorted(directory.glob("*.safetensors")):
-        try:
-            with safe_open(str(path), "pt") as f:
-                for name in f.keys():
-                    f.get_slice(name)  # checks each tensor's byte range against the file
-        except (SafetensorError, OSError, ValueError) as error:
-            return f"{path} ({str(error).splitlines()[0][:120]})"
-    return None
-
-
 class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
     """Phi3VModel + LM head. `forward(..., labels=...)` returns the loss only (logits=None), computed by
     `supervised_lm_loss`; without labels it returns logits (for generation, only the last position's)."""
@@ -217,30 +183,16 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         if not isinstance(implementation, dict):
             implementation = {"": implementation, "vision_config": vision_attn_implementation}
         kwargs["attn_implementation"] = implementation
-        kwargs.setdefault("use_safetensors", True)  # never unpickle model files: a .bin can run arbitrary code
         local = Path(pretrained_model_name_or_path)
         if local.is_dir() and not list(local.glob("*.safetensors")) and list(local.glob("*.bin")):
             raise Unavailable(f"{local} holds pickle weights (*.bin) only. Weights are loaded from safetensors only, "
-                          "because unpickling a file can execute code; convert the checkpoint where you trust it "
-                          "(load it and call save_pretrained) and pass the safetensors copy.")
+                              "because unpickling a file can execute code; convert the checkpoint where you trust it "
+                              "(load it and call save_pretrained) and pass the safetensors copy.")
         if "flash_attention_2" in implementation.values() and not is_flash_attn_2_available():
             raise ImportError("attn_implementation='flash_attention_2' needs the flash-attn package and a CUDA GPU "
                               "(Ampere or newer): `pip install flash-attn --no-build-isolation`. Without it use "
                               "'sdpa' (the default) or 'eager'.")
-        from safetensors import SafetensorError
-
-        offline = hub_kwargs(pretrained_model_name_or_path)
-        try:
-            model = super().from_pretrained(pretrained_model_name_or_path, *args, **{**offline, **kwargs})
-        except (OSError, SafetensorError) as error:
-            if not local.exists():
-                reason = UNREACHABLE if offline else error
-                raise Unavailable(offline_message(str(pretrained_model_name_or_path), reason)) from error
-            damaged = damaged_safetensors(local)
-            if damaged:
-                raise Unavailable(f"{damaged}: not a readable safetensors file (truncated or corrupt); copy it "
-                                  "again from its source") from error
-            raise
+        model = load_checked(super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
         model.generation_config.eos_token_id = stop_token_ids(model.generation_config.eos_token_id)
         if model.config.pad_token_id is not None:  # Phi-3-vision-128k has none: generation_config's 32000 stays
             model.generation_config.pad_token_id = model.config.pad_token_id
@@ -294,19 +246,18 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         inputs = GenerationMixin.prepare_inputs_for_generation(self, input_ids, cache=cache,
                                                                attention_mask=attention_mask, **kwargs)
         fed = inputs.get("input_ids")
-        images = pixel_values is not None or image_features is not None
-        if fed is not None and fed.shape[1] > 1 and images and (fed < 0).any():
+        if fed is not None and fed.shape[1] > 1 and (fed < 0).any():
             if image_features is not None:
                 inputs.update(image_features=image_features)
-            else:
+            elif pixel_values is not None:
                 inputs.update(pixel_values=pixel_values, image_sizes=image_sizes)
         return inputs
 
 
-def stop_token_ids(configured) -> list[int]:
-    """The checkpoint's eos id(s) plus <|endoftext|> (32000) and <|end|> (32007), which end a chat turn."""
+def stop_token_ids(configured, stops=(32000, 32007)) -> list[int]:
+    """The checkpoint's eos id(s) plus `stops` (by default <|endoftext|> and <|end|>, which end a chat turn)."""
     ids = [configured] if isinstance(configured, int) else list(configured or [])
-    return ids + [i for i in (32000, 32007) if i not in ids]
+    return ids + [i for i in stops if i not in ids]
 
 
 # `AutoConfig` / `AutoModelForCausalLM` then read official checkpoints natively, with no trust_remote_code.

@@ -21,7 +21,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 from phi3v.common.errors import UserError
-from phi3v.models.phi3_v.configuration import Phi3VConfig
+from phi3v.models.phi3_v.configuration import CLIP_VIT_L_336, Phi3VConfig
 from phi3v.models.phi3_v.image_processing import Phi3VImageProcessor
 from phi3v.models.phi3_v.modeling import Phi3VForCausalLM
 from phi3v.models.phi3_v.processing import Phi3VProcessor
@@ -72,6 +72,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                              special_tokens=[("<s>", 1)])
+    return phi3_tokenizer(tokenizer)
+
+
+def phi3_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+    """`tokenizer` with the flags of the official Phi-3.5-vision tokenizer_config.json: BOS added, no EOS,
+    <|endoftext|> as eos and pad, the chat template."""
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
         unk_token="<unk>", additional_special_tokens=["<|system|>", "<|end|>", "<|user|>"], add_bos_token=True,
@@ -86,8 +92,7 @@ REAL_VOCAB = Path(__file__).resolve().parents[3] / "tests" / "assets" / "phi3-vo
 
 
 def real_tokenizer(gguf_file: str | Path = REAL_VOCAB) -> PreTrainedTokenizerFast:
-    """The real Phi-3 tokenizer from its GGUF vocabulary, with the flags the GGUF does not carry set as the official
-    Phi-3.5-vision tokenizer_config.json has them: BOS added, no EOS, <|endoftext|> as eos and pad, the chat template.
+    """The real Phi-3 tokenizer from its GGUF vocabulary, with the flags the GGUF does not carry (`phi3_tokenizer`).
     Added tokens keep lstrip/rstrip off, so a newline after a special token stays `▁` + `\n` (29871, 13)."""
     from transformers import AutoTokenizer
 
@@ -98,12 +103,7 @@ def real_tokenizer(gguf_file: str | Path = REAL_VOCAB) -> PreTrainedTokenizerFas
         loaded = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
     except ImportError as error:
         raise UserError(f"--real_vocab needs the gguf package: pip install gguf ({error})") from error
-    return PreTrainedTokenizerFast(
-        tokenizer_object=loaded.backend_tokenizer, bos_token="<s>", eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>", unk_token="<unk>", additional_special_tokens=["<|system|>", "<|end|>", "<|user|>"],
-        add_bos_token=True, add_eos_token=False, chat_template=CHAT_TEMPLATE, model_max_length=131072,
-        padding_side="right", clean_up_tokenization_spaces=False, legacy=False,
-    )
+    return phi3_tokenizer(loaded.backend_tokenizer)
 
 
 # num_crops of each official preprocessor_config.json
@@ -119,9 +119,8 @@ def tiny_config(variant: str = "phi-3.5-vision-instruct", **overrides) -> Phi3VC
         rope_scaling={"type": "su", "short_factor": rope["short_factor"][::6],
                       "long_factor": rope["long_factor"][::6]},
         img_processor={**official["img_processor"], "image_dim_out": 32},
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
-                           projection_dim=32),
+        vision_config={**CLIP_VIT_L_336, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "projection_dim": 32},
         dtype="float32",
     )
     fields.update(overrides)

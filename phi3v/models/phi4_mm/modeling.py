@@ -1,32 +1,27 @@
 """transformers' Phi4MultimodalForCausalLM, as the recipes train it: vision only, the built-in vision LoRA merged.
 
 The class keeps the native name, so every save loads with transformers' own class (AutoModelForCausalLM, vLLM's
-Phi4MultimodalForCausalLM); it changes three things and leaves the modeling to transformers:
+Phi4MultimodalForCausalLM); it changes four things and leaves the modeling to transformers:
 
 - SigLIP attends both ways. transformers 5.24 marks its attention `is_causal`, which sdpa and flash attention obey
-  whenever no patch of the crop batch is masked: each patch then sees only the patches before it, and an image's
-  features depend on the other images of its batch. Eager attention ignores the flag.
-- With labels, the LM head runs only where a label is supervised (phi3v.models.phi3_v.modeling.supervised_lm_loss,
-  the same loss as the native one on full logits); the logits of a whole sequence over the 200k vocabulary are most
-  of a training step's memory.
-- SigLIP runs only on the real crops. A batch pads every image's crops to the largest image's count (pixels 0,
-  mask 1), and transformers encodes those padding crops too, then never reads their features; here only the crops
-  that image_sizes say exist are encoded (RealCropImageEmbedding; the same features, loss and gradients).
+  whenever no patch of the crop batch is masked, so an image's features would depend on the other images of its
+  batch. Eager attention ignores the flag.
+- With labels, the LM head runs only where a label is supervised (phi3v.models.causal_lm.supervised_lm_loss): the
+  logits of a whole sequence over the 200k vocabulary are most of a training step's memory.
+- SigLIP runs only on the real crops (RealCropImageEmbedding), not on the padding crops a batch adds to every image
+  up to the largest image's count, whose features transformers never reads: the same features, loss and gradients.
 - Audio inputs are refused: the recipes fine-tune the vision path.
 
-The hub checkpoint carries its vision LoRA (r=256 on the decoder's qkv/o/gate_up/down projections) in a separate
-`vision-lora/` folder, and the native base without it is not the vision model. `from_pretrained` merges it into the
-base weights (W += alpha/r * B @ A): fine-tuning then starts from the model that answers about images, and every save
-is a plain native checkpoint that serves without adapters.
+The hub checkpoint's vision LoRA (r=256 on the decoder's qkv/o/gate_up/down projections, in `vision-lora/`) is merged
+into the base weights while loading (W += alpha/r * B @ A): fine-tuning starts from the model that answers about
+images, and every save is a plain native checkpoint that serves without adapters.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import Phi4MultimodalForCausalLM as NativePhi4MultimodalForCausalLM
 from transformers.integrations import is_deepspeed_zero3_enabled
@@ -36,9 +31,9 @@ from transformers.models.phi4_multimodal.modeling_phi4_multimodal import (
     Phi4MultimodalVisionAttention,
 )
 
-from phi3v.common.errors import Unavailable, UserError
-from phi3v.common.hub import UNREACHABLE, hub_kwargs, offline_message, resolve_file
-from phi3v.models.phi3_v.modeling import damaged_safetensors, supervised_lm_loss
+from phi3v.common.errors import UserError
+from phi3v.common.hub import resolve_file
+from phi3v.models.causal_lm import load_checked, supervised_lm_loss
 
 VISION_LORA = "vision-lora"  # the folder of the built-in vision adapter, beside the base weights
 AUDIO_INPUTS = ("audio_input_features", "audio_embed_sizes", "audio_attention_mask")
@@ -119,18 +114,7 @@ class Phi4MultimodalForCausalLM(NativePhi4MultimodalForCausalLM):
             raise UserError(f"{path} has a built-in vision LoRA ({VISION_LORA}/), which cannot be merged into "
                             "quantized or ZeRO-3-partitioned weights: merge it once with `python -m "
                             f"phi3v.models.phi4_mm.merge_vision_lora {path} MERGED_DIR` and train on MERGED_DIR")
-        kwargs.setdefault("use_safetensors", True)  # never unpickle model files: a .bin can run arbitrary code
-        offline = hub_kwargs(path)
-        try:
-            model = super().from_pretrained(path, *args, **{**offline, **kwargs})
-        except (OSError, SafetensorError) as error:  # the same one-line reasons as Phi-3.5-vision's loader gives
-            if not Path(path).exists():
-                raise Unavailable(offline_message(str(path), UNREACHABLE if offline else error)) from error
-            damaged = damaged_safetensors(Path(path))
-            if damaged:
-                raise Unavailable(f"{damaged}: not a readable safetensors file (truncated or corrupt); copy it "
-                                  "again from its source") from error
-            raise
+        model = load_checked(super().from_pretrained, path, *args, **kwargs)
         if vision_attn_implementation is not None:
             model.config.vision_config._attn_implementation = vision_attn_implementation
         if adapter is not None:

@@ -55,10 +55,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.train_from_iterator(CORPUS.splitlines(), trainers.BpeTrainer(
         vocab_size=1000, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     learned = json.loads(tokenizer.to_str())["model"]
-    tokenizer = Tokenizer(models.BPE(vocab={**learned["vocab"], **SPECIAL_TOKENS}, merges=[
-        tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.model = models.BPE(vocab={**learned["vocab"], **SPECIAL_TOKENS}, merges=[
+        tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]])
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
