@@ -70,17 +70,13 @@ def gathered_per_module(model: torch.nn.Module):
 
     handles, open_contexts = [], {}
 
-    def gather(module, args):
-        params = list(module.parameters(recurse=False))
-        if params:
-            context = deepspeed.zero.GatheredParameters(params)
-            context.__enter__()
-            open_contexts.setdefault(id(module), []).append(context)
+    def gather(module, args):  # hooked only on modules with parameters of their own
+        context = deepspeed.zero.GatheredParameters(list(module.parameters(recurse=False)))
+        context.__enter__()
+        open_contexts.setdefault(id(module), []).append(context)
 
     def release(module, args, output):
-        stack = open_contexts.get(id(module))
-        if stack:
-            stack.pop().__exit__(None, None, None)
+        open_contexts[id(module)].pop().__exit__(None, None, None)
 
     for module in model.modules():
         if any(True for _ in module.parameters(recurse=False)):
@@ -146,15 +142,15 @@ def generate_predictions(model, dataset: ConversationDataset, batch_size: int = 
     processor = dataset.processor
     # Equal shards (the last index repeated) keep every rank in step, which ZeRO-3 generation requires.
     indices = list(range(len(dataset)))
-    indices += indices[-1:] * (-len(indices) % size) if indices else []
+    indices += indices[-1:] * (-len(indices) % size)
     shard = indices[rank::size]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=batch_size,
                                          num_workers=num_workers, collate_fn=processor.collator(padding_side="left"))
     was_training = model.training
     model.eval()
-    device = next(p for p in model.parameters()).device
+    device = next(model.parameters()).device
     end_ids = processor.end_token_ids()
-    results, position = [], 0
+    results = []
     for batch in tqdm(loader, desc=desc, disable=disable_tqdm or rank != 0):
         inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         with autocast(device, autocast_dtype):
@@ -166,12 +162,11 @@ def generate_predictions(model, dataset: ConversationDataset, batch_size: int = 
         texts = processor.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         probs = out.scores[0].float().softmax(-1)[:, score_token_ids].tolist() if score_token_ids else None
         for row, text in enumerate(texts):
-            item = {"index": shard[position], "id": batch["sample_ids"][row], "prediction": text,
+            item = {"index": shard[len(results)], "id": batch["sample_ids"][row], "prediction": text,
                     "reference": batch["references"][row]}
             if probs is not None:
                 item["scores"] = probs[row]
             results.append(item)
-            position += 1
     model.train(was_training)
     gathered = gather_to_rank_zero(results)
     if gathered is None:
