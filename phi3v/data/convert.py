@@ -12,6 +12,7 @@ from pathlib import Path
 from phi3v.common.errors import UserError
 from phi3v.data.conversation import Conversation
 from phi3v.data.formats import FORMATS, READERS, detect_format, hf_row_conversation, hf_rows, read_records
+from phi3v.data.images import open_image
 from phi3v.data.video import VideoFrame
 
 
@@ -65,13 +66,14 @@ def convert(source: str, target: str, data_format: str = "auto", image_root: str
         items = [(where, (where, record)) for where, record in records]
 
     def save_image(ref, name: str) -> str:
-        from phi3v.data.images import open_image
-
         image = open_image(ref, decode=False)
         suffix = (image.format or "png").lower().replace("jpeg", "jpg")
         root.mkdir(parents=True, exist_ok=True)
         file = re.sub(r"[^\w.-]", "_", name) + f".{suffix}"
-        (root / file).write_bytes(ref if isinstance(ref, bytes) else _encode(image))
+        if isinstance(ref, bytes):
+            (root / file).write_bytes(ref)
+        else:
+            image.save(root / file, format="PNG")
         return file
 
     lines = []
@@ -83,14 +85,6 @@ def convert(source: str, target: str, data_format: str = "auto", image_root: str
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return {"records": len(lines), "format": data_format, "image_root": str(root)}
-
-
-def _encode(image) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def build_parser():
