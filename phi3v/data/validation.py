@@ -45,9 +45,7 @@ def image_problem(ref, max_pixels: int | None) -> str | None:
         return f"image {name}: is a directory, not an image"
     except UnidentifiedImageError:
         return f"image {name}: not an image file (or an unsupported format)"
-    except Image.DecompressionBombError as error:
-        return f"image {name}: {error}"
-    except ValueError as error:  # a video's reasons all come as a ValueError (phi3v.data.video.open_frame)
+    except (ValueError, Image.DecompressionBombError) as error:  # a video's reasons all come as a ValueError
         return f"{'video' if isinstance(ref, VideoFrame) else 'image'} {name}: {error}"
     except (OSError, SyntaxError) as error:
         return f"image {name}: truncated or corrupt ({error})"
@@ -206,7 +204,7 @@ def prepare_dataset(dataset: ConversationDataset, split: str, max_length: int | 
             raise
         lengths, problems = _gather(dataset, lengths, problems, ids, shard, cache)
         if rank0:
-            cache.store_split(split, fingerprint, lengths, [asdict(p) for p in problems], cache.used)
+            cache.store_split(split, fingerprint, lengths, [asdict(p) for p in problems])
             cache.save()
     good = [i for i, length in enumerate(lengths) if length is not None]
     if problems:
@@ -231,23 +229,12 @@ def prepare_dataset(dataset: ConversationDataset, split: str, max_length: int | 
     return kept
 
 
-def summarize(split: str, dataset: ConversationDataset) -> str:
-    lengths = sorted(dataset.lengths)
-    median = lengths[len(lengths) // 2]
-    return (f"{split}: {len(lengths)} samples, tokens per sample min {lengths[0]} / median {median}"
-            f" / max {lengths[-1]}, total {sum(lengths):,}")
-
-
-def cache_dir(data_args, training_args) -> str | None:
-    """--cache_dir, else --output_dir; `--cache_dir none` turns the validation cache off."""
-    chosen = getattr(data_args, "cache_dir", None) or training_args.output_dir
-    return None if str(chosen).lower() == "none" else chosen
-
-
 def prepare_splits(splits: dict[str, ConversationDataset], data_args, training_args) -> dict[str, ConversationDataset]:
     """`prepare_dataset` for every split (with --validate_only, a summary of each printed): training sequences
     limited by --max_length or the model's context, evaluation prompts by the context less --max_new_tokens."""
     prepared = {}
+    cache_dir = getattr(data_args, "cache_dir", None) or training_args.output_dir  # `--cache_dir none`: no cache
+    cache_dir = None if str(cache_dir).lower() == "none" else cache_dir
     context = getattr(next(iter(splits.values()), None), "processor", None)
     context = getattr(context, "context_length", None)
     for split, dataset in splits.items():
@@ -259,7 +246,9 @@ def prepare_splits(splits: dict[str, ConversationDataset], data_args, training_a
             name = f"the model's context ({context}) less --max_new_tokens ({data_args.max_new_tokens}) ="
         prepared[split] = prepare_dataset(dataset, split, limit, data_args.skip_bad_samples, training_args.output_dir,
                                           training_args.dataloader_num_workers or 4, training_args.disable_tqdm,
-                                          cache_dir(data_args, training_args), limit_name=name)
+                                          cache_dir, limit_name=name)
         if data_args.validate_only:
-            print(summarize(split, prepared[split]))
+            lengths = sorted(prepared[split].lengths)
+            print(f"{split}: {len(lengths)} samples, tokens per sample min {lengths[0]} / median "
+                  f"{lengths[len(lengths) // 2]} / max {lengths[-1]}, total {sum(lengths):,}")
     return prepared
