@@ -74,6 +74,7 @@ def validate(dataset: ConversationDataset, max_length: int | None = None, worker
     lengths: list[int | None] = [None] * len(dataset)
     problems = list(dataset.load_problems) if indices is None else []
     verdicts: dict = {}  # image key -> (problem message or None, size)
+    max_pixels = dataset.max_image_pixels
     found_ids = {} if ids is None else ids
     progress = tqdm(total=len(order), desc=desc, disable=disable_tqdm, unit="sample")
     pool = ThreadPoolExecutor(max(1, workers))
@@ -96,16 +97,14 @@ def validate(dataset: ConversationDataset, max_length: int | None = None, worker
             new = {_key(ref): ref for _, (_, images, _) in renders.values() for ref in images}
             if cache is not None:  # every file the split names, bad ones included, keys its cache entry
                 cache.used.update(key[0] for key in map(image_key, new.values()) if key)
-            new = {key: ref for key, ref in new.items() if key not in verdicts}
-            if cache is not None:
-                known = {key: cache.image(ref, dataset.max_image_pixels) for key, ref in new.items()}
+                known = {key: cache.image(ref, max_pixels) for key, ref in new.items() if key not in verdicts}
                 verdicts.update((key, verdict) for key, verdict in known.items() if verdict is not None)
-                new = {key: ref for key, ref in new.items() if known[key] is None}
-            checked = pool.map(lambda ref: check_image(ref, dataset.max_image_pixels), new.values())
+            new = {key: ref for key, ref in new.items() if key not in verdicts}
+            checked = pool.map(lambda ref: check_image(ref, max_pixels), new.values())
             for (key, ref), verdict in zip(new.items(), checked):  # stored one by one: Ctrl-C keeps what was done
                 verdicts[key] = verdict
                 if cache is not None:
-                    cache.store_image(ref, dataset.max_image_pixels, *verdict)
+                    cache.store_image(ref, max_pixels, *verdict)
             for index, (sample_id, (text, images, _)) in renders.items():
                 # a video's frames share one verdict: reported once
                 bad = list(dict.fromkeys(verdicts[_key(ref)][0] for ref in images if verdicts[_key(ref)][0]))
