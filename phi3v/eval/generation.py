@@ -42,12 +42,11 @@ def kv_cache_budget_bytes(device: torch.device, budget_gb: float | None = None) 
     return int(CPU_KV_BUDGET_GB * 2**30)
 
 
-def eval_batch_size(config, longest_prompt: int, max_new_tokens: int, dtype: torch.dtype, budget_bytes: int,
-                    limit: int = MAX_EVAL_BATCH) -> int:
+def eval_batch_size(config, longest_prompt: int, max_new_tokens: int, dtype: torch.dtype, budget_bytes: int) -> int:
     """Prompts per generate() call whose KV cache (the longest prompt + max_new_tokens, padded) fits the budget;
-    at least 1, at most `limit`."""
+    at least 1, at most MAX_EVAL_BATCH."""
     per_prompt = kv_cache_bytes_per_token(config, dtype) * (longest_prompt + max_new_tokens)
-    return int(max(1, min(limit, budget_bytes // per_prompt)))
+    return int(max(1, min(MAX_EVAL_BATCH, budget_bytes // per_prompt)))
 
 
 def prompt_lengths(dataset: ConversationDataset) -> list[int]:
