@@ -40,10 +40,8 @@ def to_record(conversation: Conversation, image_root: Path, save_image) -> dict:
         if videos:
             entry["videos"] = videos
         turns.append(entry)
-    record = {"id": conversation.id}
-    if conversation.system is not None:
-        record["system"] = conversation.system
-    return {**record, "conversations": turns}
+    system = {"system": conversation.system} if conversation.system is not None else {}
+    return {"id": conversation.id, **system, "conversations": turns}
 
 
 def convert(source: str, target: str, data_format: str = "auto", image_root: str | None = None,
