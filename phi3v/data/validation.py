@@ -210,15 +210,14 @@ def prepare_dataset(dataset: ConversationDataset, split: str, max_length: int | 
         listing = "\n  ".join(str(p) for p in problems)
         unreadable = len(dataset.load_problems)  # lines that never became items
         bad, total = len(dataset) - len(good) + unreadable, len(dataset) + unreadable
+        skipped = Path(output_dir) / f"skipped_samples_{split}.jsonl"
         if not skip_bad_samples:
             raise DatasetError(f"{split}: {len(problems)} problem(s) in {bad} of {total} samples; nothing was trained."
                                f"\n  {listing}\nFix them, or pass --skip_bad_samples to train without them (they "
-                               f"are then listed in {Path(output_dir) / f'skipped_samples_{split}.jsonl'}).")
+                               f"are then listed in {skipped}).")
         if rank0:
-            Path(output_dir).mkdir(parents=True, exist_ok=True)
-            with open(Path(output_dir) / f"skipped_samples_{split}.jsonl", "w") as f:
-                for problem in problems:
-                    f.write(json.dumps(asdict(problem), ensure_ascii=False) + "\n")
+            skipped.parent.mkdir(parents=True, exist_ok=True)
+            skipped.write_text("".join(json.dumps(asdict(p), ensure_ascii=False) + "\n" for p in problems))
         logger.warning(f"{split}: skipping {len(problems)} bad sample(s) (--skip_bad_samples), "
                        f"{len(good)} remain:\n  {listing}")
     if not good:
