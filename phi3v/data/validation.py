@@ -7,10 +7,8 @@ OUTPUT_DIR/skipped_samples_<split>.jsonl. The token lengths feed length-grouped 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -96,7 +94,7 @@ def validate(dataset: ConversationDataset, max_length: int | None = None, worker
                                             f"cannot read this sample ({type(error).__name__}: {error})"))
             new = {_key(ref): ref for _, (_, images, _) in renders.values() for ref in images}
             if cache is not None:  # every file the split names, bad ones included, keys its cache entry
-                cache.used.update(key[0] for key in map(image_key, new.values()) if key)
+                cache.used.update(new)
                 known = {key: cache.image(ref, max_pixels) for key, ref in new.items() if key not in verdicts}
                 verdicts.update((key, verdict) for key, verdict in known.items() if verdict is not None)
             new = {key: ref for key, ref in new.items() if key not in verdicts}
@@ -167,10 +165,9 @@ def _gather(dataset: ConversationDataset, lengths, problems, ids, shard, cache: 
 
 
 def _key(ref):
-    """A small key per image: the path, or a digest of encoded bytes (not the bytes themselves)."""
-    if isinstance(ref, bytes):
-        return hashlib.blake2b(ref, digest_size=16).digest()
-    return str(ref) if isinstance(ref, os.PathLike) else ref
+    """A small key per image, the cache's (a path, a digest of encoded bytes, one per video); else the image."""
+    key = image_key(ref)
+    return key[0] if key else ref
 
 
 def _order(where: str):
