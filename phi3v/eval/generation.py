@@ -4,7 +4,6 @@ left-padded batches), gathered on rank 0 in the original order. The metric is th
 from __future__ import annotations
 
 import contextlib
-import logging
 
 import torch
 from tqdm.auto import tqdm
@@ -12,9 +11,6 @@ from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from phi3v.common.distributed import gather_to_rank_zero, world
 from phi3v.data.dataset import ConversationDataset
-
-logger = logging.getLogger(__name__)
-
 
 # ------------------------------------------------------------------------------------------------- batch size
 

@@ -7,7 +7,6 @@ one forward pass per batch. The result is the mean over all answer tokens of the
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 import torch.distributed as dist
@@ -16,8 +15,6 @@ from phi3v.common.distributed import world
 from phi3v.data.conversation import Conversation, Turn
 from phi3v.data.dataset import ConversationDataset
 from phi3v.eval.generation import autocast
-
-logger = logging.getLogger(__name__)
 
 
 def with_first_reference(item, to_conversation) -> Conversation:
