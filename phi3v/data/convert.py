@@ -32,10 +32,9 @@ def to_record(conversation: Conversation, image_root: Path, save_image) -> dict:
                 images.append(ref.relative_to(image_root.resolve()).as_posix())
             else:
                 images.append(save_image(ref, f"{conversation.id}-{number}-{k}"))
-        user = turn.user
+        # the default layout: our reader puts the tags back (for any --num_frames)
         default = "".join(f"<|image_{k + 1}|>" for k in range(len(turn.images))) + "\n"
-        if turn.images and user.startswith(default):
-            user = user[len(default):]  # the default layout: our reader puts the tags back (for any --num_frames)
+        user = turn.user.removeprefix(default) if turn.images else turn.user
         entry = {"images": images, "user": user, "assistant": turn.assistant}
         if videos:
             entry["videos"] = videos
