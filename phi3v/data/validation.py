@@ -230,9 +230,8 @@ def prepare_splits(splits: dict[str, ConversationDataset], data_args, training_a
     prepared = {}
     cache_dir = getattr(data_args, "cache_dir", None) or training_args.output_dir  # `--cache_dir none`: no cache
     cache_dir = None if str(cache_dir).lower() == "none" else cache_dir
-    context = getattr(next(iter(splits.values()), None), "processor", None)
-    context = getattr(context, "context_length", None)
     for split, dataset in splits.items():
+        context = getattr(dataset.processor, "context_length", None)
         if split == "train":
             limit, name = (data_args.max_length, "--max_length") if data_args.max_length else \
                 (context, "the model's context of")
