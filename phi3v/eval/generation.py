@@ -59,8 +59,7 @@ def prompt_lengths(dataset: ConversationDataset) -> list[int]:
 def gathered_per_module(model: torch.nn.Module):
     """ZeRO-3 weights outside the DeepSpeed engine (the evaluation before training): each module's own parameters
     are gathered just before its forward and released after it, so at most one layer is whole at a time (the whole
-    model would need its full size on every GPU). Every rank must run the same modules (synced_gpus=True).
-    """
+    model would need its full size on every GPU). Every rank must run the same modules (synced_gpus=True)."""
     import deepspeed
 
     handles, open_contexts = [], {}
