@@ -12,6 +12,7 @@ from pathlib import Path
 from phi3v.common.errors import UserError
 from phi3v.data.conversation import Conversation
 from phi3v.data.formats import FORMATS, READERS, detect_format, hf_row_conversation, hf_rows, read_records
+from phi3v.data.images import open_image
 from phi3v.data.video import VideoFrame
 
 
@@ -31,18 +32,15 @@ def to_record(conversation: Conversation, image_root: Path, save_image) -> dict:
                 images.append(ref.relative_to(image_root.resolve()).as_posix())
             else:
                 images.append(save_image(ref, f"{conversation.id}-{number}-{k}"))
-        user = turn.user
+        # the default layout: our reader puts the tags back (for any --num_frames)
         default = "".join(f"<|image_{k + 1}|>" for k in range(len(turn.images))) + "\n"
-        if turn.images and user.startswith(default):
-            user = user[len(default):]  # the default layout: our reader puts the tags back (for any --num_frames)
+        user = turn.user.removeprefix(default) if turn.images else turn.user
         entry = {"images": images, "user": user, "assistant": turn.assistant}
         if videos:
             entry["videos"] = videos
         turns.append(entry)
-    record = {"id": conversation.id}
-    if conversation.system is not None:
-        record["system"] = conversation.system
-    return {**record, "conversations": turns}
+    system = {"system": conversation.system} if conversation.system is not None else {}
+    return {"id": conversation.id, **system, "conversations": turns}
 
 
 def convert(source: str, target: str, data_format: str = "auto", image_root: str | None = None,
@@ -65,13 +63,14 @@ def convert(source: str, target: str, data_format: str = "auto", image_root: str
         items = [(where, (where, record)) for where, record in records]
 
     def save_image(ref, name: str) -> str:
-        from phi3v.data.images import open_image
-
         image = open_image(ref, decode=False)
         suffix = (image.format or "png").lower().replace("jpeg", "jpg")
         root.mkdir(parents=True, exist_ok=True)
         file = re.sub(r"[^\w.-]", "_", name) + f".{suffix}"
-        (root / file).write_bytes(ref if isinstance(ref, bytes) else _encode(image))
+        if isinstance(ref, bytes):
+            (root / file).write_bytes(ref)
+        else:
+            image.save(root / file, format="PNG")
         return file
 
     lines = []
@@ -83,14 +82,6 @@ def convert(source: str, target: str, data_format: str = "auto", image_root: str
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return {"records": len(lines), "format": data_format, "image_root": str(root)}
-
-
-def _encode(image) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def build_parser():

@@ -35,18 +35,13 @@ PALETTE = [(40, 40, 40), (215, 215, 215), (215, 40, 40), (40, 215, 40), (40, 40,
            (40, 215, 215), (215, 40, 215), (128, 128, 40), (40, 128, 128), (128, 40, 128), (128, 128, 128)]
 
 
-def class_colour(class_index: int, num_classes: int) -> tuple[int, int, int]:
-    if class_index < len(PALETTE):
-        return PALETTE[class_index]
-    return tuple(int(255 * c) for c in colorsys.hsv_to_rgb(class_index / num_classes, 0.7, 0.8))
-
-
 def class_frames(class_index: int, num_classes: int, num_frames: int, size: tuple[int, int], seed: int):
     """Frames of one video: class-specific background colour and stripe texture (orientation and period), and a square
     moving in a class-specific direction; per-video noise and square position."""
     rng = np.random.default_rng(seed)
     width, height = size
-    background = np.array(class_colour(class_index, num_classes))
+    background = np.array(PALETTE[class_index] if class_index < len(PALETTE) else
+                          [int(255 * c) for c in colorsys.hsv_to_rgb(class_index / num_classes, 0.7, 0.8)])
     foreground = 255 - background
     y, x = np.mgrid[0:height, 0:width]
     along = [y, x, x + y, x - y][class_index % 4]

@@ -19,9 +19,9 @@ SPLITS = ("train", "val", "test")
 HUB_REPO, HUB_FILE = "sayakpaul/ucf101-subset", "UCF101_subset.tar.gz"
 
 
-def convert_video(job: tuple[str, Path, list[Path], bool]) -> str | None:
+def convert_video(job: tuple[str, list[Path], bool]) -> str | None:
     """Write the frames of one video (atomically; one already done is skipped unless `redo`): an error, or None."""
-    source, _, targets, redo = job
+    source, targets, redo = job
     if not redo and all(t.is_file() for t in targets):
         return None
     try:
@@ -99,8 +99,8 @@ def convert_videos(src: str | None, out_dir: str | Path, num_frames: int = 8, nu
         for split, path in videos:
             folder = out_dir / "images" / split / path.parent.name
             stem = path.stem if stems.count((split, path.parent, path.stem)) == 1 else path.name.replace(".", "_")
-            jobs.append((str(path), folder, [folder / f"{stem}.{k}.jpg" for k in range(num_frames)], fresh))
-        done_before = 0 if fresh else sum(all(t.is_file() for t in targets) for _, _, targets, _ in jobs)
+            jobs.append((str(path), [folder / f"{stem}.{k}.jpg" for k in range(num_frames)], fresh))
+        done_before = 0 if fresh else sum(all(t.is_file() for t in targets) for _, targets, _ in jobs)
         if not settings.is_file():  # the first run: what an interrupted run's frames were made with
             settings.parent.mkdir(parents=True, exist_ok=True)
             settings.write_text(json.dumps({"num_frames": num_frames}))
@@ -111,14 +111,13 @@ def convert_videos(src: str | None, out_dir: str | Path, num_frames: int = 8, nu
                                disable=not progress))
         failed = {}
         lines = {split: [] for split in SPLITS}
-        for index, ((split, path), (_, _, targets, _), error) in enumerate(zip(videos, jobs, errors)):
+        for index, ((split, path), (_, targets, _), error) in enumerate(zip(videos, jobs, errors)):
             if error:
                 failed[str(path.relative_to(root))] = error
                 continue
             images = [t.relative_to(out_dir / "images").as_posix() for t in targets]
             lines[split].append({"id": f"{split}-{index:010d}", "source": "ucf101", "conversations": [
                 {"images": images, "user": prompt, "assistant": path.parent.name}]})
-        out_dir.mkdir(parents=True, exist_ok=True)
         for split, records in lines.items():
             if not (root / split).is_dir():
                 continue  # no test/ folder: no test file (the training script treats the test split as optional)

@@ -7,10 +7,8 @@ OUTPUT_DIR/skipped_samples_<split>.jsonl. The token lengths feed length-grouped 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -45,9 +43,7 @@ def image_problem(ref, max_pixels: int | None) -> str | None:
         return f"image {name}: is a directory, not an image"
     except UnidentifiedImageError:
         return f"image {name}: not an image file (or an unsupported format)"
-    except Image.DecompressionBombError as error:
-        return f"image {name}: {error}"
-    except ValueError as error:  # a video's reasons all come as a ValueError (phi3v.data.video.open_frame)
+    except (ValueError, Image.DecompressionBombError) as error:  # a video's reasons all come as a ValueError
         return f"{'video' if isinstance(ref, VideoFrame) else 'image'} {name}: {error}"
     except (OSError, SyntaxError) as error:
         return f"image {name}: truncated or corrupt ({error})"
@@ -76,6 +72,7 @@ def validate(dataset: ConversationDataset, max_length: int | None = None, worker
     lengths: list[int | None] = [None] * len(dataset)
     problems = list(dataset.load_problems) if indices is None else []
     verdicts: dict = {}  # image key -> (problem message or None, size)
+    max_pixels = dataset.max_image_pixels
     found_ids = {} if ids is None else ids
     progress = tqdm(total=len(order), desc=desc, disable=disable_tqdm, unit="sample")
     pool = ThreadPoolExecutor(max(1, workers))
@@ -97,17 +94,15 @@ def validate(dataset: ConversationDataset, max_length: int | None = None, worker
                                             f"cannot read this sample ({type(error).__name__}: {error})"))
             new = {_key(ref): ref for _, (_, images, _) in renders.values() for ref in images}
             if cache is not None:  # every file the split names, bad ones included, keys its cache entry
-                cache.used.update(key[0] for key in map(image_key, new.values()) if key)
-            new = {key: ref for key, ref in new.items() if key not in verdicts}
-            if cache is not None:
-                known = {key: cache.image(ref, dataset.max_image_pixels) for key, ref in new.items()}
+                cache.used.update(new)
+                known = {key: cache.image(ref, max_pixels) for key, ref in new.items() if key not in verdicts}
                 verdicts.update((key, verdict) for key, verdict in known.items() if verdict is not None)
-                new = {key: ref for key, ref in new.items() if known[key] is None}
-            checked = pool.map(lambda ref: check_image(ref, dataset.max_image_pixels), new.values())
+            new = {key: ref for key, ref in new.items() if key not in verdicts}
+            checked = pool.map(lambda ref: check_image(ref, max_pixels), new.values())
             for (key, ref), verdict in zip(new.items(), checked):  # stored one by one: Ctrl-C keeps what was done
                 verdicts[key] = verdict
                 if cache is not None:
-                    cache.store_image(ref, dataset.max_image_pixels, *verdict)
+                    cache.store_image(ref, max_pixels, *verdict)
             for index, (sample_id, (text, images, _)) in renders.items():
                 # a video's frames share one verdict: reported once
                 bad = list(dict.fromkeys(verdicts[_key(ref)][0] for ref in images if verdicts[_key(ref)][0]))
@@ -170,10 +165,9 @@ def _gather(dataset: ConversationDataset, lengths, problems, ids, shard, cache: 
 
 
 def _key(ref):
-    """A small key per image: the path, or a digest of encoded bytes (not the bytes themselves)."""
-    if isinstance(ref, bytes):
-        return hashlib.blake2b(ref, digest_size=16).digest()
-    return str(ref) if isinstance(ref, os.PathLike) else ref
+    """A small key per image, the cache's (a path, a digest of encoded bytes, one per video); else the image."""
+    key = image_key(ref)
+    return key[0] if key else ref
 
 
 def _order(where: str):
@@ -206,22 +200,21 @@ def prepare_dataset(dataset: ConversationDataset, split: str, max_length: int | 
             raise
         lengths, problems = _gather(dataset, lengths, problems, ids, shard, cache)
         if rank0:
-            cache.store_split(split, fingerprint, lengths, [asdict(p) for p in problems], cache.used)
+            cache.store_split(split, fingerprint, lengths, [asdict(p) for p in problems])
             cache.save()
     good = [i for i, length in enumerate(lengths) if length is not None]
     if problems:
         listing = "\n  ".join(str(p) for p in problems)
         unreadable = len(dataset.load_problems)  # lines that never became items
         bad, total = len(dataset) - len(good) + unreadable, len(dataset) + unreadable
+        skipped = Path(output_dir) / f"skipped_samples_{split}.jsonl"
         if not skip_bad_samples:
             raise DatasetError(f"{split}: {len(problems)} problem(s) in {bad} of {total} samples; nothing was trained."
                                f"\n  {listing}\nFix them, or pass --skip_bad_samples to train without them (they "
-                               f"are then listed in {Path(output_dir) / f'skipped_samples_{split}.jsonl'}).")
+                               f"are then listed in {skipped}).")
         if rank0:
-            Path(output_dir).mkdir(parents=True, exist_ok=True)
-            with open(Path(output_dir) / f"skipped_samples_{split}.jsonl", "w") as f:
-                for problem in problems:
-                    f.write(json.dumps(asdict(problem), ensure_ascii=False) + "\n")
+            skipped.parent.mkdir(parents=True, exist_ok=True)
+            skipped.write_text("".join(json.dumps(asdict(p), ensure_ascii=False) + "\n" for p in problems))
         logger.warning(f"{split}: skipping {len(problems)} bad sample(s) (--skip_bad_samples), "
                        f"{len(good)} remain:\n  {listing}")
     if not good:
@@ -231,26 +224,14 @@ def prepare_dataset(dataset: ConversationDataset, split: str, max_length: int | 
     return kept
 
 
-def summarize(split: str, dataset: ConversationDataset) -> str:
-    lengths = sorted(dataset.lengths)
-    median = lengths[len(lengths) // 2]
-    return (f"{split}: {len(lengths)} samples, tokens per sample min {lengths[0]} / median {median}"
-            f" / max {lengths[-1]}, total {sum(lengths):,}")
-
-
-def cache_dir(data_args, training_args) -> str | None:
-    """--cache_dir, else --output_dir; `--cache_dir none` turns the validation cache off."""
-    chosen = getattr(data_args, "cache_dir", None) or training_args.output_dir
-    return None if str(chosen).lower() == "none" else chosen
-
-
 def prepare_splits(splits: dict[str, ConversationDataset], data_args, training_args) -> dict[str, ConversationDataset]:
     """`prepare_dataset` for every split (with --validate_only, a summary of each printed): training sequences
     limited by --max_length or the model's context, evaluation prompts by the context less --max_new_tokens."""
     prepared = {}
-    context = getattr(next(iter(splits.values()), None), "processor", None)
-    context = getattr(context, "context_length", None)
+    cache_dir = getattr(data_args, "cache_dir", None) or training_args.output_dir  # `--cache_dir none`: no cache
+    cache_dir = None if str(cache_dir).lower() == "none" else cache_dir
     for split, dataset in splits.items():
+        context = getattr(dataset.processor, "context_length", None)
         if split == "train":
             limit, name = (data_args.max_length, "--max_length") if data_args.max_length else \
                 (context, "the model's context of")
@@ -259,7 +240,9 @@ def prepare_splits(splits: dict[str, ConversationDataset], data_args, training_a
             name = f"the model's context ({context}) less --max_new_tokens ({data_args.max_new_tokens}) ="
         prepared[split] = prepare_dataset(dataset, split, limit, data_args.skip_bad_samples, training_args.output_dir,
                                           training_args.dataloader_num_workers or 4, training_args.disable_tqdm,
-                                          cache_dir(data_args, training_args), limit_name=name)
+                                          cache_dir, limit_name=name)
         if data_args.validate_only:
-            print(summarize(split, prepared[split]))
+            lengths = sorted(prepared[split].lengths)
+            print(f"{split}: {len(lengths)} samples, tokens per sample min {lengths[0]} / median "
+                  f"{lengths[len(lengths) // 2]} / max {lengths[-1]}, total {sum(lengths):,}")
     return prepared

@@ -36,12 +36,6 @@ def code_fingerprint() -> str:
     return digest.hexdigest()
 
 
-def processor_fingerprint(processor) -> str:
-    tokenizer = processor.tokenizer
-    template = hashlib.blake2b((tokenizer.chat_template or "").encode(), digest_size=8).hexdigest()
-    return f"{processor.num_crops}|{tokenizer.name_or_path}|{len(tokenizer)}|{template}"
-
-
 def stamp(path: str | os.PathLike) -> list[int] | None:
     """[size, mtime_ns] of a file, or None if it cannot be stat'ed."""
     try:
@@ -88,9 +82,7 @@ class ValidationCache:
         """(problem, size) found earlier for this image, if the file is unchanged; else None."""
         key = image_key(ref)
         entry = self.images.get(key[0]) if key else None
-        if entry is None or entry[1] != max_pixels:
-            return None
-        if key[1] is not None and entry[0] != stamp(key[1]):
+        if entry is None or entry[1] != max_pixels or (key[1] is not None and entry[0] != stamp(key[1])):
             return None
         return entry[2], entry[3]
 
@@ -108,8 +100,11 @@ class ValidationCache:
         sources = getattr(dataset, "sources", None)
         if not sources:
             return None
+        tokenizer = dataset.processor.tokenizer
+        template = hashlib.blake2b((tokenizer.chat_template or "").encode(), digest_size=8).hexdigest()
+        processor = f"{dataset.processor.num_crops}|{tokenizer.name_or_path}|{len(tokenizer)}|{template}"
         digest = hashlib.blake2b(digest_size=16)
-        for part in (code_fingerprint(), processor_fingerprint(dataset.processor), max_length,
+        for part in (code_fingerprint(), processor, max_length,
                      dataset.max_image_pixels, dataset.for_generation, len(dataset), _reader_name(dataset),
                      *[(str(s), stamp(s)) for s in sources], *dataset.names):
             digest.update(repr(part).encode() + b"\0")
@@ -128,10 +123,11 @@ class ValidationCache:
                 return None
         return entry["lengths"], entry["problems"]
 
-    def store_split(self, name: str, fingerprint: str | None, lengths: list, problems: list[dict], images) -> None:
+    def store_split(self, name: str, fingerprint: str | None, lengths: list, problems: list[dict]) -> None:
+        """Keep a split's result with the image files it names (`used`)."""
         if fingerprint is not None:
             self.splits[name] = {"fingerprint": fingerprint, "lengths": lengths, "problems": problems,
-                                 "images": sorted(set(images))}
+                                 "images": sorted(self.used)}
 
     def save(self) -> None:
         """Write the cache atomically (temporary file + rename); a failure to write only costs the next start."""

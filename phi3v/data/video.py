@@ -44,7 +44,8 @@ def read_frames(path: str | os.PathLike, count: int) -> list:
         frames = decode(path, frame_indices(reported, count))
         if len(frames) == count:
             return frames
-    total = len(decode(path, None))  # count for real: the metadata was missing or wrong
+    with av.open(str(path)) as container:  # count for real: the metadata was missing or wrong
+        total = sum(1 for _ in container.decode(video=0))
     if total == 0:
         raise ValueError("no decodable frames")
     if total < reported / 2:
@@ -52,22 +53,18 @@ def read_frames(path: str | os.PathLike, count: int) -> list:
     return decode(path, frame_indices(total, count))
 
 
-def decode(path: str | os.PathLike, indices: list[int] | None) -> list:
-    """Frames at `indices` (in order, repeats allowed); with None, every frame as None (to count them)."""
+def decode(path: str | os.PathLike, indices: list[int]) -> list:
+    """RGB frames at `indices` (in order, repeats allowed), those the video has."""
     import av
 
-    wanted = sorted(set(indices)) if indices is not None else None
+    wanted = sorted(set(indices))
     found = {}
     with av.open(str(path)) as container:
         for number, frame in enumerate(container.decode(video=0)):
-            if wanted is None:
-                found[number] = None
-            elif number in wanted:
+            if number in wanted:
                 found[number] = frame.to_image().convert("RGB")
                 if number == wanted[-1]:
                     break
-    if wanted is None:
-        return list(found.values())
     return [found[i] for i in indices if i in found]
 
 

@@ -4,7 +4,6 @@ left-padded batches), gathered on rank 0 in the original order. The metric is th
 from __future__ import annotations
 
 import contextlib
-import logging
 
 import torch
 from tqdm.auto import tqdm
@@ -12,9 +11,6 @@ from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from phi3v.common.distributed import gather_to_rank_zero, world
 from phi3v.data.dataset import ConversationDataset
-
-logger = logging.getLogger(__name__)
-
 
 # ------------------------------------------------------------------------------------------------- batch size
 
@@ -42,12 +38,11 @@ def kv_cache_budget_bytes(device: torch.device, budget_gb: float | None = None) 
     return int(CPU_KV_BUDGET_GB * 2**30)
 
 
-def eval_batch_size(config, longest_prompt: int, max_new_tokens: int, dtype: torch.dtype, budget_bytes: int,
-                    limit: int = MAX_EVAL_BATCH) -> int:
+def eval_batch_size(config, longest_prompt: int, max_new_tokens: int, dtype: torch.dtype, budget_bytes: int) -> int:
     """Prompts per generate() call whose KV cache (the longest prompt + max_new_tokens, padded) fits the budget;
-    at least 1, at most `limit`."""
+    at least 1, at most MAX_EVAL_BATCH."""
     per_prompt = kv_cache_bytes_per_token(config, dtype) * (longest_prompt + max_new_tokens)
-    return int(max(1, min(limit, budget_bytes // per_prompt)))
+    return int(max(1, min(MAX_EVAL_BATCH, budget_bytes // per_prompt)))
 
 
 def prompt_lengths(dataset: ConversationDataset) -> list[int]:
@@ -64,23 +59,18 @@ def prompt_lengths(dataset: ConversationDataset) -> list[int]:
 def gathered_per_module(model: torch.nn.Module):
     """ZeRO-3 weights outside the DeepSpeed engine (the evaluation before training): each module's own parameters
     are gathered just before its forward and released after it, so at most one layer is whole at a time (the whole
-    model would need its full size on every GPU). Every rank must run the same modules (synced_gpus=True).
-    """
+    model would need its full size on every GPU). Every rank must run the same modules (synced_gpus=True)."""
     import deepspeed
 
     handles, open_contexts = [], {}
 
-    def gather(module, args):
-        params = list(module.parameters(recurse=False))
-        if params:
-            context = deepspeed.zero.GatheredParameters(params)
-            context.__enter__()
-            open_contexts.setdefault(id(module), []).append(context)
+    def gather(module, args):  # hooked only on modules with parameters of their own
+        context = deepspeed.zero.GatheredParameters(list(module.parameters(recurse=False)))
+        context.__enter__()
+        open_contexts.setdefault(id(module), []).append(context)
 
     def release(module, args, output):
-        stack = open_contexts.get(id(module))
-        if stack:
-            stack.pop().__exit__(None, None, None)
+        open_contexts[id(module)].pop().__exit__(None, None, None)
 
     for module in model.modules():
         if any(True for _ in module.parameters(recurse=False)):
@@ -146,15 +136,15 @@ def generate_predictions(model, dataset: ConversationDataset, batch_size: int = 
     processor = dataset.processor
     # Equal shards (the last index repeated) keep every rank in step, which ZeRO-3 generation requires.
     indices = list(range(len(dataset)))
-    indices += indices[-1:] * (-len(indices) % size) if indices else []
+    indices += indices[-1:] * (-len(indices) % size)
     shard = indices[rank::size]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=batch_size,
                                          num_workers=num_workers, collate_fn=processor.collator(padding_side="left"))
     was_training = model.training
     model.eval()
-    device = next(p for p in model.parameters()).device
+    device = next(model.parameters()).device
     end_ids = processor.end_token_ids()
-    results, position = [], 0
+    results = []
     for batch in tqdm(loader, desc=desc, disable=disable_tqdm or rank != 0):
         inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         with autocast(device, autocast_dtype):
@@ -166,12 +156,11 @@ def generate_predictions(model, dataset: ConversationDataset, batch_size: int = 
         texts = processor.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         probs = out.scores[0].float().softmax(-1)[:, score_token_ids].tolist() if score_token_ids else None
         for row, text in enumerate(texts):
-            item = {"index": shard[position], "id": batch["sample_ids"][row], "prediction": text,
+            item = {"index": shard[len(results)], "id": batch["sample_ids"][row], "prediction": text,
                     "reference": batch["references"][row]}
             if probs is not None:
                 item["scores"] = probs[row]
             results.append(item)
-            position += 1
     model.train(was_training)
     gathered = gather_to_rank_zero(results)
     if gathered is None:

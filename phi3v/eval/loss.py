@@ -7,7 +7,6 @@ one forward pass per batch. The result is the mean over all answer tokens of the
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 import torch.distributed as dist
@@ -16,8 +15,6 @@ from phi3v.common.distributed import world
 from phi3v.data.conversation import Conversation, Turn
 from phi3v.data.dataset import ConversationDataset
 from phi3v.eval.generation import autocast
-
-logger = logging.getLogger(__name__)
 
 
 def with_first_reference(item, to_conversation) -> Conversation:
@@ -36,9 +33,9 @@ class LossShard(torch.utils.data.Dataset):
         reader = functools.partial(with_first_reference, to_conversation=dataset.to_conversation)
         self.examples = ConversationDataset(dataset.items, reader, dataset.processor, dataset.names,
                                             for_generation=False, max_image_pixels=dataset.max_image_pixels)
-        real = list(range(len(dataset)))[rank::size]
+        real = list(range(rank, len(dataset), size))
         per_rank = -(-len(dataset) // size)
-        self.order = real + (real[-1:] or [0]) * (per_rank - len(real)) if len(dataset) else []
+        self.order = real + (real[-1:] or [0]) * (per_rank - len(real))
         self.real = len(real)
 
     def __len__(self) -> int:
@@ -52,19 +49,14 @@ class LossShard(torch.utils.data.Dataset):
         return {**example, "counted": position < self.real}
 
 
-class SkipNone:
-    """The processor's collator over the examples that are there, with their `counted` flags."""
-
-    def __init__(self, collate):
-        self.collate = collate
-
-    def __call__(self, examples: list[dict | None]) -> dict | None:
-        examples = [e for e in examples if e is not None]
-        if not examples:
-            return None
-        batch = self.collate(examples)
-        batch["counted"] = torch.tensor([e["counted"] for e in examples])
-        return batch
+def collate_present(collate, examples: list[dict | None]) -> dict | None:
+    """`collate` (the processor's collator) over the examples that are there, with their `counted` flags."""
+    examples = [e for e in examples if e is not None]
+    if not examples:
+        return None
+    batch = collate(examples)
+    batch["counted"] = torch.tensor([e["counted"] for e in examples])
+    return batch
 
 
 @torch.no_grad()
@@ -73,11 +65,12 @@ def evaluation_loss(model, dataset: ConversationDataset, batch_size: int, num_wo
     """Mean next-token loss over every supervised token of `dataset` (built with for_generation=True), sharded
     across processes; None if no example has a usable reference."""
     rank, size = world()
+    collate = functools.partial(collate_present, dataset.processor.collator())
     loader = torch.utils.data.DataLoader(LossShard(dataset, rank, size), batch_size=batch_size,
-                                         num_workers=num_workers, collate_fn=SkipNone(dataset.processor.collator()))
+                                         num_workers=num_workers, collate_fn=collate)
     was_training = model.training
     model.eval()
-    device = next(p for p in model.parameters()).device
+    device = next(model.parameters()).device
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, supervised tokens)
     for batch in loader:
         if batch is None:
