@@ -4,14 +4,13 @@ trained (embedded images are written beside it).
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from pathlib import Path
 
 from phi3v.common.errors import UserError
 from phi3v.data.conversation import Conversation
-from phi3v.data.formats import FORMATS, READERS, detect_format, hf_row_conversation, hf_rows, read_records
+from phi3v.data.formats import FORMATS, detect_format, load_data
 from phi3v.data.images import open_image
 from phi3v.data.video import VideoFrame
 
@@ -48,19 +47,15 @@ def convert(source: str, target: str, data_format: str = "auto", image_root: str
     """Write `source` (any format) as our jsonl `target`; embedded images go to TARGET_images/. Stops at the first
     bad record, naming it."""
     data_format = detect_format(source) if data_format == "auto" else data_format
+    dataset = load_data(source, None, image_root, data_format, split=split, config=config, num_frames=num_frames)
+    if dataset.load_problems:
+        raise UserError(f"{source}: {len(dataset.load_problems)} unreadable record(s)",
+                        [str(p) for p in dataset.load_problems])
     target = Path(target)
     if data_format == "hf":
-        rows = hf_rows(source, split, config)
-        items = [(f"row {i}", i) for i in range(len(rows))]
-        read = functools.partial(hf_row_conversation, rows=rows)
         root = target.parent / f"{target.stem}_images"
     else:
-        records, problems = read_records(source)
-        if problems:
-            raise UserError(f"{source}: {len(problems)} unreadable record(s)", [str(p) for p in problems])
         root = Path(image_root) if image_root else Path(source).parent
-        read = functools.partial(READERS[data_format], image_root=root, num_frames=num_frames)
-        items = [(where, (where, record)) for where, record in records]
 
     def save_image(ref, name: str) -> str:
         image = open_image(ref, decode=False)
@@ -74,11 +69,11 @@ def convert(source: str, target: str, data_format: str = "auto", image_root: str
         return file
 
     lines = []
-    for where, item in items:
+    for index in range(len(dataset)):
         try:
-            lines.append(json.dumps(to_record(read(item), root, save_image), ensure_ascii=False))
+            lines.append(json.dumps(to_record(dataset.conversation(index), root, save_image), ensure_ascii=False))
         except ValueError as error:
-            raise UserError(f"{source} {where}: {error}") from error
+            raise UserError(f"{source} {dataset.where(index)}: {error}") from error
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return {"records": len(lines), "format": data_format, "image_root": str(root)}
