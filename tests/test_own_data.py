@@ -642,3 +642,22 @@ def test_every_format_renders_into_phi4s_chat_format(phi4_processor, tmp_path):
     image_tokens = int((example["input_ids"] == phi4_processor.image_token_id).sum())
     # a 64x48 frame fills one 448-pixel tile as 448x336: 32 x 24 patches, pooled 2x2 to 16 x 12 -> 273 + 12 * (16 + 1)
     assert example["image_pixel_values"].shape[0] == 3 and image_tokens == 3 * (273 + 12 * 17)
+
+
+def test_decoded_images_validate(processor):
+    """A dataset built in code may hold decoded PIL images (hub_image accepts them): validation checks them as it
+    checks files, and counts each sample's tokens as the processor makes them (it used to fail: an image is not
+    hashable)."""
+    from PIL import Image
+
+    from phi3v.data.conversation import Conversation, Turn
+    from phi3v.data.dataset import ConversationDataset
+    from phi3v.data.validation import validate
+
+    red, blue = Image.new("RGB", (40, 30), "red"), Image.new("RGB", (30, 40), "blue")
+    conversations = [Conversation("a", [Turn("<|image_1|>\nColour?", "red", [red])]),
+                     Conversation("b", [Turn("<|image_1|>\n<|image_2|>\nColours?", "red, blue", [red, blue])])]
+    dataset = ConversationDataset(conversations, lambda c: c, processor)
+    lengths, problems = validate(dataset, disable_tqdm=True)
+    assert problems == []
+    assert lengths == [len(dataset[0]["input_ids"]), len(dataset[1]["input_ids"])]

@@ -165,9 +165,10 @@ def _gather(dataset: ConversationDataset, lengths, problems, ids, shard, cache: 
 
 
 def _key(ref):
-    """A small key per image, the cache's (a path, a digest of encoded bytes, one per video); else the image."""
+    """A small key per image, the cache's (a path, a digest of encoded bytes, one per video); a decoded image (not
+    hashable) by its identity."""
     key = image_key(ref)
-    return key[0] if key else ref
+    return key[0] if key else id(ref)
 
 
 def _order(where: str):
