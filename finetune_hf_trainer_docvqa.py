@@ -32,7 +32,7 @@ from transformers import set_seed
 from phi3v.common.metrics import anls
 from phi3v.data.conversation import Conversation, Turn
 from phi3v.data.dataset import ConversationDataset
-from phi3v.data.hub_datasets import cauldron_texts, expect, hub_image, load_hf_split
+from phi3v.data.hub_datasets import arrow_files, cauldron_texts, expect, hub_image, load_hf_split
 from phi3v.data.validation import prepare_splits
 from phi3v.serve.export import export_merged
 from phi3v.train.arguments import BaseDataArguments
@@ -91,7 +91,7 @@ def load_splits(data_args: DataArguments, processor) -> dict:
         return ConversationDataset(indices, functools.partial(mini_conversation, rows=rows,
                                                               for_generation=for_generation), processor,
                                    [f"{MINI}[{split}] row {i}" for i in indices], for_generation,
-                                   data_args.max_image_pixels)
+                                   data_args.max_image_pixels, sources=arrow_files(rows))
 
     if data_args.full_train:
         rows = load_hf_split(CAULDRON, "docvqa", "train", data_args.full_train_dataset_path, ("images", "texts"))
@@ -100,7 +100,7 @@ def load_splits(data_args: DataArguments, processor) -> dict:
         items = items[:data_args.train_samples]
         train = ConversationDataset(items, functools.partial(cauldron_conversation, rows=rows), processor,
                                     [f"{CAULDRON}/docvqa[train] row {i} question {qa + 1}" for i, qa in items],
-                                    max_image_pixels=data_args.max_image_pixels)
+                                    max_image_pixels=data_args.max_image_pixels, sources=arrow_files(rows))
     else:
         train = mini("train", data_args.train_samples, False)
     return {"train": train, "val": mini("test", data_args.eval_samples, True)}

@@ -30,7 +30,7 @@ from transformers import set_seed
 from phi3v.common.metrics import accuracy
 from phi3v.data.conversation import Conversation, Turn
 from phi3v.data.dataset import ConversationDataset
-from phi3v.data.hub_datasets import cauldron_texts, expect, hub_image, load_hf_split
+from phi3v.data.hub_datasets import arrow_files, cauldron_texts, expect, hub_image, load_hf_split
 from phi3v.data.validation import prepare_splits
 from phi3v.serve.export import export_merged
 from phi3v.train.arguments import BaseDataArguments
@@ -76,7 +76,7 @@ def load_splits(data_args: DataArguments, processor) -> dict:
         return ConversationDataset(indices, functools.partial(nlvr2_conversation, rows=rows,
                                                               for_generation=for_generation), processor,
                                    [f"{CAULDRON}/nlvr2[train] row {offset + i}" for i in indices], for_generation,
-                                   data_args.max_image_pixels)
+                                   data_args.max_image_pixels, sources=arrow_files(rows))
 
     return {"train": split(f"{data_args.eval_rows}:", data_args.train_samples, False),
             "val": split(f":{data_args.eval_rows}", data_args.eval_samples, True)}

@@ -166,6 +166,35 @@ def test_prompts_are_identical_at_train_and_eval_time(script, path, config, proc
             "<|image_1|>\nWhat is the date on page 0?\nAnswer briefly."  # --full_train trains with the eval prompt
 
 
+@pytest.mark.parametrize("script,args", [
+    (docvqa, ["--dataset_path", "{hub}/docvqa_mini"]),
+    (docvqa, ["--dataset_path", "{hub}/docvqa_mini", "--full_train",
+              "--full_train_dataset_path", "{hub}/cauldron_docvqa"]),
+    (nlvr2, ["--dataset_path", "{hub}/cauldron_nlvr2", "--eval_rows", "3"]),
+    (hateful_memes, ["--dataset_path", "{hub}/cauldron_memes_parquet", "--eval_rows", "3"]),
+], ids=["docvqa", "docvqa_full", "nlvr2", "hateful_memes"])
+def test_a_second_start_reuses_the_validation_of_hub_splits(script, args, processor, hub_dirs, tmp_path, monkeypatch):
+    """A hub split is keyed in the validation cache by its arrow files, as a jsonl split by its file: the second start
+    of a recipe renders no sample again (each split was rendered and tokenized in full before)."""
+    import phi3v.data.validation as validation
+
+    renders = []
+    monkeypatch.setattr(validation, "render", lambda *a, **k: renders.append(1) or render(*a, **k))
+    data_args = script.parse_args(script.DataArguments, [a.format(hub=hub_dirs) for a in args])[1]
+
+    def start():
+        renders.clear()
+        splits = script.load_splits(data_args, processor)
+        lengths = {name: validation.prepare_dataset(dataset, name, None, False, tmp_path, workers=1,
+                                                    disable_tqdm=True, cache_dir=tmp_path).lengths
+                   for name, dataset in splits.items()}
+        return lengths, len(renders), sum(len(dataset) for dataset in splits.values())
+
+    first = start()
+    assert first[1] == first[2] > 0
+    assert start() == (first[0], 0, first[2])
+
+
 @pytest.mark.parametrize("script", [docvqa, nlvr2, hateful_memes])
 def test_offline_hub_default_names_dataset_path(script, tiny_dir, tmp_path):
     with pytest.raises(OSError, match="--dataset_path"):

@@ -27,7 +27,7 @@ from pathlib import Path
 from phi3v.common.errors import UserError
 from phi3v.data.conversation import Conversation, Problem, Turn
 from phi3v.data.dataset import ConversationDataset
-from phi3v.data.hub_datasets import hub_image, load_hf_split
+from phi3v.data.hub_datasets import arrow_files, hub_image, load_hf_split
 from phi3v.data.images import resolve_image_path
 from phi3v.data.jsonl import KeyCheck, SampleError, jsonl_conversation, read_jsonl, record_id, valid_id
 from phi3v.data.video import video_frames
@@ -318,7 +318,7 @@ def load_data(path: str | os.PathLike, processor, image_root: str | os.PathLike 
         items, problems = list(range(len(rows)))[:limit], []
         where = [f"{Path(path).name} {split} row {i}" for i in items]
         reader = functools.partial(hf_row_conversation, rows=rows)
-        sources = [file["filename"] for file in rows.cache_files]
+        sources = arrow_files(rows)
     else:
         if not Path(path).is_file():
             raise UserError(f"{path}: no such file")

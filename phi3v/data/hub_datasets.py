@@ -109,6 +109,11 @@ def undecoded_list(dataset, column: str, feature):
         return dataset.cast_column(column, feature)
 
 
+def arrow_files(rows) -> list[str]:
+    """The files a loaded split is read from (they key its validation results in the cache)."""
+    return [file["filename"] for file in rows.cache_files]
+
+
 def hub_image(value) -> ImageRef:
     """An image cell of a hub dataset (`{"bytes", "path"}`, or a PIL image) as an ImageRef: only embedded bytes are
     used, a path in a row is never opened (rows are data, not file pointers)."""
