@@ -81,18 +81,16 @@ def mark_complete(checkpoint: str | Path, step: int) -> None:
 def move_into_place(staged: Path, target: Path) -> None:
     """Rename a complete staged checkpoint to `target`. An earlier checkpoint of ours there is replaced (the run was
     told it would be); a foreign one is renamed aside to kept-<name>-<time>, never deleted."""
-    if target.exists():
-        if is_ours(target):
-            old = target.with_name(f"{STAGING}-replaced-{target.name}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(staged, target)
-            shutil.rmtree(old, ignore_errors=True)
-            return
+    old = target.with_name(f"{STAGING}-replaced-{target.name}")
+    if is_ours(target):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    elif target.exists():
         kept = target.with_name(f"kept-{target.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         logger.warning(f"{target} was not written by this recipe: renamed to {kept.name} (kept, not deleted)")
         os.replace(target, kept)
     os.replace(staged, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def checkpoints(output_dir: str | Path) -> list[Path]:
@@ -109,15 +107,12 @@ def resolve_checkpoint(requested: str | None, output_dir: str | Path) -> str | N
     if requested.lower() in ("last", "latest", "true"):
         usable = []
         for checkpoint in checkpoints(output_dir):
-            if is_complete(checkpoint):
-                usable.append(checkpoint)
-            elif is_ours(checkpoint):
-                logger.warning(f"ignoring {checkpoint}: its files changed after it was written (overwritten or "
-                               "damaged)")
-            elif is_readable_foreign(checkpoint):
+            if is_complete(checkpoint) or (not is_ours(checkpoint) and is_readable_foreign(checkpoint)):
                 usable.append(checkpoint)
             else:
-                logger.warning(f"ignoring {checkpoint}: not written by this recipe and not a readable checkpoint")
+                why = ("its files changed after it was written (overwritten or damaged)" if is_ours(checkpoint)
+                       else "not written by this recipe and not a readable checkpoint")
+                logger.warning(f"ignoring {checkpoint}: {why}")
         if not usable:
             found = [p.name for p in checkpoints(output_dir)]
             raise MissingFile(f"--resume_from_checkpoint last: no complete checkpoint in {output_dir}"
