@@ -69,8 +69,6 @@ def run_main(main: Callable, argv: list[str] | None = None):
         raise SystemExit(INTERRUPTED_EXIT) from None
 
 
-# ------------------------------------------------------------------------------------------------- command lines
-
 class OneLineErrors:
     """Mixin for argparse parsers: a bad command line is a UserError, one line, not the whole usage text."""
 

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import HfArgumentParser
 from transformers.integrations import is_deepspeed_available
 
@@ -48,14 +49,12 @@ def parse_args(data_class: type, argv: list[str] | None = None, **defaults):
     return model_args, data_args, training_args
 
 
-LORA_VALUES = ("lora_rank", "lora_alpha", "lora_alpha_ratio", "lora_dropout")
-
-
 def check_lora_values_used(argv: list[str], model_args: ModelArguments) -> None:
     """Refuse LoRA values given without LoRA, looked for in the command line (with the settings file's flags): their
     defaults hide whether they were given (ModelArguments refuses the other LoRA flags itself)."""
     given = {arg[2:].split("=")[0].replace("-", "_") for arg in argv if arg.startswith("--")}
-    ignored = [f"--{name}" for name in LORA_VALUES if name in given]
+    ignored = [f"--{name}" for name in ("lora_rank", "lora_alpha", "lora_alpha_ratio", "lora_dropout")
+               if name in given]
     if ignored and not model_args.use_lora:
         raise BadValue(f"{', '.join(ignored)} need(s) --use_lora (or --use_qlora)")
 
@@ -179,12 +178,7 @@ def read_config(path: str) -> dict:
         raise UserError(f"config file {path}: no such file")
     text = file.read_text()
     try:
-        if file.suffix.lower() == ".json":
-            settings = json.loads(text)
-        else:
-            import yaml
-
-            settings = yaml.safe_load(text)
+        settings = json.loads(text) if file.suffix.lower() == ".json" else yaml.safe_load(text)
     except Exception as error:  # json.JSONDecodeError, yaml.YAMLError
         raise UserError(f"config file {path} could not be read: {str(error).splitlines()[0]}") from None
     if not isinstance(settings, dict | None):  # None: an empty file
