@@ -14,9 +14,8 @@ def accuracy(predictions: list[str], references: list[str]) -> float:
     """Exact match after `normalize_answer` on both sides (as the original hateful memes / NLVR2 / UCF101 scripts)."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    if not predictions:
-        return 0.0
-    return sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references)) / len(predictions)
+    matches = [normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references)]
+    return sum(matches) / max(len(matches), 1)
 
 
 def levenshtein(a: str, b: str) -> int:
@@ -55,9 +54,8 @@ def anls(predictions: list[str], references: list[list[str]], threshold: float =
     """Average normalized Levenshtein similarity over questions (0..1)."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} reference lists")
-    if not predictions:
-        return 0.0
-    return sum(anls_score(p, r, threshold, case_sensitive) for p, r in zip(predictions, references)) / len(predictions)
+    scores = [anls_score(p, r, threshold, case_sensitive) for p, r in zip(predictions, references)]
+    return sum(scores) / max(len(scores), 1)
 
 
 def roc_auc(scores: list[float], labels: list[int]) -> float:

@@ -1,6 +1,4 @@
-"""RecipeTrainingArguments: transformers' TrainingArguments with the original recipe's hard-coded values as defaults,
-its batch-size flags (--batch_size global, --batch_size_per_gpu), and the checks that go with them.
-"""
+"""RecipeTrainingArguments: TrainingArguments with the original recipe's defaults, its batch-size flags and checks."""
 
 from __future__ import annotations
 
