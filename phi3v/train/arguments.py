@@ -1,8 +1,6 @@
-"""Command-line arguments shared by the four recipes: ModelArguments, BaseDataArguments, RecipeTrainingArguments.
-
-Every flag of the original scripts keeps its meaning and default (--batch_size is the *global* batch), next to every
-standard `transformers.TrainingArguments` flag. The original's hard-coded training settings are our defaults.
-"""
+"""Command-line arguments shared by the four recipes: ModelArguments and BaseDataArguments (the training flags, every
+standard TrainingArguments one included: training_arguments.py). Every flag of the original scripts keeps its meaning
+and default (--batch_size is the *global* batch); its hard-coded training settings are our defaults."""
 
 from __future__ import annotations
 

@@ -30,11 +30,9 @@ class EvaluationMixin:
     """Phi3VTrainer's `evaluate`: generated answers, the task metric and the evaluation loss."""
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
-        """Generate an answer for every prompt, score it with the task metric, log and return the metrics.
-
-        Under FSDP, an evaluation before training runs at the start of train() instead, once the model is sharded
-        (until then ranks > 0 may hold no weights); its metrics are in `deferred_metrics`.
-        """
+        """Generate an answer for every prompt, score it with the task metric, log and return the metrics. Under
+        FSDP, an evaluation before training runs at the start of train() instead, once the model is sharded (until then
+        ranks > 0 may hold no weights); its metrics are in `deferred_metrics`."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if self.is_fsdp_enabled and not self._training_started:
             logger.info(f"FSDP: {metric_key_prefix} runs at the start of training, once the model is sharded")
