@@ -219,10 +219,9 @@ def prepare_resume(trainer: Trainer, requested: str | None) -> str | None:
 def clear_staging(output_dir: str | Path) -> None:
     """Remove what an interrupted save left in OUTPUT_DIR/.saving (only ever written by this recipe)."""
     staging = Path(output_dir) / STAGING
-    if staging.is_dir():
-        for leftover in sorted(staging.iterdir()):
-            logger.warning(f"removing {leftover}: left incomplete by an interrupted save")
-        shutil.rmtree(staging, ignore_errors=True)
+    for leftover in sorted(staging.glob("*")):  # none where there is no staging folder
+        logger.warning(f"removing {leftover}: left incomplete by an interrupted save")
+    shutil.rmtree(staging, ignore_errors=True)
     for leftover in Path(output_dir).glob(f"{STAGING}-replaced-*"):
         shutil.rmtree(leftover, ignore_errors=True)
 
