@@ -92,13 +92,6 @@ def name_matcher(spec: list[str], flag: str):
     return lambda path: any(path == name or path.endswith("." + name) for name in spec)
 
 
-def used_linear_modules(model: torch.nn.Module) -> list[str]:
-    """Paths of the Linear layers that take part in the computation (not the CLIP layers after the feature layer)."""
-    unused = {id(p) for p in model_family(model).unused_parameters(model)}
-    return [path for path, module in model.named_modules() if isinstance(module, torch.nn.Linear)
-            and not any(id(p) in unused for p in module.parameters())]
-
-
 def modules_to_save(model: torch.nn.Module, model_args: ModelArguments) -> list[str]:
     """Full paths of --lora_modules_to_save, each matching at least one module, none in a frozen part."""
     paths, part_of = [], model_family(model).part_of
@@ -118,7 +111,10 @@ def modules_to_save(model: torch.nn.Module, model_args: ModelArguments) -> list[
 def select_lora_targets(model: torch.nn.Module, model_args: ModelArguments, saved: list[str]) -> list[str]:
     """Full paths of the Linear layers that get adapters: --lora_target_modules (default: the original's targets)
     minus --lora_exclude_modules, inside the parts not frozen."""
-    family, linear = model_family(model), used_linear_modules(model)
+    family = model_family(model)
+    unused = {id(p) for p in family.unused_parameters(model)}  # CLIP layers after the feature layer: never run
+    linear = [path for path, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+              and not any(id(p) in unused for p in module.parameters())]
     if model_args.lora_target_modules:
         chosen = name_matcher(model_args.lora_target_modules, "--lora_target_modules")
         targets = [path for path in linear if chosen(path)]
