@@ -29,7 +29,7 @@ from phi3v.data.conversation import Conversation, Problem, Turn
 from phi3v.data.dataset import ConversationDataset
 from phi3v.data.hub_datasets import arrow_files, hub_image, load_hf_split
 from phi3v.data.images import resolve_image_path
-from phi3v.data.jsonl import KeyCheck, SampleError, jsonl_conversation, read_jsonl, record_id, valid_id
+from phi3v.data.jsonl import AUDIO, KeyCheck, jsonl_conversation, jsonl_lines, read_jsonl, record_id, sample_errors
 from phi3v.data.video import video_frames
 
 FORMATS = ("auto", "ours", "llava", "messages", "hf")
@@ -88,18 +88,8 @@ def first_records(path: str | os.PathLike, count: int) -> list[dict]:
     """The first `count` records of a data file, reading a jsonl file only as far as needed."""
     if is_json_array(path):
         return [record for _, record in read_records(path)[0][:count]]
-    with open(path, "rb") as f:
-        records = []
-        for line in f:
-            try:
-                record = json.loads(line)
-            except (ValueError, RecursionError):  # malformed, not UTF-8, too deep: validation reports it
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-                if len(records) == count:
-                    break
-        return records
+    records = (record for _, record, _ in jsonl_lines(path) if record is not None)  # validation reports the rest
+    return list(itertools.islice(records, count))
 
 
 def record_format(record: dict) -> str | None:
@@ -198,16 +188,6 @@ def build_conversation(sample_id: str, messages: list[tuple[str, str]], images: 
     return Conversation(sample_id, turns, system)
 
 
-AUDIO = "audio inputs are not supported: these recipes fine-tune the vision path (remove the audio)"
-
-
-def refuse_audio(record: dict) -> None:
-    """An "audio"/"audios" key (ms-swift, Phi-4-multimodal's own fine-tuning data) is refused, not ignored."""
-    for key in ("audio", "audios"):
-        if key in record:
-            raise SampleError(f'an "{key}" key: {AUDIO}', valid_id(record))
-
-
 def _text(content, number: int) -> str:
     """A message content as text: a string, or parts [{"type": "text"|"image"|"video", ...}] where an image or
     video part becomes its tag and a line break (the model card's "<|image_1|>\\n<|image_2|>\\n..." layout)."""
@@ -232,8 +212,7 @@ def _text(content, number: int) -> str:
 
 def llava_conversation(item: tuple[str, dict], image_root: str | os.PathLike, num_frames: int = 8) -> Conversation:
     where, record = item
-    try:
-        refuse_audio(record)
+    with sample_errors(record):
         turns = record.get("conversations")
         if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
             raise ValueError('"conversations" must be a list of {"from", "value"} objects')
@@ -247,16 +226,13 @@ def llava_conversation(item: tuple[str, dict], image_root: str | os.PathLike, nu
         videos = [resolve_image_path(image_root, p) for p in _as_list(record.get("video"))]
         return build_conversation(record_id(record, where), messages, images, videos, num_frames,
                                   record.get("system"))
-    except ValueError as error:
-        raise SampleError(str(error), valid_id(record)) from error
 
 
 def messages_conversation(item: tuple[str, dict], image_root: str | os.PathLike | None, num_frames: int = 8
                           ) -> Conversation:
     """A `messages` record; with `image_root` None (a hub dataset row) images are embedded image cells."""
     where, record = item
-    try:
-        refuse_audio(record)
+    with sample_errors(record):
         messages = record.get("messages")
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise ValueError('"messages" must be a list of {"role", "content"} objects')
@@ -270,14 +246,6 @@ def messages_conversation(item: tuple[str, dict], image_root: str | os.PathLike 
             images = [resolve_image_path(image_root, p) for p in _as_list(record.get("images"))]
             videos = [resolve_image_path(image_root, p) for p in _as_list(record.get("videos"))]
         return build_conversation(record_id(record, where), pairs, images, videos, num_frames, record.get("system"))
-    except ValueError as error:
-        raise SampleError(str(error), valid_id(record)) from error
-
-
-def ours_conversation(item: tuple[str, dict], image_root: str | os.PathLike, num_frames: int = 8) -> Conversation:
-    """Our jsonl record (`jsonl_conversation`), its audio refused as in the other formats."""
-    refuse_audio(item[1])
-    return jsonl_conversation(item, image_root, num_frames)
 
 
 def hf_row_conversation(index: int, rows) -> Conversation:
@@ -292,7 +260,7 @@ def hf_row_conversation(index: int, rows) -> Conversation:
     return messages_conversation((f"row {index}", row), None)
 
 
-READERS = {"ours": ours_conversation, "llava": llava_conversation, "messages": messages_conversation}
+READERS = {"ours": jsonl_conversation, "llava": llava_conversation, "messages": messages_conversation}
 
 
 # ------------------------------------------------------------------------------------------------- datasets
