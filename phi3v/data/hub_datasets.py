@@ -55,8 +55,7 @@ def load_hf_split(hub_id: str, config: str | None, split: str, local_path: str |
                         f"{', '.join(dataset.column_names)}); is it the right dataset?")
     if rows:
         start, stop = (int(x) if x else None for x in rows.strip("[]").split(":"))
-        needed = max(start or 0, stop or 0)
-        if needed > len(dataset) or (start is not None and start >= len(dataset)):
+        if max(start or 0, stop or 0) > len(dataset) or (start is not None and start >= len(dataset)):
             raise UserError(f"{where}: rows {rows} asked for, but the {base} split has only {len(dataset)} rows "
                             "(lower --eval_rows, the rows held out for evaluation)")
         dataset = dataset.select(range(len(dataset))[slice(start, stop)])

@@ -121,15 +121,14 @@ def validate(dataset: ConversationDataset, max_length: int | None = None, worker
     finally:
         pool.shutdown(cancel_futures=True)  # after Ctrl-C: no waiting for the images not yet started
         progress.close()
-    if ids is None:
-        problems += duplicate_ids(dataset, found_ids, lengths)
-    problems.sort(key=lambda p: _order(p.where))
-    return lengths, problems
+    return lengths, problems if ids is not None else with_duplicate_ids(dataset, problems, found_ids, lengths)
 
 
-def duplicate_ids(dataset: ConversationDataset, ids: dict[int, str], lengths: list[int | None]) -> list[Problem]:
-    """A problem for each item whose id an earlier item has (`ids`: item index -> id), its length set to None."""
-    first_seen, problems = {}, []
+def with_duplicate_ids(dataset: ConversationDataset, problems: list[Problem], ids: dict[int, str],
+                       lengths: list[int | None]) -> list[Problem]:
+    """`problems` and one for each item whose id an earlier item has (`ids`: item index -> id; its length set to
+    None), in the order of the file's lines or rows."""
+    first_seen = {}
     for index in sorted(ids):
         if ids[index] in first_seen:
             problems.append(Problem(dataset.where(index), ids[index],
@@ -137,7 +136,7 @@ def duplicate_ids(dataset: ConversationDataset, ids: dict[int, str], lengths: li
             lengths[index] = None
         else:
             first_seen[ids[index]] = dataset.where(index)
-    return problems
+    return sorted(problems, key=_order)
 
 
 def _gather(dataset: ConversationDataset, lengths, problems, ids, shard, cache: ValidationCache):
@@ -159,9 +158,7 @@ def _gather(dataset: ConversationDataset, lengths, problems, ids, shard, cache: 
         all_ids.update(shard_ids)
         cache.images.update(new_images)
         cache.used.update(shard_images)
-    found += duplicate_ids(dataset, all_ids, merged)
-    found.sort(key=lambda p: _order(p.where))
-    return merged, found
+    return merged, with_duplicate_ids(dataset, found, all_ids, merged)
 
 
 def _key(ref):
@@ -171,9 +168,9 @@ def _key(ref):
     return key[0] if key else id(ref)
 
 
-def _order(where: str):
-    head, _, tail = where.rpartition(":")
-    return (head, int(tail)) if tail.isdigit() else (where, 0)
+def _order(problem: Problem):
+    head, _, tail = problem.where.rpartition(":")
+    return (head, int(tail)) if tail.isdigit() else (problem.where, 0)
 
 
 def prepare_dataset(dataset: ConversationDataset, split: str, max_length: int | None, skip_bad_samples: bool,

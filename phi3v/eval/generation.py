@@ -74,8 +74,7 @@ def gathered_per_module(model: torch.nn.Module):
 
     for module in model.modules():
         if any(True for _ in module.parameters(recurse=False)):
-            handles.append(module.register_forward_pre_hook(gather))
-            handles.append(module.register_forward_hook(release))
+            handles += [module.register_forward_pre_hook(gather), module.register_forward_hook(release)]
     try:
         yield
     finally:
