@@ -145,13 +145,10 @@ def jsonl_conversation(item: tuple[str, dict], image_root: str | os.PathLike, nu
         return Conversation(sample_id, turns, system)
 
 
-def jsonl_dataset(path: str | os.PathLike, image_root: str | os.PathLike, processor,
-                  for_generation: bool = False, max_image_pixels: int | None = None,
-                  limit: int | None = None, num_frames: int = 8) -> ConversationDataset:
+def jsonl_dataset(path: str | os.PathLike, image_root: str | os.PathLike, processor, for_generation: bool = False,
+                  max_image_pixels: int | None = None) -> ConversationDataset:
     """A dataset over a jsonl file in our schema, with images relative to `image_root`."""
     records, problems = read_jsonl(path)
-    records = records[:limit]
-    reader = functools.partial(jsonl_conversation, image_root=image_root, num_frames=num_frames)
-    return ConversationDataset(records, reader, processor, where=[where for where, _ in records],
-                               for_generation=for_generation, max_image_pixels=max_image_pixels,
-                               load_problems=problems, sources=[str(path)])
+    return ConversationDataset(records, functools.partial(jsonl_conversation, image_root=image_root), processor,
+                               where=[where for where, _ in records], for_generation=for_generation,
+                               max_image_pixels=max_image_pixels, load_problems=problems, sources=[str(path)])
