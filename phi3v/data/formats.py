@@ -84,14 +84,6 @@ def repeated_keys(text: str) -> dict[int, tuple[int, str]]:
         position = end
 
 
-def first_records(path: str | os.PathLike, count: int) -> list[dict]:
-    """The first `count` records of a data file, reading a jsonl file only as far as needed."""
-    if is_json_array(path):
-        return [record for _, record in read_records(path)[0][:count]]
-    records = (record for _, record, _ in jsonl_lines(path) if record is not None)  # validation reports the rest
-    return list(itertools.islice(records, count))
-
-
 def record_format(record: dict) -> str | None:
     """"ours", "llava" or "messages" from the keys of one record, or None."""
     turns = record.get("conversations")
@@ -117,7 +109,10 @@ def detect_format(path: str | os.PathLike) -> str:
         return "hf"
     if not Path(path).is_file():
         raise UserError(f"{path}: no such file")
-    records = first_records(path, 10)  # not the whole file: the dataset reads it once, later
+    if is_json_array(path):
+        records = [record for _, record in read_records(path)[0][:10]]
+    else:  # the first lines only: the dataset reads the whole file once, later (and reports what is unreadable)
+        records = list(itertools.islice((r for _, r, _ in jsonl_lines(path) if r is not None), 10))
     if not records and not read_records(path)[1]:
         raise UserError(f"{path}: the file holds no records (it is empty)")
     for record in records:

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from phi3v.common.distributed import world as world_rank_size
-from phi3v.common.errors import UserError
+from phi3v.common.errors import BadValue
 from phi3v.data.conversation import Problem, render, tag_warnings
 from phi3v.data.dataset import ConversationDataset
 from phi3v.data.images import image_size, open_image
@@ -26,10 +26,7 @@ from phi3v.data.validation_cache import FILE_NAME, ValidationCache, image_key
 from phi3v.data.video import VideoFrame
 
 logger = logging.getLogger(__name__)
-
-
-class DatasetError(UserError, ValueError):
-    pass
+DatasetError = BadValue  # a dataset with problems: a UserError, and a ValueError for callers that catch those
 
 
 def image_problem(ref, max_pixels: int | None) -> str | None:
