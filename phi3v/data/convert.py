@@ -52,10 +52,7 @@ def convert(source: str, target: str, data_format: str = "auto", image_root: str
         raise UserError(f"{source}: {len(dataset.load_problems)} unreadable record(s)",
                         [str(p) for p in dataset.load_problems])
     target = Path(target)
-    if data_format == "hf":
-        root = target.parent / f"{target.stem}_images"
-    else:
-        root = Path(image_root) if image_root else Path(source).parent
+    root = target.parent / f"{target.stem}_images" if data_format == "hf" else Path(image_root or Path(source).parent)
 
     def save_image(ref, name: str) -> str:
         image = open_image(ref, decode=False)

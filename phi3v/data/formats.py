@@ -232,14 +232,14 @@ def messages_conversation(item: tuple[str, dict], image_root: str | os.PathLike 
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise ValueError('"messages" must be a list of {"role", "content"} objects')
         pairs = [(m.get("role"), _text(m.get("content"), n)) for n, m in enumerate(messages, start=1)]
+        images, videos = _as_list(record.get("images")), _as_list(record.get("videos"))
         if image_root is None:
-            images = [hub_image(cell) for cell in _as_list(record.get("images"))]
-            if _as_list(record.get("videos")):
+            images = [hub_image(cell) for cell in images]
+            if videos:
                 raise ValueError("videos in a hub dataset are not supported: use a jsonl file with video paths")
-            videos = []
         else:
-            images = [resolve_image_path(image_root, p) for p in _as_list(record.get("images"))]
-            videos = [resolve_image_path(image_root, p) for p in _as_list(record.get("videos"))]
+            images = [resolve_image_path(image_root, p) for p in images]
+            videos = [resolve_image_path(image_root, p) for p in videos]
         return build_conversation(record_id(record, where), pairs, images, videos, num_frames, record.get("system"))
 
 
