@@ -130,9 +130,7 @@ def detect_format(path: str | os.PathLike) -> str:
 
 def _as_list(value) -> list:
     """A field that may hold one item or a list of them (LLaVA's "image": "a.jpg" or ["a.jpg", "b.jpg"])."""
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def build_conversation(sample_id: str, messages: list[tuple[str, str]], images: list, videos: list,
@@ -142,8 +140,7 @@ def build_conversation(sample_id: str, messages: list[tuple[str, str]], images: 
     if messages and messages[0][0] == "system":
         if system is not None:
             raise ValueError("two system messages (a system key and a system turn)")
-        system = messages[0][1]
-        messages = messages[1:]
+        system, messages = messages[0][1], messages[1:]
     tags = [tag for _, text in messages for tag in PLACEHOLDER.findall(text)]
     prefix = ""
     for kind, items in (("image", images), ("video", videos)):

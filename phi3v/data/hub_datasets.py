@@ -16,8 +16,7 @@ def load_hf_split(hub_id: str, config: str | None, split: str, local_path: str |
                   columns: Sequence[str] = ()):
     """One split of a hub dataset, or of a local copy (a `save_to_disk` folder or parquet files in the hub layout),
     with images left encoded (sizes read from headers, decoding in DataLoader workers). `split` may carry a row
-    range as on the hub ("train[500:]"); the split must have those rows, and every name in `columns`.
-    """
+    range as on the hub ("train[500:]"); the split must have those rows, and every name in `columns`."""
     import datasets
 
     base, rows = split.split("[")[0], split[len(split.split("[")[0]):]

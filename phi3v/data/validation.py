@@ -63,8 +63,7 @@ def validate(dataset: ConversationDataset, max_length: int | None = None, worker
     index -> id) left to the caller, who sees other processes' ids too.
 
     Items are checked `chunk` at a time (a hub dataset's image bytes are never all in memory); an image shared by
-    several items is decoded once, and one that `cache` knows not at all.
-    """
+    several items is decoded once, and one that `cache` knows not at all."""
     order = list(range(len(dataset))) if indices is None else list(indices)
     lengths: list[int | None] = [None] * len(dataset)
     problems = list(dataset.load_problems) if indices is None else []
