@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -94,8 +95,6 @@ def parquet_files(path: str | os.PathLike, split: str, config: str | None) -> li
 def undecoded_list(dataset, column: str, feature):
     """`cast_column` for a list of images, done as `cast_column` does it for one image: only the feature changes.
     (`cast_column` would rewrite the whole dataset, e.g. as a cache file inside the user's save_to_disk folder.)"""
-    import copy
-
     from datasets.arrow_dataset import update_metadata_with_features
 
     try:

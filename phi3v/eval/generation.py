@@ -33,8 +33,7 @@ def kv_cache_budget_bytes(device: torch.device, budget_gb: float | None = None) 
     if budget_gb is not None:
         return int(budget_gb * 2**30)
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(0.4 * free)
+        return int(0.4 * torch.cuda.mem_get_info(device)[0])  # (free, total)
     return int(CPU_KV_BUDGET_GB * 2**30)
 
 
