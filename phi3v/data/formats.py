@@ -60,8 +60,7 @@ def read_records(path: str | os.PathLike) -> tuple[list[tuple[str, dict]], list[
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"{path}: not a valid JSON array ({str(error).splitlines()[0][:200]})") from error
     except RecursionError:
-        raise UserError(f"{path}: not a valid JSON array (nested too deeply to read: thousands of [ or {{)"
-                        ) from None
+        raise UserError(f"{path}: not a valid JSON array (nested too deeply to read: thousands of [ or {{)") from None
     repeated = repeated_keys(text) if keys.problem else {}
     problems = [Problem(f"{name}[{i}] (line {line})", None, message) for i, (line, message) in repeated.items()]
     problems += [Problem(f"{name}[{i}]", None, f"an item must be a JSON object, got {type(r).__name__}")
@@ -216,8 +215,7 @@ def llava_conversation(item: tuple[str, dict], image_root: str | os.PathLike, nu
             messages.append((role, turn["value"]))
         images = [resolve_image_path(image_root, p) for p in _as_list(record.get("image"))]
         videos = [resolve_image_path(image_root, p) for p in _as_list(record.get("video"))]
-        return build_conversation(record_id(record, where), messages, images, videos, num_frames,
-                                  record.get("system"))
+        return build_conversation(record_id(record, where), messages, images, videos, num_frames, record.get("system"))
 
 
 def messages_conversation(item: tuple[str, dict], image_root: str | os.PathLike | None, num_frames: int = 8

@@ -42,26 +42,23 @@ def jsonl_lines(path: str | os.PathLike) -> Iterator[tuple[int, dict | None, str
     byte-order mark (Windows editors write one) is allowed; a key repeated within an object is a problem."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8-sig")
-            except UnicodeDecodeError as error:
-                yield number, None, f"not valid UTF-8 (byte {error.start})"
-                continue
-            if not line.strip():
-                continue
             keys = KeyCheck()
             try:
+                line = raw.decode("utf-8-sig")
+                if not line.strip():
+                    continue
                 record = json.loads(line.strip(), object_pairs_hook=keys)
+            except UnicodeDecodeError as error:
+                yield number, None, f"not valid UTF-8 (byte {error.start})"
             except json.JSONDecodeError as error:
                 yield number, None, f"malformed JSON: {error.msg} at column {error.colno}"
-                continue
             except RecursionError:
                 yield number, None, "JSON nested too deeply to read (thousands of [ or {)"
-                continue
-            if not isinstance(record, dict):
-                yield number, None, f"a line must be a JSON object, got {type(record).__name__}"
             else:
-                yield number, record, keys.problem
+                if isinstance(record, dict):
+                    yield number, record, keys.problem
+                else:
+                    yield number, None, f"a line must be a JSON object, got {type(record).__name__}"
 
 
 def read_jsonl(path: str | os.PathLike) -> tuple[list[tuple[str, dict]], list[Problem]]:
