@@ -114,10 +114,9 @@ def detect_format(path: str | os.PathLike) -> str:
         records = list(itertools.islice((r for _, r, _ in jsonl_lines(path) if r is not None), 10))
     if not records and not read_records(path)[1]:
         raise UserError(f"{path}: the file holds no records (it is empty)")
-    for record in records:
-        found = record_format(record)
-        if found:
-            return found
+    found = [kind for kind in map(record_format, records) if kind]
+    if found:
+        return found[0]
     keys = sorted(records[0])[:8] if records else []
     raise UserError(f"{path}: cannot tell the data format from its first records (keys {keys}); expected ours "
                     '("conversations" with "user"/"assistant"), LLaVA ("conversations" with "from"/"value") or '
