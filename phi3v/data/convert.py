@@ -1,9 +1,9 @@
 """`python -m phi3v.data convert IN OUT`: data of any supported format written as our jsonl, to inspect what will be
-trained (embedded images are written beside it).
-"""
+trained (embedded images are written beside it)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -52,10 +52,7 @@ def convert(source: str, target: str, data_format: str = "auto", image_root: str
         raise UserError(f"{source}: {len(dataset.load_problems)} unreadable record(s)",
                         [str(p) for p in dataset.load_problems])
     target = Path(target)
-    if data_format == "hf":
-        root = target.parent / f"{target.stem}_images"
-    else:
-        root = Path(image_root) if image_root else Path(source).parent
+    root = target.parent / f"{target.stem}_images" if data_format == "hf" else Path(image_root or Path(source).parent)
 
     def save_image(ref, name: str) -> str:
         image = open_image(ref, decode=False)
@@ -80,8 +77,6 @@ def convert(source: str, target: str, data_format: str = "auto", image_root: str
 
 
 def build_parser():
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m phi3v.data", description="Write data of any supported format "
                                      "(ours, LLaVA, messages, Hugging Face dataset) as our jsonl, to inspect it.")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -29,7 +29,7 @@ from phi3v.data.conversation import Conversation, Problem, Turn
 from phi3v.data.dataset import ConversationDataset
 from phi3v.data.hub_datasets import arrow_files, hub_image, load_hf_split
 from phi3v.data.images import resolve_image_path
-from phi3v.data.jsonl import KeyCheck, SampleError, jsonl_conversation, read_jsonl, record_id, valid_id
+from phi3v.data.jsonl import AUDIO, KeyCheck, jsonl_conversation, jsonl_lines, read_jsonl, record_id, sample_errors
 from phi3v.data.video import video_frames
 
 FORMATS = ("auto", "ours", "llava", "messages", "hf")
@@ -60,8 +60,7 @@ def read_records(path: str | os.PathLike) -> tuple[list[tuple[str, dict]], list[
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"{path}: not a valid JSON array ({str(error).splitlines()[0][:200]})") from error
     except RecursionError:
-        raise UserError(f"{path}: not a valid JSON array (nested too deeply to read: thousands of [ or {{)"
-                        ) from None
+        raise UserError(f"{path}: not a valid JSON array (nested too deeply to read: thousands of [ or {{)") from None
     repeated = repeated_keys(text) if keys.problem else {}
     problems = [Problem(f"{name}[{i}] (line {line})", None, message) for i, (line, message) in repeated.items()]
     problems += [Problem(f"{name}[{i}]", None, f"an item must be a JSON object, got {type(r).__name__}")
@@ -82,24 +81,6 @@ def repeated_keys(text: str) -> dict[int, tuple[int, str]]:
         if keys.problem:
             found[index] = (text.count("\n", 0, position) + 1, keys.problem)
         position = end
-
-
-def first_records(path: str | os.PathLike, count: int) -> list[dict]:
-    """The first `count` records of a data file, reading a jsonl file only as far as needed."""
-    if is_json_array(path):
-        return [record for _, record in read_records(path)[0][:count]]
-    with open(path, "rb") as f:
-        records = []
-        for line in f:
-            try:
-                record = json.loads(line)
-            except (ValueError, RecursionError):  # malformed, not UTF-8, too deep: validation reports it
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-                if len(records) == count:
-                    break
-        return records
 
 
 def record_format(record: dict) -> str | None:
@@ -127,13 +108,15 @@ def detect_format(path: str | os.PathLike) -> str:
         return "hf"
     if not Path(path).is_file():
         raise UserError(f"{path}: no such file")
-    records = first_records(path, 10)  # not the whole file: the dataset reads it once, later
+    if is_json_array(path):
+        records = [record for _, record in read_records(path)[0][:10]]
+    else:  # the first lines only: the dataset reads the whole file once, later (and reports what is unreadable)
+        records = list(itertools.islice((r for _, r, _ in jsonl_lines(path) if r is not None), 10))
     if not records and not read_records(path)[1]:
         raise UserError(f"{path}: the file holds no records (it is empty)")
-    for record in records:
-        found = record_format(record)
-        if found:
-            return found
+    found = [kind for kind in map(record_format, records) if kind]
+    if found:
+        return found[0]
     keys = sorted(records[0])[:8] if records else []
     raise UserError(f"{path}: cannot tell the data format from its first records (keys {keys}); expected ours "
                     '("conversations" with "user"/"assistant"), LLaVA ("conversations" with "from"/"value") or '
@@ -145,9 +128,7 @@ def detect_format(path: str | os.PathLike) -> str:
 
 def _as_list(value) -> list:
     """A field that may hold one item or a list of them (LLaVA's "image": "a.jpg" or ["a.jpg", "b.jpg"])."""
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def build_conversation(sample_id: str, messages: list[tuple[str, str]], images: list, videos: list,
@@ -157,8 +138,7 @@ def build_conversation(sample_id: str, messages: list[tuple[str, str]], images: 
     if messages and messages[0][0] == "system":
         if system is not None:
             raise ValueError("two system messages (a system key and a system turn)")
-        system = messages[0][1]
-        messages = messages[1:]
+        system, messages = messages[0][1], messages[1:]
     tags = [tag for _, text in messages for tag in PLACEHOLDER.findall(text)]
     prefix = ""
     for kind, items in (("image", images), ("video", videos)):
@@ -198,16 +178,6 @@ def build_conversation(sample_id: str, messages: list[tuple[str, str]], images: 
     return Conversation(sample_id, turns, system)
 
 
-AUDIO = "audio inputs are not supported: these recipes fine-tune the vision path (remove the audio)"
-
-
-def refuse_audio(record: dict) -> None:
-    """An "audio"/"audios" key (ms-swift, Phi-4-multimodal's own fine-tuning data) is refused, not ignored."""
-    for key in ("audio", "audios"):
-        if key in record:
-            raise SampleError(f'an "{key}" key: {AUDIO}', valid_id(record))
-
-
 def _text(content, number: int) -> str:
     """A message content as text: a string, or parts [{"type": "text"|"image"|"video", ...}] where an image or
     video part becomes its tag and a line break (the model card's "<|image_1|>\\n<|image_2|>\\n..." layout)."""
@@ -232,8 +202,7 @@ def _text(content, number: int) -> str:
 
 def llava_conversation(item: tuple[str, dict], image_root: str | os.PathLike, num_frames: int = 8) -> Conversation:
     where, record = item
-    try:
-        refuse_audio(record)
+    with sample_errors(record):
         turns = record.get("conversations")
         if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
             raise ValueError('"conversations" must be a list of {"from", "value"} objects')
@@ -245,39 +214,27 @@ def llava_conversation(item: tuple[str, dict], image_root: str | os.PathLike, nu
             messages.append((role, turn["value"]))
         images = [resolve_image_path(image_root, p) for p in _as_list(record.get("image"))]
         videos = [resolve_image_path(image_root, p) for p in _as_list(record.get("video"))]
-        return build_conversation(record_id(record, where), messages, images, videos, num_frames,
-                                  record.get("system"))
-    except ValueError as error:
-        raise SampleError(str(error), valid_id(record)) from error
+        return build_conversation(record_id(record, where), messages, images, videos, num_frames, record.get("system"))
 
 
 def messages_conversation(item: tuple[str, dict], image_root: str | os.PathLike | None, num_frames: int = 8
                           ) -> Conversation:
     """A `messages` record; with `image_root` None (a hub dataset row) images are embedded image cells."""
     where, record = item
-    try:
-        refuse_audio(record)
+    with sample_errors(record):
         messages = record.get("messages")
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise ValueError('"messages" must be a list of {"role", "content"} objects')
         pairs = [(m.get("role"), _text(m.get("content"), n)) for n, m in enumerate(messages, start=1)]
+        images, videos = _as_list(record.get("images")), _as_list(record.get("videos"))
         if image_root is None:
-            images = [hub_image(cell) for cell in _as_list(record.get("images"))]
-            if _as_list(record.get("videos")):
+            images = [hub_image(cell) for cell in images]
+            if videos:
                 raise ValueError("videos in a hub dataset are not supported: use a jsonl file with video paths")
-            videos = []
         else:
-            images = [resolve_image_path(image_root, p) for p in _as_list(record.get("images"))]
-            videos = [resolve_image_path(image_root, p) for p in _as_list(record.get("videos"))]
+            images = [resolve_image_path(image_root, p) for p in images]
+            videos = [resolve_image_path(image_root, p) for p in videos]
         return build_conversation(record_id(record, where), pairs, images, videos, num_frames, record.get("system"))
-    except ValueError as error:
-        raise SampleError(str(error), valid_id(record)) from error
-
-
-def ours_conversation(item: tuple[str, dict], image_root: str | os.PathLike, num_frames: int = 8) -> Conversation:
-    """Our jsonl record (`jsonl_conversation`), its audio refused as in the other formats."""
-    refuse_audio(item[1])
-    return jsonl_conversation(item, image_root, num_frames)
 
 
 def hf_row_conversation(index: int, rows) -> Conversation:
@@ -292,7 +249,7 @@ def hf_row_conversation(index: int, rows) -> Conversation:
     return messages_conversation((f"row {index}", row), None)
 
 
-READERS = {"ours": ours_conversation, "llava": llava_conversation, "messages": messages_conversation}
+READERS = {"ours": jsonl_conversation, "llava": llava_conversation, "messages": messages_conversation}
 
 
 # ------------------------------------------------------------------------------------------------- datasets

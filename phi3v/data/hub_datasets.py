@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,8 +17,7 @@ def load_hf_split(hub_id: str, config: str | None, split: str, local_path: str |
                   columns: Sequence[str] = ()):
     """One split of a hub dataset, or of a local copy (a `save_to_disk` folder or parquet files in the hub layout),
     with images left encoded (sizes read from headers, decoding in DataLoader workers). `split` may carry a row
-    range as on the hub ("train[500:]"); the split must have those rows, and every name in `columns`.
-    """
+    range as on the hub ("train[500:]"); the split must have those rows, and every name in `columns`."""
     import datasets
 
     base, rows = split.split("[")[0], split[len(split.split("[")[0]):]
@@ -55,8 +55,7 @@ def load_hf_split(hub_id: str, config: str | None, split: str, local_path: str |
                         f"{', '.join(dataset.column_names)}); is it the right dataset?")
     if rows:
         start, stop = (int(x) if x else None for x in rows.strip("[]").split(":"))
-        needed = max(start or 0, stop or 0)
-        if needed > len(dataset) or (start is not None and start >= len(dataset)):
+        if max(start or 0, stop or 0) > len(dataset) or (start is not None and start >= len(dataset)):
             raise UserError(f"{where}: rows {rows} asked for, but the {base} split has only {len(dataset)} rows "
                             "(lower --eval_rows, the rows held out for evaluation)")
         dataset = dataset.select(range(len(dataset))[slice(start, stop)])
@@ -96,8 +95,6 @@ def parquet_files(path: str | os.PathLike, split: str, config: str | None) -> li
 def undecoded_list(dataset, column: str, feature):
     """`cast_column` for a list of images, done as `cast_column` does it for one image: only the feature changes.
     (`cast_column` would rewrite the whole dataset, e.g. as a cache file inside the user's save_to_disk folder.)"""
-    import copy
-
     from datasets.arrow_dataset import update_metadata_with_features
 
     try:

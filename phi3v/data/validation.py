@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from phi3v.common.distributed import world as world_rank_size
-from phi3v.common.errors import UserError
+from phi3v.common.errors import BadValue
 from phi3v.data.conversation import Problem, render, tag_warnings
 from phi3v.data.dataset import ConversationDataset
 from phi3v.data.images import image_size, open_image
@@ -26,10 +26,7 @@ from phi3v.data.validation_cache import FILE_NAME, ValidationCache, image_key
 from phi3v.data.video import VideoFrame
 
 logger = logging.getLogger(__name__)
-
-
-class DatasetError(UserError, ValueError):
-    pass
+DatasetError = BadValue  # a dataset with problems: a UserError, and a ValueError for callers that catch those
 
 
 def image_problem(ref, max_pixels: int | None) -> str | None:
@@ -66,8 +63,7 @@ def validate(dataset: ConversationDataset, max_length: int | None = None, worker
     index -> id) left to the caller, who sees other processes' ids too.
 
     Items are checked `chunk` at a time (a hub dataset's image bytes are never all in memory); an image shared by
-    several items is decoded once, and one that `cache` knows not at all.
-    """
+    several items is decoded once, and one that `cache` knows not at all."""
     order = list(range(len(dataset))) if indices is None else list(indices)
     lengths: list[int | None] = [None] * len(dataset)
     problems = list(dataset.load_problems) if indices is None else []
@@ -121,15 +117,14 @@ def validate(dataset: ConversationDataset, max_length: int | None = None, worker
     finally:
         pool.shutdown(cancel_futures=True)  # after Ctrl-C: no waiting for the images not yet started
         progress.close()
-    if ids is None:
-        problems += duplicate_ids(dataset, found_ids, lengths)
-    problems.sort(key=lambda p: _order(p.where))
-    return lengths, problems
+    return lengths, problems if ids is not None else with_duplicate_ids(dataset, problems, found_ids, lengths)
 
 
-def duplicate_ids(dataset: ConversationDataset, ids: dict[int, str], lengths: list[int | None]) -> list[Problem]:
-    """A problem for each item whose id an earlier item has (`ids`: item index -> id), its length set to None."""
-    first_seen, problems = {}, []
+def with_duplicate_ids(dataset: ConversationDataset, problems: list[Problem], ids: dict[int, str],
+                       lengths: list[int | None]) -> list[Problem]:
+    """`problems` and one for each item whose id an earlier item has (`ids`: item index -> id; its length set to
+    None), in the order of the file's lines or rows."""
+    first_seen = {}
     for index in sorted(ids):
         if ids[index] in first_seen:
             problems.append(Problem(dataset.where(index), ids[index],
@@ -137,7 +132,7 @@ def duplicate_ids(dataset: ConversationDataset, ids: dict[int, str], lengths: li
             lengths[index] = None
         else:
             first_seen[ids[index]] = dataset.where(index)
-    return problems
+    return sorted(problems, key=_order)
 
 
 def _gather(dataset: ConversationDataset, lengths, problems, ids, shard, cache: ValidationCache):
@@ -159,9 +154,7 @@ def _gather(dataset: ConversationDataset, lengths, problems, ids, shard, cache: 
         all_ids.update(shard_ids)
         cache.images.update(new_images)
         cache.used.update(shard_images)
-    found += duplicate_ids(dataset, all_ids, merged)
-    found.sort(key=lambda p: _order(p.where))
-    return merged, found
+    return merged, with_duplicate_ids(dataset, found, all_ids, merged)
 
 
 def _key(ref):
@@ -171,9 +164,9 @@ def _key(ref):
     return key[0] if key else id(ref)
 
 
-def _order(where: str):
-    head, _, tail = where.rpartition(":")
-    return (head, int(tail)) if tail.isdigit() else (where, 0)
+def _order(problem: Problem):
+    head, _, tail = problem.where.rpartition(":")
+    return (head, int(tail)) if tail.isdigit() else (problem.where, 0)
 
 
 def prepare_dataset(dataset: ConversationDataset, split: str, max_length: int | None, skip_bad_samples: bool,

@@ -97,8 +97,7 @@ class ValidationCache:
     @staticmethod
     def split_fingerprint(dataset, max_length: int | None) -> str | None:
         """A digest of what a split's result depends on but its image files; None without the dataset's sources."""
-        sources = getattr(dataset, "sources", None)
-        if not sources:
+        if not dataset.sources:
             return None
         tokenizer = dataset.processor.tokenizer
         template = hashlib.blake2b((tokenizer.chat_template or "").encode(), digest_size=8).hexdigest()
@@ -106,7 +105,7 @@ class ValidationCache:
         digest = hashlib.blake2b(digest_size=16)
         for part in (code_fingerprint(), processor, max_length,
                      dataset.max_image_pixels, dataset.for_generation, len(dataset), _reader_name(dataset),
-                     *[(str(s), stamp(s)) for s in sources], *dataset.names):
+                     *[(str(s), stamp(s)) for s in dataset.sources], *dataset.names):
             digest.update(repr(part).encode() + b"\0")
         return digest.hexdigest()
 

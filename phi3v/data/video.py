@@ -57,8 +57,7 @@ def decode(path: str | os.PathLike, indices: list[int]) -> list:
     """RGB frames at `indices` (in order, repeats allowed), those the video has."""
     import av
 
-    wanted = sorted(set(indices))
-    found = {}
+    wanted, found = sorted(set(indices)), {}
     with av.open(str(path)) as container:
         for number, frame in enumerate(container.decode(video=0)):
             if number in wanted:

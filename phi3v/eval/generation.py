@@ -30,12 +30,9 @@ def kv_cache_bytes_per_token(config, dtype: torch.dtype) -> int:
 def kv_cache_budget_bytes(device: torch.device, budget_gb: float | None = None) -> int:
     """`budget_gb` if given; else on a GPU 40% of its free memory now (after weights and optimizer states: the rest
     is for the prefill's activations and the allocator's slack), on CPU 2 GB."""
-    if budget_gb is not None:
-        return int(budget_gb * 2**30)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(0.4 * free)
-    return int(CPU_KV_BUDGET_GB * 2**30)
+    if budget_gb is None and device.type == "cuda":
+        return int(0.4 * torch.cuda.mem_get_info(device)[0])  # (free, total)
+    return int((CPU_KV_BUDGET_GB if budget_gb is None else budget_gb) * 2**30)
 
 
 def eval_batch_size(config, longest_prompt: int, max_new_tokens: int, dtype: torch.dtype, budget_bytes: int) -> int:
@@ -74,8 +71,7 @@ def gathered_per_module(model: torch.nn.Module):
 
     for module in model.modules():
         if any(True for _ in module.parameters(recurse=False)):
-            handles.append(module.register_forward_pre_hook(gather))
-            handles.append(module.register_forward_hook(release))
+            handles += [module.register_forward_pre_hook(gather), module.register_forward_hook(release)]
     try:
         yield
     finally:

@@ -26,8 +26,8 @@ def with_first_reference(item, to_conversation) -> Conversation:
 
 
 class LossShard(torch.utils.data.Dataset):
-    """This process's share of the training-format examples of an evaluation dataset, padded by repeats (marked
-    `counted=False`) to the same length on every process; an example without a usable reference is None."""
+    """This process's share of the training-format examples of an evaluation dataset, padded by repeats (labels all
+    -100: not in the loss) to the same length on every process; an example without a usable reference is None."""
 
     def __init__(self, dataset: ConversationDataset, rank: int, size: int):
         reader = functools.partial(with_first_reference, to_conversation=dataset.to_conversation)
@@ -46,17 +46,15 @@ class LossShard(torch.utils.data.Dataset):
             example = self.examples[self.order[position]]
         except (ValueError, OSError):
             return None
-        return {**example, "counted": position < self.real}
+        if position >= self.real:
+            example["labels"] = torch.full_like(example["labels"], -100)
+        return example
 
 
 def collate_present(collate, examples: list[dict | None]) -> dict | None:
-    """`collate` (the processor's collator) over the examples that are there, with their `counted` flags."""
+    """`collate` (the processor's collator) over the examples that are there."""
     examples = [e for e in examples if e is not None]
-    if not examples:
-        return None
-    batch = collate(examples)
-    batch["counted"] = torch.tensor([e["counted"] for e in examples])
-    return batch
+    return collate(examples) if examples else None
 
 
 @torch.no_grad()
@@ -76,7 +74,6 @@ def evaluation_loss(model, dataset: ConversationDataset, batch_size: int, num_wo
         if batch is None:
             continue
         labels = batch["labels"]
-        labels[~batch.pop("counted")] = -100  # padding repeats: in the forward pass, not in the loss
         inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         with autocast(device, autocast_dtype):
             loss_sum = model(**inputs, num_items_in_batch=1).loss  # the sum over the batch's supervised tokens
