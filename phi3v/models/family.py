@@ -37,6 +37,10 @@ from phi3v.common.hub import UNREACHABLE, hub_kwargs, offline_message
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")  # image k of a conversation in rendered text, k = 1, 2, ...
 IGNORE_INDEX = -100  # the label of every token the loss skips: prompts, image placeholders, padding
 END_TOKENS = ("<|end|>", "<|endoftext|>")  # a chat turn ends with <|end|>; <|endoftext|> ends the document
+# LoRA targets: the decoder's fused projections, and the vision tower's attention/MLP (as CLIP and SigLIP name them)
+LM_TARGETS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+VISION_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1",
+                  "mlp.fc2")
 
 
 def check_image_tags(text: str, num_images: int) -> None:
