@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from phi3v.common.errors import Unavailable
 from phi3v.common.hub import UNREACHABLE, hub_kwargs, offline_message
 
@@ -72,13 +74,13 @@ def encode_with_images(tokenizer, text: str, image_tokens: list[int], placeholde
     return ids, spans
 
 
-def load_pretrained(load: Callable, path: str | os.PathLike, **kwargs):
-    """`load(path, **kwargs)`, offline where the Hub is unreachable; a hub id it cannot fetch raises Unavailable."""
+def load_pretrained(load: Callable, path: str | os.PathLike, *args, **kwargs):
+    """`load(path, ...)`, offline where the Hub is unreachable; a hub id it cannot fetch raises Unavailable."""
     offline = hub_kwargs(path)
     try:
-        return load(path, **{**offline, **kwargs})
-    except OSError as error:
-        if Path(path).is_dir():
+        return load(path, *args, **{**offline, **kwargs})
+    except (OSError, SafetensorError) as error:
+        if Path(path).exists():  # local, as hub_kwargs sees it
             raise
         raise Unavailable(offline_message(str(path), UNREACHABLE if offline else error)) from error
 
