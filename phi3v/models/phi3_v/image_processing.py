@@ -225,13 +225,10 @@ def image_to_crops(image: Image.Image, num_crops: int, mean=CLIP_MEAN, std=CLIP_
     (new_w, new_h), (padded_w, padded_h) = hd_sizes(*image.size, num_crops)
     top, left = (padded_h - new_h) // 2, (padded_w - new_w) // 2
     canvas = torch.empty(3, padded_h, padded_w)  # (3, rows*336, cols*336)
-    white = white_value(mean, std)
-    for channel in range(3):  # the border: bands above and below a landscape image, left and right of a portrait one
-        plane = canvas[channel]
-        plane[:top].fill_(white[channel])
-        plane[top + new_h:].fill_(white[channel])
-        plane[:, :left].fill_(white[channel])
-        plane[:, left + new_w:].fill_(white[channel])
+    white = torch.tensor(white_value(mean, std)).view(3, 1, 1)
+    # the border: bands above and below a landscape image, left and right of a portrait one
+    canvas[:, :top] = canvas[:, top + new_h:] = white
+    canvas[:, :, :left] = canvas[:, :, left + new_w:] = white
     normalize_into(canvas[:, top:top + new_h, left:left + new_w], resized, mean, std)
     rows, cols = padded_h // CROP, padded_w // CROP
     if out is None:
