@@ -40,8 +40,7 @@ def unused_parameters(model):
     its post_layernorm and pooling head."""
     siglip = model.model.embed_tokens_extend.image_embed.img_processor
     yield from model.model.embed_tokens_extend.audio_embed.parameters()
-    for layer in siglip.encoder.layers[used_siglip_layers(model):]:
-        yield from layer.parameters()
+    yield from siglip.encoder.layers[used_siglip_layers(model):].parameters()
     yield from siglip.post_layernorm.parameters()
     yield from siglip.head.parameters()
 
