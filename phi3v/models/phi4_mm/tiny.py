@@ -109,8 +109,7 @@ def build_tiny_checkpoint(directory: str | Path, seed: int = 0, num_crops: int |
                                                pad_token_id=199999)
     model.save_pretrained(directory)
     write_vision_lora(directory, model)
-    tokenizer = build_tokenizer()
     image_processor = Phi4MultimodalImageProcessor(dynamic_hd=36 if num_crops is None else num_crops)
-    Phi4MultimodalProcessor(image_processor, Phi4MultimodalFeatureExtractor(), tokenizer,
+    Phi4MultimodalProcessor(image_processor, Phi4MultimodalFeatureExtractor(), build_tokenizer(),
                             chat_template=CHAT_TEMPLATE).save_pretrained(directory)
     return directory
