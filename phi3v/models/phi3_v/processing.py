@@ -74,8 +74,7 @@ class Phi3VProcessor(Processor):
         (transformers 5 also writes chat_template.jinja and reads either), and `additional_special_tokens` instead
         of transformers 5's list-valued `extra_special_tokens`, which 4.x releases that expect a dict there crash
         on (vLLM servers). special_tokens_map.json is written as in the official repo; processor_config.json is left
-        to layout.py, which writes it with the auto_map 4.x needs (without one, 4.x AutoProcessor silently returns
-        the tokenizer).
+        to layout.py, which writes it with the auto_map 4.x needs.
         """
         directory = Path(directory)
         self.image_processor.save_pretrained(directory)
@@ -90,9 +89,8 @@ class Phi3VProcessor(Processor):
         known = list(config.get("additional_special_tokens") or [])
         config["additional_special_tokens"] = known + [token for token in extra if token not in known]
         write_json(config_file, config)
-        special = {key: config[key] for key in ("bos_token", "eos_token", "pad_token", "unk_token") if key in config}
-        special["additional_special_tokens"] = config["additional_special_tokens"]
-        write_json(directory / "special_tokens_map.json", special)
+        special = ("bos_token", "eos_token", "pad_token", "unk_token", "additional_special_tokens")
+        write_json(directory / "special_tokens_map.json", {key: config[key] for key in special if key in config})
         (directory / "processor_config.json").unlink(missing_ok=True)  # a stale one without auto_map misleads 4.x
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
