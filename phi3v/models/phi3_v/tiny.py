@@ -123,8 +123,7 @@ def tiny_config(variant: str = "phi-3.5-vision-instruct", **overrides) -> Phi3VC
                        "num_attention_heads": 2, "projection_dim": 32},
         dtype="float32",
     )
-    fields.update(overrides)
-    return Phi3VConfig.official(variant, **fields)
+    return Phi3VConfig.official(variant, **{**fields, **overrides})
 
 
 def build_tiny_checkpoint(directory: str | Path, seed: int = 0, num_crops: int | None = None,
