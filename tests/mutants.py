@@ -56,7 +56,7 @@ MUTANTS = [
            edit("inputs_embeds.masked_scatter(mask[..., None]",
                 "inputs_embeds.masked_scatter(mask.roll(1, 1)[..., None]"),
            ["tests/test_modeling.py"]),
-    Mutant("LoRA without mlp.down_proj", "phi3v/models/phi3_v/family.py",
+    Mutant("LoRA without mlp.down_proj", "phi3v/models/family.py",
            edit('"mlp.gate_up_proj", "mlp.down_proj")', '"mlp.gate_up_proj")'),
            ["tests/test_model_loading.py"]),
     Mutant("gradient accumulation ignores the world size", "phi3v/train/training_arguments.py",

@@ -10,7 +10,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from phi3v.common.errors import Unavailable
-from phi3v.common.hub import UNREACHABLE, hub_kwargs, offline_message
+from phi3v.models.family import load_pretrained
 
 
 def supervised_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module,
@@ -43,16 +43,13 @@ def damaged_safetensors(directory: Path) -> str | None:
 
 
 def load_checked(from_pretrained, path, *args, **kwargs):
-    """`from_pretrained(path, ...)` from safetensors only, offline while the Hub is unreachable; a hub id that cannot
-    be fetched or a damaged local file raises Unavailable with a one-line reason."""
+    """`load_pretrained(from_pretrained, path, ...)` from safetensors only: a damaged local file also raises
+    Unavailable, with a one-line reason."""
     kwargs.setdefault("use_safetensors", True)  # never unpickle model files: a .bin can run arbitrary code
-    offline = hub_kwargs(path)
     try:
-        return from_pretrained(path, *args, **{**offline, **kwargs})
+        return load_pretrained(from_pretrained, path, *args, **kwargs)
     except (OSError, SafetensorError) as error:
-        if not Path(path).exists():
-            raise Unavailable(offline_message(str(path), UNREACHABLE if offline else error)) from error
-        damaged = damaged_safetensors(Path(path))
+        damaged = damaged_safetensors(Path(path))  # none for a hub id
         if damaged:
             raise Unavailable(f"{damaged}: not a readable safetensors file (truncated or corrupt); copy it "
                               "again from its source") from error

@@ -31,12 +31,18 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from phi3v.common.errors import Unavailable
 from phi3v.common.hub import UNREACHABLE, hub_kwargs, offline_message
 
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")  # image k of a conversation in rendered text, k = 1, 2, ...
 IGNORE_INDEX = -100  # the label of every token the loss skips: prompts, image placeholders, padding
 END_TOKENS = ("<|end|>", "<|endoftext|>")  # a chat turn ends with <|end|>; <|endoftext|> ends the document
+# LoRA targets: the decoder's fused projections, and the vision tower's attention/MLP (as CLIP and SigLIP name them)
+LM_TARGETS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+VISION_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1",
+                  "mlp.fc2")
 
 
 def check_image_tags(text: str, num_images: int) -> None:
@@ -68,13 +74,13 @@ def encode_with_images(tokenizer, text: str, image_tokens: list[int], placeholde
     return ids, spans
 
 
-def load_pretrained(load: Callable, path: str | os.PathLike, **kwargs):
-    """`load(path, **kwargs)`, offline where the Hub is unreachable; a hub id it cannot fetch raises Unavailable."""
+def load_pretrained(load: Callable, path: str | os.PathLike, *args, **kwargs):
+    """`load(path, ...)`, offline where the Hub is unreachable; a hub id it cannot fetch raises Unavailable."""
     offline = hub_kwargs(path)
     try:
-        return load(path, **{**offline, **kwargs})
-    except OSError as error:
-        if Path(path).is_dir():
+        return load(path, *args, **{**offline, **kwargs})
+    except (OSError, SafetensorError) as error:
+        if Path(path).exists():  # local, as hub_kwargs sees it
             raise
         raise Unavailable(offline_message(str(path), UNREACHABLE if offline else error)) from error
 

@@ -50,7 +50,7 @@ class Phi3VConfig(Phi3Config):
     def convert_rope_params_to_dict(self, **kwargs):
         # Official: rope_scaling = {"type": "su", short_factor, long_factor}. Phi3Config raises a KeyError on it in
         # transformers 5.x (see the spec, 6.3), so hand it over in the "longrope" form with its switch point.
-        rope_scaling = kwargs.pop("rope_scaling", None)
+        rope_scaling = kwargs.get("rope_scaling")
         if rope_scaling and rope_scaling.get("type", rope_scaling.get("rope_type")) in ("su", "longrope"):
             kwargs["rope_scaling"] = {
                 "rope_type": "longrope", "short_factor": list(rope_scaling["short_factor"]),
@@ -58,8 +58,6 @@ class Phi3VConfig(Phi3Config):
                 "original_max_position_embeddings": self.original_max_position_embeddings,
                 "factor": self.max_position_embeddings / self.original_max_position_embeddings,
             }
-        elif rope_scaling:
-            kwargs["rope_scaling"] = rope_scaling
         return super().convert_rope_params_to_dict(**kwargs)
 
     def to_dict(self) -> dict:

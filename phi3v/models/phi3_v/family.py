@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from phi3v.models.family import ModelFamily
+from phi3v.models.family import LM_TARGETS, VISION_TARGETS, ModelFamily
 from phi3v.models.phi3_v import modeling
 from phi3v.models.phi3_v.layout import complete_layout, remote_code_dir
 from phi3v.models.phi3_v.modeling import Phi3VForCausalLM
 from phi3v.models.phi3_v.processing import Phi3VProcessor
 
-LM_TARGETS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-CLIP_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 VISION = "model.vision_embed_tokens"
 
 
@@ -29,7 +27,7 @@ def lora_target_modules(model: Phi3VForCausalLM, include_vision: bool = True) ->
     clip_prefix = f"{VISION}.img_processor.vision_model.encoder.layers"
     targets = [f"model.layers.{i}.{t}" for i in range(len(model.model.layers)) for t in LM_TARGETS] + ["lm_head"]
     if include_vision:
-        targets += [f"{clip_prefix}.{i}.{t}" for i in clip_layers for t in CLIP_TARGETS]
+        targets += [f"{clip_prefix}.{i}.{t}" for i in clip_layers for t in VISION_TARGETS]
         targets += [f"{VISION}.img_projection.0", f"{VISION}.img_projection.2"]
     return targets
 

@@ -47,8 +47,7 @@ class Phi3VImageEmbedding(nn.Module):
     def unused_parameters(self) -> list[nn.Parameter]:
         """CLIP layers after the feature layer and post_layernorm: in the checkpoint, never in the computation."""
         clip = self.img_processor.vision_model
-        layers = clip.encoder.layers[self.num_layers_used:]
-        return [*clip.post_layernorm.parameters(), *(p for layer in layers for p in layer.parameters())]
+        return [*clip.post_layernorm.parameters(), *clip.encoder.layers[self.num_layers_used:].parameters()]
 
     def clip_features(self, crops: torch.Tensor) -> torch.Tensor:
         """(crops, 3, 336, 336) -> (crops, 576, C): hidden state after `num_layers_used` layers, CLS dropped."""

@@ -225,17 +225,13 @@ def image_to_crops(image: Image.Image, num_crops: int, mean=CLIP_MEAN, std=CLIP_
     (new_w, new_h), (padded_w, padded_h) = hd_sizes(*image.size, num_crops)
     top, left = (padded_h - new_h) // 2, (padded_w - new_w) // 2
     canvas = torch.empty(3, padded_h, padded_w)  # (3, rows*336, cols*336)
-    white = white_value(mean, std)
-    for channel in range(3):  # the border: bands above and below a landscape image, left and right of a portrait one
-        plane = canvas[channel]
-        plane[:top].fill_(white[channel])
-        plane[top + new_h:].fill_(white[channel])
-        plane[:, :left].fill_(white[channel])
-        plane[:, left + new_w:].fill_(white[channel])
+    white = torch.tensor(white_value(mean, std)).view(3, 1, 1)
+    # the border: bands above and below a landscape image, left and right of a portrait one
+    canvas[:, :top] = canvas[:, top + new_h:] = white
+    canvas[:, :, :left] = canvas[:, :, left + new_w:] = white
     normalize_into(canvas[:, top:top + new_h, left:left + new_w], resized, mean, std)
     rows, cols = padded_h // CROP, padded_w // CROP
-    if out is None:
-        out = torch.empty(num_crops + 1, 3, CROP, CROP)
+    out = torch.empty(num_crops + 1, 3, CROP, CROP) if out is None else out
     global_view(canvas, (top, top + new_h, left, left + new_w), out=out[0])
     # (3, rows*336, cols*336) -> (rows, cols, 3, 336, 336) = crops 1..rows*cols, left to right, then top to bottom
     out[1:1 + rows * cols].view(rows, cols, 3, CROP, CROP).copy_(
@@ -289,8 +285,7 @@ class Phi3VImageProcessor:
 
     def __call__(self, images: list[Image.Image]) -> dict[str, torch.Tensor | list[int]]:
         """Returns pixel_values (N, num_crops+1, 3, 336, 336), image_sizes (N, 2) = padded (H, W), num_img_tokens."""
-        if isinstance(images, Image.Image):
-            images = [images]
+        images = [images] if isinstance(images, Image.Image) else images
         for image in images:
             if not isinstance(image, Image.Image):
                 raise TypeError(f"images must be PIL images, got {type(image).__name__}")

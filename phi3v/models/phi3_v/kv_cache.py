@@ -20,7 +20,7 @@ class AppendLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        length = self.keys.shape[-2] if self.keys.numel() else 0
+        length = self.get_seq_length()
         end = length + key_states.shape[-2]
         buffers = getattr(self, "_buffers_of", None)
         # Reallocate when full, or when `keys` is no longer our view (crop, beam reordering, reset replaced it).

@@ -67,10 +67,7 @@ def complete_layout(out_dir: str | Path, base: str | Path, remote_code_files: bo
     """
     out_dir = Path(out_dir)
     code = remote_code_dir(base) if remote_code_files else None
-    copied = []
-    for source in sorted(code.glob("*.py")) if code else []:
-        shutil.copy2(source, out_dir / source.name)
-        copied.append(source.name)
+    copied = [shutil.copy2(source, out_dir / source.name) for source in sorted(code.glob("*.py"))] if code else []
     # the base's own auto_map when it has one (another release may name other modules), else the official one
     config_map = read_json(Path(base) / "config.json").get("auto_map") or CONFIG_AUTO_MAP
     processor_map = read_json(Path(base) / "preprocessor_config.json").get("auto_map") or PROCESSOR_AUTO_MAP
@@ -87,4 +84,4 @@ def complete_layout(out_dir: str | Path, base: str | Path, remote_code_files: bo
     generation.setdefault("pad_token_id", 32000)
     generation["eos_token_id"] = stop_token_ids(generation.get("eos_token_id"), STOP_TOKEN_IDS)
     write_json(out_dir / "generation_config.json", generation)
-    return copied
+    return [Path(path).name for path in copied]

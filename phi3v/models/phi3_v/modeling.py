@@ -101,9 +101,8 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, Phi3VImageEmbedding):
-            std = self.config.initializer_range
-            nn.init.normal_(module.glb_GN, std=std)
-            nn.init.normal_(module.sub_GN, std=std)
+            for separator in (module.glb_GN, module.sub_GN):
+                nn.init.normal_(separator, std=self.config.initializer_range)
 
 
 class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):

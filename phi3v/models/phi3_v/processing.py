@@ -23,6 +23,7 @@ from transformers import BatchFeature, PreTrainedTokenizerFast
 from phi3v.models.family import Processor, encode_with_images, load_pretrained
 from phi3v.models.phi3_v.collator import Phi3VCollator
 from phi3v.models.phi3_v.image_processing import Phi3VImageProcessor
+from phi3v.models.phi3_v.layout import read_json, write_json
 
 
 def tokenizer_class(directory: Path) -> str:
@@ -38,8 +39,7 @@ def tokenizer_class(directory: Path) -> str:
     warns of "unexpected tokenization" unless it is a LlamaTokenizer. Hence "LlamaTokenizer" in a phi3_v model
     folder, "PreTrainedTokenizerFast" elsewhere.
     """
-    config = Path(directory) / "config.json"
-    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    model_type = read_json(Path(directory) / "config.json").get("model_type")
     return "LlamaTokenizer" if model_type == "phi3_v" else "PreTrainedTokenizerFast"
 
 
@@ -74,8 +74,7 @@ class Phi3VProcessor(Processor):
         (transformers 5 also writes chat_template.jinja and reads either), and `additional_special_tokens` instead
         of transformers 5's list-valued `extra_special_tokens`, which 4.x releases that expect a dict there crash
         on (vLLM servers). special_tokens_map.json is written as in the official repo; processor_config.json is left
-        to layout.py, which writes it with the auto_map 4.x needs (without one, 4.x AutoProcessor silently returns
-        the tokenizer).
+        to layout.py, which writes it with the auto_map 4.x needs.
         """
         directory = Path(directory)
         self.image_processor.save_pretrained(directory)
@@ -89,10 +88,9 @@ class Phi3VProcessor(Processor):
         extra = list(extra.values()) if isinstance(extra, dict) else list(extra)
         known = list(config.get("additional_special_tokens") or [])
         config["additional_special_tokens"] = known + [token for token in extra if token not in known]
-        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        special = {key: config[key] for key in ("bos_token", "eos_token", "pad_token", "unk_token") if key in config}
-        special["additional_special_tokens"] = config["additional_special_tokens"]
-        (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
+        write_json(config_file, config)
+        special = ("bos_token", "eos_token", "pad_token", "unk_token", "additional_special_tokens")
+        write_json(directory / "special_tokens_map.json", {key: config[key] for key in special if key in config})
         (directory / "processor_config.json").unlink(missing_ok=True)  # a stale one without auto_map misleads 4.x
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:

@@ -50,21 +50,21 @@ Describe the picture in detail. How many people are there? Where was this taken?
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """Train a Llama-style byte-fallback BPE on CORPUS, with the official special tokens and chat template."""
-    trainer_tokenizer = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
-    trainer_tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    trainer_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
-    trainer_tokenizer.train_from_iterator(
+    tokenizer = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")  # for training only
+    tokenizer.train_from_iterator(
         CORPUS.splitlines(), trainers.BpeTrainer(vocab_size=1000, show_progress=False, special_tokens=[])
     )
-    learned = json.loads(trainer_tokenizer.to_str())["model"]
+    learned = json.loads(tokenizer.to_str())["model"]
     pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     pieces += [p for p, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]) if p not in pieces]
     pieces += [f"<reserved_{i}>" for i in range(BASE_VOCAB - len(pieces))]  # never produced: no merge reaches them
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
 
-    tokenizer = Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=merges, byte_fallback=True,
-                                     unk_token="<unk>", fuse_unk=True))
-    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    merges = list(map(tuple, learned["merges"]))
+    tokenizer.model = models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=merges, byte_fallback=True,
+                                 unk_token="<unk>", fuse_unk=True)
+    tokenizer.pre_tokenizer = None
     tokenizer.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
@@ -123,8 +123,7 @@ def tiny_config(variant: str = "phi-3.5-vision-instruct", **overrides) -> Phi3VC
                        "num_attention_heads": 2, "projection_dim": 32},
         dtype="float32",
     )
-    fields.update(overrides)
-    return Phi3VConfig.official(variant, **fields)
+    return Phi3VConfig.official(variant, **{**fields, **overrides})
 
 
 def build_tiny_checkpoint(directory: str | Path, seed: int = 0, num_crops: int | None = None,

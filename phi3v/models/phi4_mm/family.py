@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from phi3v.models.family import ModelFamily
+from phi3v.models.family import LM_TARGETS, VISION_TARGETS, ModelFamily
 from phi3v.models.phi4_mm.modeling import Phi4MultimodalForCausalLM, vision_lora
 from phi3v.models.phi4_mm.processing import Phi4MMProcessor
 
-LM_TARGETS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")  # the built-in LoRA's
-SIGLIP_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1",
-                  "mlp.fc2")
 IMAGE = "model.embed_tokens_extend.image_embed"
 AUDIO = "model.embed_tokens_extend.audio_embed"
 
@@ -34,7 +31,7 @@ def lora_targets(model) -> list[str]:
     attention/MLP of the layers in use and the projector. lm_head is tied to the embeddings: not a target."""
     targets = [f"model.layers.{i}.{t}" for i in range(model.config.num_hidden_layers) for t in LM_TARGETS]
     targets += [f"{IMAGE}.img_processor.encoder.layers.{i}.{t}" for i in range(used_siglip_layers(model))
-                for t in SIGLIP_TARGETS]
+                for t in VISION_TARGETS]
     return targets + [f"{IMAGE}.img_projection_up", f"{IMAGE}.img_projection_down"]
 
 
@@ -43,8 +40,7 @@ def unused_parameters(model):
     its post_layernorm and pooling head."""
     siglip = model.model.embed_tokens_extend.image_embed.img_processor
     yield from model.model.embed_tokens_extend.audio_embed.parameters()
-    for layer in siglip.encoder.layers[used_siglip_layers(model):]:
-        yield from layer.parameters()
+    yield from siglip.encoder.layers[used_siglip_layers(model):].parameters()
     yield from siglip.post_layernorm.parameters()
     yield from siglip.head.parameters()
 

@@ -49,12 +49,11 @@ def vision_lora(path) -> tuple[dict, dict] | None:
 
 
 @torch.no_grad()
-def merge_lora(model: torch.nn.Module, config: dict, weights: dict) -> list[str]:
-    """Add scale * B @ A (scale = lora_alpha / r) to the weight of every module the adapter holds; returns their
-    paths. Keys are the converted checkpoint's: `<module path>.lora_A.weight` (r, in), `.lora_B.weight` (out, r)."""
+def merge_lora(model: torch.nn.Module, config: dict, weights: dict) -> None:
+    """Add scale * B @ A (scale = lora_alpha / r) to the weight of every module the adapter holds. Keys are the
+    converted checkpoint's: `<module path>.lora_A.weight` (r, in), `.lora_B.weight` (out, r)."""
     scale = config["lora_alpha"] / config["r"]
     modules = dict(model.named_modules())
-    merged = []
     for key in sorted(k for k in weights if k.endswith(".lora_A.weight")):
         path = key.removesuffix(".lora_A.weight")
         module = modules.get(path)
@@ -62,8 +61,6 @@ def merge_lora(model: torch.nn.Module, config: dict, weights: dict) -> list[str]
             raise ValueError(f"{VISION_LORA}: {path} is not a Linear layer of the model")
         delta = weights[f"{path}.lora_B.weight"].float() @ weights[key].float()
         module.weight.add_((scale * delta).to(module.weight.dtype))
-        merged.append(path)
-    return merged
 
 
 def real_crops(image_sizes: torch.Tensor, crops: int, crop_size: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import os
 import torch
 from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
-from transformers import BatchFeature, Phi4MultimodalProcessor
+from transformers import BatchFeature, Phi4MultimodalImageProcessor, Phi4MultimodalProcessor
 
 from phi3v.models.collate import Collator
 from phi3v.models.family import Processor, encode_with_images, load_pretrained
@@ -37,14 +37,9 @@ def image_grid(width: int, height: int, max_crops: int) -> tuple[int, int, int, 
     if cols * rows > max_crops:  # the tile grid closest in aspect ratio among those of at most max_crops tiles
         sides = range(1, max_crops + 1)
         grids = sorted({(i, j) for i in sides for j in sides if i * j <= max_crops}, key=lambda g: g[0] * g[1])
-        best, best_diff = (1, 1), float("inf")
-        for grid in grids:
-            diff = abs(width / height - grid[0] / grid[1])
-            if diff < best_diff:
-                best, best_diff = grid, diff
-            elif diff == best_diff and width * height > 0.5 * CROP * CROP * grid[0] * grid[1]:
-                best = grid
-        cols, rows = best
+        # transformers' own choice; the method reads nothing of its instance
+        cols, rows = Phi4MultimodalImageProcessor.find_closest_aspect_ratio(None, width / height, grids, width, height,
+                                                                             CROP)
     scale_w, scale_h = cols * CROP / width, rows * CROP / height
     if scale_w < scale_h:
         return cols, rows, cols * CROP, int(height * scale_w)

@@ -28,6 +28,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from phi3v.models.family import LM_TARGETS
 from phi3v.models.phi3_v.tiny import CORPUS
 from phi3v.models.phi4_mm.modeling import VISION_LORA, Phi4MultimodalForCausalLM
 
@@ -55,8 +56,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.train_from_iterator(CORPUS.splitlines(), trainers.BpeTrainer(
         vocab_size=1000, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     learned = json.loads(tokenizer.to_str())["model"]
-    tokenizer.model = models.BPE(vocab={**learned["vocab"], **SPECIAL_TOKENS}, merges=[
-        tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]])
+    tokenizer.model = models.BPE(vocab={**learned["vocab"], **SPECIAL_TOKENS},
+                                 merges=list(map(tuple, learned["merges"])))
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
@@ -86,8 +87,7 @@ def write_vision_lora(directory: Path, model: torch.nn.Module, rank: int = 4) ->
     """A random built-in vision adapter in the converted checkpoint's format (keys without `base_model.model.`)."""
     weights = {}
     for path, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and path.startswith("model.layers.") and path.rsplit(".", 1)[-1] in (
-                "qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+        if isinstance(module, torch.nn.Linear) and path.startswith("model.layers.") and path.endswith(LM_TARGETS):
             weights[f"{path}.lora_A.weight"] = torch.randn(rank, module.in_features) * 0.02
             weights[f"{path}.lora_B.weight"] = torch.randn(module.out_features, rank) * 0.02
     (directory / VISION_LORA).mkdir(exist_ok=True)
@@ -109,8 +109,7 @@ def build_tiny_checkpoint(directory: str | Path, seed: int = 0, num_crops: int |
                                                pad_token_id=199999)
     model.save_pretrained(directory)
     write_vision_lora(directory, model)
-    tokenizer = build_tokenizer()
     image_processor = Phi4MultimodalImageProcessor(dynamic_hd=36 if num_crops is None else num_crops)
-    Phi4MultimodalProcessor(image_processor, Phi4MultimodalFeatureExtractor(), tokenizer,
+    Phi4MultimodalProcessor(image_processor, Phi4MultimodalFeatureExtractor(), build_tokenizer(),
                             chat_template=CHAT_TEMPLATE).save_pretrained(directory)
     return directory
