@@ -16,6 +16,7 @@ CONVERSATIONS = [
     Conversation("a", [Turn("Colour?", ["red", "Red"], [make_image(400, 300)])]),  # several references: the first
     Conversation("b", [Turn("Two?", "yes", [make_image(336, 336, seed=1), make_image(200, 500)])]),
     Conversation("c", [Turn("First?", "one"), Turn("And the text only one?", "a longer answer here")]),
+    Conversation("s", [Turn("Colour?", "blue", [make_image(300, 200, seed=2)])], system="Answer in one word."),
 ]
 
 
@@ -25,7 +26,8 @@ def by_hand(model, processor) -> float:
     for conversation in CONVERSATIONS:
         last = conversation.turns[-1]
         answer = last.assistant[0] if isinstance(last.assistant, list) else last.assistant
-        whole = Conversation(conversation.id, [*conversation.turns[:-1], Turn(last.user, answer, last.images)])
+        whole = Conversation(conversation.id, [*conversation.turns[:-1], Turn(last.user, answer, last.images)],
+                             conversation.system)  # as training renders it: the system prompt included
         example = ConversationDataset([whole], lambda c: c, processor)[0]
         with torch.no_grad():
             logits = model(input_ids=example["input_ids"][None], pixel_values=example.get("pixel_values"),
@@ -65,6 +67,23 @@ def test_the_loss_runs_in_the_training_precision(tiny_model, processor):
         got = evaluation_loss(tiny_model, dataset, batch_size=3, autocast_dtype=torch.bfloat16)
     finally:
         hook.remove()
-    assert seen == [torch.bfloat16]
+    assert seen == [torch.bfloat16, torch.bfloat16]  # batches of 3 and 1
     assert next(tiny_model.parameters()).dtype == torch.float32
     assert got == pytest.approx(by_hand(tiny_model, processor), rel=0.05)
+
+
+def test_the_loss_examples_are_the_training_examples(processor):
+    """Each evaluation example enters the loss as training renders it, its system prompt included (the random tiny
+    model's loss is near ln(vocabulary) whatever the context, so this is checked on the tokens, not the value)."""
+    from phi3v.eval.loss import LossShard
+
+    shard = LossShard(ConversationDataset(CONVERSATIONS, lambda c: c, processor, for_generation=True), 0, 1)
+    for position, conversation in enumerate(CONVERSATIONS):
+        last = conversation.turns[-1]
+        answer = last.assistant[0] if isinstance(last.assistant, list) else last.assistant
+        whole = Conversation(conversation.id, [*conversation.turns[:-1], Turn(last.user, answer, last.images)],
+                             conversation.system)
+        expected = ConversationDataset([whole], lambda c: c, processor)[0]
+        assert torch.equal(shard[position]["input_ids"], expected["input_ids"]), conversation.id
+        assert torch.equal(shard[position]["labels"], expected["labels"]), conversation.id
+    assert processor.decode(shard[3]["input_ids"][:2]) == "<s><|system|>"

@@ -6,6 +6,7 @@ one forward pass per batch. The result is the mean over all answer tokens of the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -22,7 +23,7 @@ def with_first_reference(item, to_conversation) -> Conversation:
     conversation = to_conversation(item)
     last = conversation.turns[-1]
     answer = last.assistant[0] if isinstance(last.assistant, (list, tuple)) and last.assistant else last.assistant
-    return Conversation(conversation.id, [*conversation.turns[:-1], Turn(last.user, answer, last.images)])
+    return dataclasses.replace(conversation, turns=[*conversation.turns[:-1], Turn(last.user, answer, last.images)])
 
 
 class LossShard(torch.utils.data.Dataset):
