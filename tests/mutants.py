@@ -148,6 +148,12 @@ MUTANTS = [
     Mutant("an interrupted validation keeps nothing", "phi3v/data/validation.py",
            edit("                cache.save()\n            raise", "                pass\n            raise"),
            ["tests/test_own_data.py"]),
+    Mutant("evaluation loss without the system prompt", "phi3v/eval/loss.py",
+           edit("dataclasses.replace(conversation, turns=", "dataclasses.replace(conversation, system=None, turns="),
+           ["tests/test_eval_loss.py"]),
+    Mutant("a hub split keyed without its files", "finetune_hf_trainer_nlvr2.py",
+           edit("data_args.max_image_pixels, sources=arrow_files(rows))", "data_args.max_image_pixels)"),
+           ["tests/test_scripts_tasks.py"]),
     # --- Phi-4-multimodal (phi3v/models/phi4_mm)
     Mutant("Phi-4 SigLIP left causal under sdpa", "phi3v/models/phi4_mm/modeling.py",
            edit("                module.is_causal = False", "                module.is_causal = True"),
