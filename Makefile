@@ -2,7 +2,7 @@
 #   make demo   fine-tune a tiny model on a small video dataset this repo makes itself (offline, CPU, minutes)
 #   make test   install into .venv and run the default test suite
 #   make bench  the CPU benchmarks of bench/ (~12 min on 2 cores), results in bench/results/
-#   make mutants  plant ~20 realistic defects one at a time and check the tests kill each (tests/mutants.py)
+#   make mutants  plant 33 realistic defects one at a time and check the tests kill each (tests/mutants.py)
 # TORCH picks the PyTorch build: the default is PyPI's (CUDA 13, runs on CPU too) with its torchvision, which
 # transformers' Phi-4-multimodal image processor needs (PyPI's torchvision does not load with a +cpu torch). For
 # another CUDA version use its index, or install torch and torchvision yourself first and pass TORCH=torch.
