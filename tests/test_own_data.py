@@ -644,15 +644,15 @@ def test_every_format_renders_into_phi4s_chat_format(phi4_processor, tmp_path):
     assert example["image_pixel_values"].shape[0] == 3 and image_tokens == 3 * (273 + 12 * 17)
 
 
-def test_decoded_images_validate(processor):
+def test_decoded_images_validate(processor, tmp_path):
     """A dataset built in code may hold decoded PIL images (hub_image accepts them): validation checks them as it
     checks files, and counts each sample's tokens as the processor makes them (it used to fail: an image is not
-    hashable)."""
+    hashable). With the cache on, a restart gives the same result and the cache names only image files."""
     from PIL import Image
 
     from phi3v.data.conversation import Conversation, Turn
     from phi3v.data.dataset import ConversationDataset
-    from phi3v.data.validation import validate
+    from phi3v.data.validation import prepare_dataset, validate
 
     red, blue = Image.new("RGB", (40, 30), "red"), Image.new("RGB", (30, 40), "blue")
     conversations = [Conversation("a", [Turn("<|image_1|>\nColour?", "red", [red])]),
@@ -661,3 +661,11 @@ def test_decoded_images_validate(processor):
     lengths, problems = validate(dataset, disable_tqdm=True)
     assert problems == []
     assert lengths == [len(dataset[0]["input_ids"]), len(dataset[1]["input_ids"])]
+
+    source = tmp_path / "made_in_code.txt"  # a file the items come from, so that the split result is cached
+    source.write_text("a, b")
+    for _ in range(2):
+        dataset = ConversationDataset(conversations, lambda c: c, processor, sources=[str(source)])
+        assert prepare_dataset(dataset, "train", None, False, tmp_path, workers=1, disable_tqdm=True,
+                               cache_dir=tmp_path).lengths == lengths
+    assert json.loads((tmp_path / "validation_cache.json").read_text())["splits"]["train"]["images"] == []

@@ -90,7 +90,7 @@ def validate(dataset: ConversationDataset, max_length: int | None = None, worker
                                             f"cannot read this sample ({type(error).__name__}: {error})"))
             new = {_key(ref): ref for _, (_, images, _) in renders.values() for ref in images}
             if cache is not None:  # every file the split names, bad ones included, keys its cache entry
-                cache.used.update(new)
+                cache.used.update(key for key in new if isinstance(key, str))  # not a decoded image's identity
                 known = {key: cache.image(ref, max_pixels) for key, ref in new.items() if key not in verdicts}
                 verdicts.update((key, verdict) for key, verdict in known.items() if verdict is not None)
             new = {key: ref for key, ref in new.items() if key not in verdicts}
