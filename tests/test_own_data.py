@@ -253,6 +253,11 @@ def test_convert_command_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "phi3v.data", "convert", str(tmp_path / "none.json"), str(out)],
                             capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 2 and result.stderr.strip() == f"error: {tmp_path / 'none.json'}: no such file"
+    result = subprocess.run([sys.executable, "-m", "phi3v.data", "convert", str(files["llava"]), str(out),
+                             "--data_format", "csv"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: argument --data_format: invalid choice: 'csv' (choose from 'auto', 'ours', 'llava', 'messages', "
+        "'hf'); --help lists the flags")
 
 
 def test_messages_parts_tags_and_mistakes(tmp_path):

@@ -3,12 +3,11 @@ trained (embedded images are written beside it)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
 
-from phi3v.common.errors import UserError
+from phi3v.common.errors import Parser, UserError
 from phi3v.data.conversation import Conversation
 from phi3v.data.formats import FORMATS, detect_format, load_data
 from phi3v.data.images import open_image
@@ -77,7 +76,7 @@ def convert(source: str, target: str, data_format: str = "auto", image_root: str
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m phi3v.data", description="Write data of any supported format "
+    parser = Parser(prog="python -m phi3v.data", description="Write data of any supported format "
                                      "(ours, LLaVA, messages, Hugging Face dataset) as our jsonl, to inspect it.")
     commands = parser.add_subparsers(dest="command", required=True)
     command = commands.add_parser("convert", help="IN (any format) -> OUT (our jsonl)")
