@@ -405,3 +405,10 @@ def test_longrope_switches_after_4096_tokens(tiny_model, length, factors):
     expected_sin = torch.cat([angles.sin(), angles.sin()], dim=-1) * scale
     assert torch.allclose(cos[0, -8:].double(), expected_cos, atol=2e-3)  # float32 angles at positions ~5000
     assert torch.allclose(sin[0, -8:].double(), expected_sin, atol=2e-3)
+
+
+def test_a_loaded_model_stops_at_the_end_of_a_chat_turn(tiny_dir, tiny_model):
+    """The checkpoint's generation_config says eos 2 (</s>), as the official file does; a loaded model also stops
+    at <|endoftext|> (32000) and <|end|> (32007), which end every answer the chat template asks for (spec 5)."""
+    saved = json.loads((Path(tiny_dir) / "generation_config.json").read_text())["eos_token_id"]
+    assert saved == 2 and tiny_model.generation_config.eos_token_id == [2, 32000, 32007]

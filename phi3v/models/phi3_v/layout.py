@@ -14,7 +14,6 @@ from pathlib import Path
 
 from phi3v.common.errors import UserError
 from phi3v.common.hub import hub_kwargs
-from phi3v.models.phi3_v.modeling import stop_token_ids
 
 OFFICIAL_REPO = "microsoft/Phi-3.5-vision-instruct"
 CONFIG_AUTO_MAP = {"AutoConfig": "configuration_phi3_v.Phi3VConfig",
@@ -22,6 +21,12 @@ CONFIG_AUTO_MAP = {"AutoConfig": "configuration_phi3_v.Phi3VConfig",
 PROCESSOR_AUTO_MAP = {"AutoImageProcessor": "processing_phi3_v.Phi3VImageProcessor",
                       "AutoProcessor": "processing_phi3_v.Phi3VProcessor"}
 STOP_TOKEN_IDS = [2, 32000, 32007]  # </s> (official generation_config), <|endoftext|>, <|end|>
+
+
+def stop_token_ids(configured, stops=(32000, 32007)) -> list[int]:
+    """The checkpoint's eos id(s) plus `stops` (by default <|endoftext|> and <|end|>, which end a chat turn)."""
+    ids = [configured] if isinstance(configured, int) else list(configured or [])
+    return ids + [i for i in stops if i not in ids]
 
 
 def read_json(path: Path) -> dict:

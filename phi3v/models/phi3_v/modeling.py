@@ -44,6 +44,7 @@ from phi3v.models.causal_lm import load_checked, supervised_lm_loss
 from phi3v.models.phi3_v.configuration import Phi3VConfig
 from phi3v.models.phi3_v.image_embedding import Phi3VImageEmbedding
 from phi3v.models.phi3_v.kv_cache import append_cache
+from phi3v.models.phi3_v.layout import stop_token_ids
 
 PLACEHOLDER_MIN = -1_000_000_000  # official: ids in (-1e9, 0) are image placeholders
 MAX_SHARD_SIZE = "5GB"  # the official repo: 4.94 GB + 3.35 GB shards
@@ -251,12 +252,6 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
             elif pixel_values is not None:
                 inputs.update(pixel_values=pixel_values, image_sizes=image_sizes)
         return inputs
-
-
-def stop_token_ids(configured, stops=(32000, 32007)) -> list[int]:
-    """The checkpoint's eos id(s) plus `stops` (by default <|endoftext|> and <|end|>, which end a chat turn)."""
-    ids = [configured] if isinstance(configured, int) else list(configured or [])
-    return ids + [i for i in stops if i not in ids]
 
 
 # `AutoConfig` / `AutoModelForCausalLM` then read official checkpoints natively, with no trust_remote_code.
